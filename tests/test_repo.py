@@ -1,0 +1,27 @@
+"""The README's set-up commands and CI stay in step."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    head = "\n".join((ROOT / "README.md").read_text().splitlines()[:60])
+    return re.findall(r"```bash\n(.+?)\n```", head)
+
+
+def test_readme_has_the_two_setup_commands_near_the_top():
+    commands = _readme_commands()
+    assert any(c.endswith("qempo-lite demo") for c in commands), commands
+    assert any(c.endswith("python -m pytest") for c in commands), commands
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_command = next(c for c in _readme_commands() if c.endswith("python -m pytest"))
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci_lines
+
+
+def test_console_script_declared():
+    assert 'qempo-lite = "qempo_lite.cli:main"' in (ROOT / "pyproject.toml").read_text()
