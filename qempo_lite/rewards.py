@@ -20,7 +20,7 @@ from fractions import Fraction
 from typing import Any
 
 from .data import gsm8k_answer, last_boxed
-from .errors import QempoError, missing_extra
+from .errors import QempoError
 
 logger = logging.getLogger("qempo_lite")
 
@@ -188,7 +188,8 @@ def _math_verify(gold: str, pred: str) -> bool:
         from math_verify import parse, verify
         from math_verify.errors import TimeoutException
     except ImportError as err:
-        raise missing_extra("math-verify", "eval", "needed to compare LaTeX answers") from err
+        raise QempoError("math-verify is not installed (needed to compare LaTeX answers): "
+                         "pip install 'math-verify>=0.9,<0.10'") from err
     # SIGALRM timers raise ValueError outside the main thread (e.g. a reward worker thread).
     timeout = VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     try:
