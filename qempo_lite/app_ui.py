@@ -1,0 +1,750 @@
+"""The Gradio app: sample adapters of one base model side by side and compare their diversity.
+
+One column per adapter (or the base model with no adapter): its samples for one prompt, and
+under them the column's lexical / syntactic / semantic diversity (x100, as in the paper's
+Table 2), distinct-1/2, mean length and, when a judge endpoint is configured, the mean judge
+score. A grouped bar chart compares the columns.
+
+The base model is loaded once (a :class:`~qempo_lite.evaluate.sampling.Sampler`, cached per
+base model) and serves every selected adapter: one vLLM engine with multi-LoRA when vLLM is
+installed, ``transformers`` generate otherwise.
+
+Safe by default: the server binds 127.0.0.1, never opens a share link, and queues requests
+one at a time. Local paths typed into the UI must lie under an allowed root (the working
+directory unless ``--allowed-root`` says otherwise; what the command line names is allowed
+too), adapters must be safetensors PEFT directories, and the sample count, token budget and
+prompt length are checked here, not only by the sliders. Errors reach the user as one line
+in the page, never as a stack trace.
+
+The logic lives in the package (rather than in ``app/app.py``) so that ``qempo-lite app``
+works from a wheel as well as from a source checkout; ``app/app.py`` is a thin script.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import QempoError, missing_extra
+
+logger = logging.getLogger("qempo_lite")
+
+BASE = "base"  # the adapter choice meaning "the base model, no adapter"
+BASE_LABEL = "base, no adapter"
+MAX_COLUMNS = 4
+MAX_LOADED_ADAPTERS = 8  # adapters a Sampler keeps loaded between requests
+DEFAULT_DEMO_DIR = "qempo-demo"
+METADATA_FILE = "qempo_lite.json"
+# Hub ids look like owner/name; anything else that is not an existing directory is a bad path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The demo's adapters, in the order the paper's story reads: the RLHF baseline, then QEMPO.
+_DEMO_ORDER = ("dpo", "qempo", "qempo_kl", "spl")
+_CHART_METRICS = (("lexical", "lexical"), ("syntactic", "syntactic"), ("semantic", "semantic"),
+                  ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"))
+
+Progress = Callable[[float, str], None]
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class JudgeSettings:
+    """An OpenAI-compatible judge endpoint; the key is read from ``api_key_env``, never shown."""
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclass
+class AppSettings:
+    """Everything the app needs, resolved from the command line by :func:`discover_settings`."""
+
+    base_models: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+    selection: list[str] = field(default_factory=lambda: [BASE])
+    prompt: str = ""
+    questions: list[dict] = field(default_factory=list)
+    questions_note: str = ""
+    notice: str = ""
+    allowed_roots: list[Path] = field(default_factory=lambda: [Path.cwd().resolve()])
+    backend: str = "auto"
+    sampler_options: dict = field(default_factory=dict)
+    spacy_model: str | None = None
+    encoder: str | None = None
+    judge: JudgeSettings | None = None
+    max_samples: int = 32
+    max_new_tokens: int = 1024
+    max_prompt_chars: int = 8000
+    queue_size: int = 16
+
+
+def default_questions_path() -> Path | None:
+    """MT-Bench's question.jsonl: ``$QEMPO_MT_BENCH_QUESTIONS``, else the shared data beside a
+    source checkout (``$QEMPO_SHARED_DATA`` or ``../shared/data``) when it is there."""
+    if os.environ.get("QEMPO_MT_BENCH_QUESTIONS"):
+        return Path(os.environ["QEMPO_MT_BENCH_QUESTIONS"])
+    shared = os.environ.get("QEMPO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = Path(shared) / "mt_bench" / "question.jsonl"
+    return path if path.is_file() else None
+
+
+def load_questions(path: str | Path) -> list[dict]:
+    """MT-Bench questions as ``{"id", "category", "prompt"}`` (first turns), checked row by row."""
+    path = Path(path)
+    if not path.is_file():
+        raise QempoError(f"questions file {path} not found; pass --questions PATH to an MT-Bench question.jsonl")
+    questions = []
+    for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QempoError(f"{path} row {index}: not JSON ({err.msg}); fix the line or pass another --questions") from None
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+            raise QempoError(f"{path} row {index}: field 'turns' must be a non-empty list of strings; "
+                             "fix the row or pass another --questions")
+        questions.append({"id": str(row.get("question_id", index)), "category": str(row.get("category", "")),
+                          "prompt": turns[0]})
+    return questions
+
+
+def _demo_adapters(demo_dir: Path) -> list[Path]:
+    adapters_dir = demo_dir / "adapters"
+    found = [p for p in sorted(adapters_dir.iterdir()) if (p / "adapter_config.json").is_file()] \
+        if adapters_dir.is_dir() else []
+    rank = {name: i for i, name in enumerate(_DEMO_ORDER)}
+    return sorted(found, key=lambda p: rank.get(p.name, len(rank)))
+
+
+def find_adapters(roots: list[Path], limit: int = 64) -> list[str]:
+    """Adapter directories (holding adapter_config.json) at most two levels under ``roots``."""
+    found: list[str] = []
+    for root in roots:
+        for pattern in ("*/adapter_config.json", "*/*/adapter_config.json"):
+            for config in sorted(root.glob(pattern)):
+                if config.parent.name.startswith("checkpoint-"):  # a run's intermediate saves
+                    continue
+                found.append(str(config.parent))
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def discover_settings(*, demo_dir: str | Path = DEFAULT_DEMO_DIR, base_model: str | None = None,
+                      adapters: list[str] | None = None, allowed_roots: list[str] | None = None,
+                      questions: str | Path | None = None, **options: Any) -> AppSettings:
+    """Settings for the app: the command line's model and adapters, else the demo's.
+
+    With neither, the app opens on the demo's base model and adapters when ``demo_dir`` holds
+    them, and otherwise says how to make them (``qempo-lite demo``). Directories named here
+    are allowed in addition to ``allowed_roots`` (default: the working directory).
+    """
+    demo_dir = Path(demo_dir)
+    roots = [Path(r).expanduser().resolve() for r in (allowed_roots or [os.getcwd()])]
+    for root in roots:
+        if not root.is_dir():
+            raise QempoError(f"--allowed-root {root} is not a directory; pass an existing directory")
+    user_roots = list(roots)
+    adapters = list(adapters or [])
+    base_models = [base_model] if base_model else []
+    demo_found = (demo_dir / "base" / "config.json").is_file()
+    if demo_found:
+        base_models.append(str(demo_dir / "base"))
+        adapters += [str(p) for p in _demo_adapters(demo_dir)]
+        roots.append(demo_dir.resolve())
+    for named in ([base_model] if base_model else []) + list(adapters):
+        if Path(named).expanduser().is_dir():
+            roots.append(Path(named).expanduser().resolve())
+    if base_model:
+        notice = ""
+    elif demo_found:
+        notice = (f"Showing the offline demo in `{demo_dir}`: its tiny base model and the adapters trained on "
+                  "*Name a colour*-style prompts. Type another base model or adapter directory to compare your own.")
+    else:
+        notice = (f"**No model yet.** The demo's models were not found in `{demo_dir}`. Run `qempo-lite demo` "
+                  "(a few minutes on a CPU) and then `qempo-lite app`, or start the app with "
+                  "`qempo-lite app --base-model MODEL --adapter DIR ...`.")
+    adapters = list(dict.fromkeys(adapters + find_adapters(user_roots)))
+    questions_path = Path(questions) if questions else default_questions_path()
+    question_rows = load_questions(questions_path) if questions_path else []
+    # The demo's models only know its own prompts; a real model gets the first MT-Bench question.
+    prompt = question_rows[0]["prompt"] if question_rows else ""
+    if demo_found and not base_model:
+        from .demo import TASKS
+
+        prompt = TASKS[0][0][0]
+    questions_note = "" if question_rows else "No MT-Bench questions file found; pass --questions PATH to pick one."
+    selection = [BASE] + adapters[: MAX_COLUMNS - 1]
+    return AppSettings(base_models=list(dict.fromkeys(base_models)), adapters=adapters, selection=selection,
+                       prompt=prompt, questions=question_rows, questions_note=questions_note, notice=notice,
+                       allowed_roots=list(dict.fromkeys(roots)), **options)
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _is_hub_id(value: str) -> bool:
+    return bool(_HUB_ID.match(value)) and ".." not in value and not Path(value).expanduser().exists()
+
+
+def _under_roots(value: str, roots: list[Path], what: str) -> Path:
+    # resolve() follows symlinks, so a link under a root pointing elsewhere is refused too.
+    path = Path(value).expanduser().resolve()
+    if not any(path == root or path.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise QempoError(f"{what} {value} is outside the allowed roots ({allowed}); move it under one of them "
+                         "or restart the app with --allowed-root DIR")
+    return path
+
+
+def resolve_base_model(value: str, roots: list[Path]) -> str:
+    """A local model directory under an allowed root, or a Hub model id."""
+    value = (value or "").strip()
+    if not value:
+        raise QempoError("no base model selected; pick one or type a model directory or Hub id")
+    if _is_hub_id(value):
+        return value
+    path = _under_roots(value, roots, "base model")
+    if not (path / "config.json").is_file():
+        raise QempoError(f"base model {value} is not a model directory (no config.json); "
+                         "pick a directory saved with save_pretrained or a Hub model id")
+    return str(path)
+
+
+def resolve_adapter(value: str, roots: list[Path]) -> Path:
+    """A safetensors PEFT adapter directory under an allowed root, or one fetched from the Hub."""
+    from .hub import check_adapter_dir
+
+    if _is_hub_id(value):
+        return _fetch_hub_adapter(value)
+    path = _under_roots(value, roots, "adapter")
+    if not path.is_dir():
+        raise QempoError(f"adapter {value} is not a directory; pick a training run's output directory")
+    check_adapter_dir(path)
+    return path
+
+
+def _fetch_hub_adapter(repo_id: str) -> Path:
+    from .hub import check_adapter_dir
+
+    try:
+        from huggingface_hub import snapshot_download
+
+        # Only the adapter's safetensors and its JSON files: never pickles, never code.
+        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+    except Exception as err:  # noqa: BLE001 - any Hub failure is the user's to fix (id, token, network)
+        raise QempoError(f"adapter {repo_id} could not be fetched from the Hub ({_first_line(err)}); "
+                         "check the id, your access and the network, or pass a local directory") from None
+    check_adapter_dir(path)
+    return path
+
+
+def adapter_metadata(path: Path) -> dict:
+    """``method`` and ``coefficients`` from the adapter's ``qempo_lite.json`` ({} when absent or unreadable)."""
+    try:
+        data = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: data[key] for key in ("method", "mode", "coefficients", "base_model") if key in data}
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's message on one line (validation errors put the cause on their second line)."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines()[:4])
+    return text[:300] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def distinct_n(texts: list[str], n: int) -> float | None:
+    """distinct-n (Li et al., 2016): distinct word n-grams / all word n-grams, pooled over texts.
+
+        distinct-n = |{n-grams}| / Σ_texts (#n-grams in text)
+
+    Tokens are lexical diversity's (lower-cased words, punctuation dropped); ``None`` when no
+    text has n words.
+    """
+    from .evaluate.diversity import word_tokens
+
+    seen, total = set(), 0
+    for text in texts:
+        tokens = word_tokens(text)
+        grams = list(zip(*(tokens[i:] for i in range(n))))
+        seen.update(grams)
+        total += len(grams)
+    return len(seen) / total if total else None
+
+
+class ColumnScorer:
+    """Diversity of one column's samples, with what could not be computed and why.
+
+    spaCy and the sentence encoder load once, on first use; if one cannot be loaded, the
+    metrics that need it are left out (``None``) with the reason, and it is not retried.
+    """
+
+    def __init__(self, spacy_model: str | None = None, encoder: str | None = None):
+        self.spacy_model = spacy_model
+        self.encoder_name = encoder
+        self._models: dict[str, Any] = {}
+        self.missing: dict[str, str] = {}
+
+    def _model(self, metric: str):
+        if metric in self.missing:
+            return None
+        if metric not in self._models:
+            from .evaluate import diversity
+
+            try:
+                self._models[metric] = (diversity.load_nlp(self.spacy_model) if metric == "syntactic"
+                                        else diversity.load_encoder(self.encoder_name))
+            except QempoError as err:
+                flag = "--spacy-model" if metric == "syntactic" else "--encoder"
+                self.missing[metric] = f"{metric} diversity not computed: {err} (app option {flag})"
+                return None
+        return self._models[metric]
+
+    def score(self, texts: list[str], num_tokens: list[int]) -> tuple[dict[str, float | None], list[str]]:
+        """({lexical, syntactic, semantic, distinct_1, distinct_2, mean_tokens}, notes)."""
+        from .evaluate import diversity
+
+        metrics: dict[str, float | None] = {}
+        notes: list[str] = []
+        try:
+            metrics["lexical"] = diversity.lexical_diversity(texts, sample_size=None)
+        except QempoError:
+            metrics["lexical"] = None
+            notes.append("lexical diversity not computed: the samples hold no words")
+        for metric, fn in (("syntactic", diversity.syntactic_diversity), ("semantic", diversity.semantic_diversity)):
+            metrics[metric] = None
+            if len(texts) < 2:
+                notes.append(f"{metric} diversity needs at least 2 samples")
+                continue
+            model = self._model(metric)
+            if model is None:
+                notes.append(self.missing[metric])
+                continue
+            metrics[metric] = fn(texts, model, sample_size=None)
+        metrics["distinct_1"] = distinct_n(texts, 1)
+        metrics["distinct_2"] = distinct_n(texts, 2)
+        metrics["mean_tokens"] = sum(num_tokens) / len(num_tokens) if num_tokens else None
+        return {k: (v if v is None or math.isfinite(v) else None) for k, v in metrics.items()}, notes
+
+
+# ---------------------------------------------------------------- sampling
+
+
+class SamplerCache:
+    """One :class:`Sampler` (base model loaded once) reused across requests.
+
+    A request for another base model closes the previous one first: two base models rarely
+    fit in memory together.
+    """
+
+    def __init__(self, backend: str = "auto", **options: Any):
+        self.backend = backend
+        # vLLM's max_loras is how many adapters one batch may mix: all the columns at once.
+        self.options = {"max_loras": MAX_COLUMNS, **options}
+        self._key: str | None = None
+        self._sampler = None
+        self.lock = threading.Lock()
+
+    def get(self, base_model: str):
+        if self._key != base_model:
+            self.close()
+            try:
+                from .evaluate.sampling import Sampler
+            except ImportError as err:
+                raise missing_extra("qempo_lite.evaluate.sampling", "eval", _first_line(err)) from None
+            try:
+                self._sampler = Sampler(base_model, backend=self.backend, **self.options)
+            except (OSError, ValueError) as err:
+                if isinstance(err, QempoError):
+                    raise
+                raise QempoError(f"base model {base_model} could not be loaded ({_first_line(err)}); pick a model "
+                                 "directory or a Hub id you have access to") from None
+            self._key = base_model
+        return self._sampler
+
+    def close(self) -> None:
+        if self._sampler is not None and hasattr(self._sampler, "close"):
+            self._sampler.close()
+        self._sampler, self._key = None, None
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+class Comparison:
+    """What the Generate button and the ``generate`` API endpoint run."""
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.samplers = SamplerCache(settings.backend, **settings.sampler_options)
+        self.scorer = ColumnScorer(settings.spacy_model, settings.encoder)
+        self._judge = None
+
+    def run(self, base_model: str, adapters: list[str], prompt: str, samples: int = 8, temperature: float = 1.0,
+            top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
+            progress: Progress | None = None) -> dict[str, Any]:
+        """Sample ``samples`` completions of ``prompt`` per column and score each column.
+
+        Returns JSON-serialisable data: ``{"ok", "errors", "base_model", "prompt", "settings",
+        "columns": [{"name", "adapter", "metadata", "samples": [{"text", "num_tokens"}],
+        "metrics", "notes", "error"}], "missing", "seconds"}``. Bad input is reported in
+        ``errors`` (and in the column it concerns), never raised.
+        """
+        progress = progress or (lambda fraction, desc: None)
+        start = time.perf_counter()
+        result: dict[str, Any] = {"ok": False, "errors": [], "base_model": base_model, "prompt": prompt,
+                                  "settings": {}, "columns": [], "missing": {}, "seconds": 0.0}
+        try:
+            settings = self._check_request(adapters, prompt, samples, temperature, top_p, max_new_tokens, seed)
+            result["settings"] = settings
+            result["columns"] = columns = self._columns(adapters)
+            progress(0.02, "loading the base model")
+            with self.samplers.lock:
+                base = resolve_base_model(base_model, self.settings.allowed_roots)
+                sampler = self.samplers.get(base)
+                settings["backend"] = sampler.backend  # what "auto" chose
+                self._sample(sampler, [c for c in columns if c["error"] is None], prompt, settings, progress)
+            self._score(columns, progress)
+            self._judge_columns(columns, prompt, progress)
+        except QempoError as err:
+            result["errors"].append(str(err))
+        except Exception as err:  # noqa: BLE001 - the page shows one line; the log keeps the traceback
+            if _is_out_of_memory(err):
+                result["errors"].append("out of memory while sampling: lower the samples per adapter or the max new "
+                                        "tokens, or select fewer adapters")
+            else:
+                logger.exception("app request failed")
+                result["errors"].append(f"unexpected error ({type(err).__name__}: {_first_line(err)}); "
+                                        "see the server log")
+        result["errors"] += [f"{c['name']}: {c['error']}" for c in result["columns"] if c["error"]]
+        result["missing"] = dict(self.scorer.missing)
+        result["ok"] = not result["errors"]
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        progress(1.0, "done")
+        return result
+
+    def _check_request(self, adapters, prompt, samples, temperature, top_p, max_new_tokens, seed) -> dict:
+        limits = self.settings
+
+        def number(value, name, kind):
+            try:
+                out = kind(value)
+            except (TypeError, ValueError):
+                raise QempoError(f"{name} must be a number, got {value!r}") from None
+            if kind is int and out != value:
+                raise QempoError(f"{name} must be a whole number, got {value!r}")
+            if not math.isfinite(out):
+                raise QempoError(f"{name} must be finite, got {value!r}")
+            return out
+
+        samples = number(samples, "samples per adapter", int)
+        if not 1 <= samples <= limits.max_samples:
+            raise QempoError(f"samples per adapter must be between 1 and {limits.max_samples}, got {samples}")
+        max_new_tokens = number(max_new_tokens, "max new tokens", int)
+        if not 1 <= max_new_tokens <= limits.max_new_tokens:
+            raise QempoError(f"max new tokens must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
+        temperature = number(temperature, "temperature", float)
+        if not 0 < temperature <= 2:
+            raise QempoError(f"temperature must be in (0, 2], got {temperature}")
+        top_p = number(top_p, "top-p", float)
+        if not 0 < top_p <= 1:
+            raise QempoError(f"top-p must be in (0, 1], got {top_p}")
+        seed = number(seed, "seed", int)
+        if not 0 <= seed < 2**32:
+            raise QempoError(f"seed must be between 0 and 2**32 - 1, got {seed}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise QempoError("the prompt is empty; type one or pick an MT-Bench question")
+        if len(prompt) > limits.max_prompt_chars:
+            raise QempoError(f"the prompt has {len(prompt)} characters, more than the {limits.max_prompt_chars} "
+                             "allowed; shorten it")
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+            raise QempoError(f"select between 1 and {MAX_COLUMNS} adapters (or '{BASE}' for the base model)")
+        if len(adapters) > MAX_COLUMNS:
+            raise QempoError(f"{len(adapters)} adapters selected; select at most {MAX_COLUMNS}")
+        return {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                "seed": seed, "backend": self.settings.backend}
+
+    def _columns(self, adapters: list[str]) -> list[dict]:
+        columns, names = [], set()
+        for value in adapters:
+            value = str(value).strip()
+            column = {"name": "", "adapter": None, "metadata": {}, "samples": [], "metrics": {}, "notes": [],
+                      "error": None}
+            if value in (BASE, BASE_LABEL):
+                column["name"] = "base"
+            else:
+                column["name"] = Path(value.rstrip("/")).name or value
+                try:
+                    path = resolve_adapter(value, self.settings.allowed_roots)
+                    column["adapter"] = str(path)
+                    column["metadata"] = adapter_metadata(path)
+                except QempoError as err:
+                    column["error"] = str(err)
+            name, i = column["name"], 2
+            while column["name"] in names:  # two runs with the same directory name
+                column["name"], i = f"{name} ({i})", i + 1
+            names.add(column["name"])
+            columns.append(column)
+        return columns
+
+    def _sample(self, sampler, columns: list[dict], prompt: str, settings: dict, progress: Progress) -> None:
+        """Fill each column's samples; an adapter the Sampler refuses marks its column only.
+
+        Adapters are keyed by their directory in the Sampler, so a directory loaded by an
+        earlier request is reused, and two runs with the same directory name never clash.
+        """
+        keys = {c["name"]: c["adapter"] or BASE for c in columns}
+        stale = [k for k in sampler.adapters if k not in keys.values()]
+        if len(sampler.adapters) + len(columns) > MAX_LOADED_ADAPTERS:
+            for key in stale:  # keep a long-running app's memory bounded
+                sampler.remove_adapter(key)
+        for i, column in enumerate(columns):
+            if column["adapter"] is not None:
+                progress(0.05 + 0.05 * i / len(columns), f"loading adapter {column['name']}")
+                try:
+                    # Checks it fits this base model (recorded base, weight shapes) before loading.
+                    sampler.add_adapter(column["adapter"], column["adapter"])
+                except QempoError as err:
+                    column["error"] = str(err)
+        ready = [c for c in columns if c["error"] is None]
+        kwargs = {"n": settings["samples"], "temperature": settings["temperature"], "top_p": settings["top_p"],
+                  "max_new_tokens": settings["max_new_tokens"], "seed": settings["seed"], "progress": False}
+        chat = [[{"role": "user", "content": prompt}]]
+        if sampler.backend == "vllm":
+            # One call for every column: the engine batches the adapters together (multi-LoRA).
+            progress(0.1, f"sampling {len(ready)} column(s)")
+            groups = [ready]
+        else:
+            groups = [[c] for c in ready]  # transformers samples one adapter at a time anyway
+        samples = []
+        for i, group in enumerate(groups):
+            if len(groups) > 1 or sampler.backend != "vllm":
+                progress(0.1 + 0.5 * i / len(groups), f"sampling {group[0]['name']}")
+            samples += sampler.sample({keys[c["name"]]: c["adapter"] for c in group}, chat, **kwargs)
+        for column in ready:
+            rows = sorted((s for s in samples if s.adapter == keys[column["name"]]), key=lambda s: s.sample_index)
+            column["samples"] = [{"text": s.text, "num_tokens": int(s.num_tokens)} for s in rows]
+
+    def _score(self, columns: list[dict], progress: Progress) -> None:
+        for i, column in enumerate(columns):
+            if column["error"] is None and column["samples"]:
+                progress(0.6 + 0.3 * i / len(columns), f"scoring diversity: {column['name']}")
+                texts = [s["text"] for s in column["samples"]]
+                column["metrics"], column["notes"] = self.scorer.score(texts, [s["num_tokens"] for s in column["samples"]])
+
+    def _judge_columns(self, columns: list[dict], prompt: str, progress: Progress) -> None:
+        if self.settings.judge is None:
+            return
+        # The judge is wired in once qempo_lite.evaluate.judge exists; see _judge_scores.
+        for column in columns:
+            if column["error"] is None and column["samples"]:
+                progress(0.9, f"judging {column['name']}")
+                column["metrics"]["judge"] = self._judge_scores(prompt, [s["text"] for s in column["samples"]])
+
+    def _judge_scores(self, prompt: str, texts: list[str]) -> float | None:
+        raise QempoError("judge scoring is not available in this version; start the app without --judge-url")
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def column_html(column: dict) -> str:
+    """One column: header (name, method, coefficients), samples, metrics; all text escaped."""
+
+    def esc(text: str) -> str:
+        # Control characters (a small model emits some) would be invisible or break the layout.
+        return html.escape(_CONTROL.sub("\ufffd", text))
+
+    meta = column.get("metadata") or {}
+    head = [f"<div class='qempo-name'>{esc(column['name'])}</div>"]
+    if column.get("adapter") is None and column["name"] == "base":
+        head.append("<div class='qempo-meta'>base model, no adapter</div>")
+    if meta.get("method"):
+        coefficients = ", ".join(f"{esc(str(k))}={esc(str(v))}" for k, v in (meta.get("coefficients") or {}).items())
+        head.append(f"<div class='qempo-meta'>method <b>{esc(str(meta['method']))}</b>"
+                    f"{' · ' + coefficients if coefficients else ''}</div>")
+    elif column.get("adapter"):
+        head.append("<div class='qempo-meta'>no qempo_lite.json: method unknown</div>")
+    if column.get("adapter"):
+        head.append(f"<div class='qempo-path'>{esc(column['adapter'])}</div>")
+    parts = [f"<div class='qempo-column' data-name='{esc(column['name'])}'>",
+             f"<div class='qempo-head'>{''.join(head)}</div>"]
+    if column.get("error"):
+        parts.append(f"<div class='qempo-error'>{esc(column['error'])}</div>")
+    else:
+        items = "".join(
+            f"<li class='qempo-sample'>{esc(s['text']) if s['text'].strip() else '<i>(empty)</i>'}</li>"
+            for s in column["samples"])
+        parts.append(f"<ol class='qempo-samples'>{items}</ol>")
+        m = column.get("metrics") or {}
+        rows = [("lexical", _fmt(m.get("lexical"))), ("syntactic", _fmt(m.get("syntactic"))),
+                ("semantic", _fmt(m.get("semantic"))), ("distinct-1", _fmt(m.get("distinct_1"), 3)),
+                ("distinct-2", _fmt(m.get("distinct_2"), 3)), ("mean length (tokens)", _fmt(m.get("mean_tokens")))]
+        if "judge" in m:
+            rows.append(("mean judge score", _fmt(m.get("judge"), 2)))
+        cells = "".join(f"<tr><td>{esc(k)}</td><td class='qempo-value'>{v}</td></tr>" for k, v in rows)
+        parts.append(f"<table class='qempo-metrics'>{cells}</table>")
+        parts += [f"<div class='qempo-note'>{esc(note)}</div>" for note in column.get("notes", [])]
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def comparison_chart(result: dict):
+    """Grouped bars: one group per metric (x100), one bar per column."""
+    from matplotlib.figure import Figure
+
+    columns = [c for c in result.get("columns", []) if c.get("metrics")]
+    if not columns:
+        return None
+    fig = Figure(figsize=(8, 3.2), dpi=100)
+    ax = fig.add_subplot()
+    width = 0.8 / len(columns)
+    for i, column in enumerate(columns):
+        values = [column["metrics"].get(key) for key, _ in _CHART_METRICS]
+        values = [0.0 if v is None else (100 * v if key.startswith("distinct") else v)
+                  for v, (key, _) in zip(values, _CHART_METRICS)]
+        ax.bar([j + (i - (len(columns) - 1) / 2) * width for j in range(len(values))], values, width,
+               label=column["name"])
+    ax.set_xticks(range(len(_CHART_METRICS)), [label for _, label in _CHART_METRICS])
+    ax.set_ylabel("score (x100)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Diversity per column (higher is more diverse)")
+    ax.legend(fontsize=8, ncols=min(len(columns), 4))
+    fig.tight_layout()
+    return fig
+
+
+def errors_markdown(result: dict) -> str:
+    return "\n".join(f"**Error:** {html.escape(e)}  " for e in result.get("errors", []))
+
+
+# ---------------------------------------------------------------- the page
+
+CSS = """
+.qempo-column {font-size: 0.9em}
+.qempo-name {font-weight: 700; font-size: 1.15em}
+.qempo-meta, .qempo-path {color: #666; font-size: 0.85em; overflow-wrap: anywhere}
+.qempo-samples {padding-left: 1.6em; max-height: 34em; overflow-y: auto}
+.qempo-sample {white-space: pre-wrap; border-bottom: 1px solid #e5e5e5; padding: 2px 0}
+.qempo-metrics td {padding: 1px 8px 1px 0} .qempo-value {text-align: right; font-variant-numeric: tabular-nums}
+.qempo-error {color: #b00020; font-weight: 600; white-space: pre-wrap}
+.qempo-note {color: #8a6d00; font-size: 0.8em}
+#qempo-errors {color: #b00020}
+"""
+
+
+def build_app(settings: AppSettings, comparison: Comparison | None = None):
+    """The Gradio Blocks: controls, one column per adapter, the chart, and the ``generate`` API."""
+    try:
+        import gradio as gr
+    except ImportError:
+        raise missing_extra("gradio", "app") from None
+    comparison = comparison or Comparison(settings)
+
+    def generate(base_model: str, adapters: list[str], prompt: str, samples: int = 8, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0) -> dict:
+        """Sample every selected adapter ('base' for the base model alone) on one prompt; return the
+        samples and diversity metrics per column, and 'errors' (one line each) for what was refused."""
+        return comparison.run(base_model, adapters, prompt, samples, temperature, top_p, max_new_tokens, seed)
+
+    def generate_page(base_model, adapters, prompt, samples, temperature, top_p, max_new_tokens, seed,
+                      progress=gr.Progress()):
+        result = comparison.run(base_model, adapters or [], prompt, samples, temperature, top_p, max_new_tokens,
+                                seed, progress=lambda fraction, desc: progress(fraction, desc=desc))
+        for error in result["errors"]:
+            gr.Warning(error)
+        shown = result["columns"][:MAX_COLUMNS]
+        cells = [gr.HTML(value=column_html(c), visible=True) for c in shown]
+        cells += [gr.HTML(value="", visible=False)] * (MAX_COLUMNS - len(shown))
+        return [gr.Markdown(value=errors_markdown(result), visible=bool(result["errors"])), *cells,
+                comparison_chart(result), result]
+
+    choices = [(BASE_LABEL, BASE)] + [(f"{Path(a).name} · {a}", a) for a in settings.adapters]
+    questions = [(f"{q['id']} · {q['category']} · {q['prompt'][:70]}", q["id"]) for q in settings.questions]
+    by_id = {q["id"]: q["prompt"] for q in settings.questions}
+
+    with gr.Blocks(title="qempo-lite: adapters side by side", analytics_enabled=False) as page:
+        gr.Markdown("# qempo-lite: adapters side by side\nSample each adapter on the same prompt and compare how "
+                    "diverse its answers are (lexical, syntactic and semantic diversity x100, as in the paper).")
+        if settings.notice:
+            gr.Markdown(settings.notice, elem_id="qempo-notice")
+        with gr.Row():
+            base_model = gr.Dropdown(settings.base_models, value=settings.base_models[0] if settings.base_models
+                                     else None, label="Base model (directory or Hub id)", allow_custom_value=True,
+                                     elem_id="qempo-base", scale=2)
+            adapters = gr.Dropdown(choices, value=settings.selection, multiselect=True, max_choices=MAX_COLUMNS,
+                                   allow_custom_value=True, label=f"Adapters (up to {MAX_COLUMNS}; directory or "
+                                   "Hub id)", elem_id="qempo-adapters", scale=3)
+        with gr.Row():
+            prompt = gr.Textbox(settings.prompt, label="Prompt", lines=3, max_length=settings.max_prompt_chars,
+                                elem_id="qempo-prompt", scale=3)
+            question = gr.Dropdown(questions, value=None, label="or pick an MT-Bench question (first turn)",
+                                   visible=bool(questions), elem_id="qempo-question", scale=2)
+        if settings.questions_note:
+            gr.Markdown(settings.questions_note)
+        with gr.Row():
+            samples = gr.Slider(1, settings.max_samples, value=min(8, settings.max_samples), step=1,
+                                label="Samples per adapter", elem_id="qempo-samples")
+            temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature", elem_id="qempo-temperature")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="qempo-top-p")
+            max_new_tokens = gr.Slider(1, settings.max_new_tokens, value=min(128, settings.max_new_tokens), step=1,
+                                       label="Max new tokens", elem_id="qempo-max-new-tokens")
+            seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="qempo-seed")
+        button = gr.Button("Generate", variant="primary", elem_id="qempo-generate")
+        errors = gr.Markdown(visible=False, elem_id="qempo-errors")
+        with gr.Row(equal_height=False):
+            cells = [gr.HTML(visible=False, elem_id=f"qempo-column-{i}", elem_classes=["qempo-cell"])
+                     for i in range(MAX_COLUMNS)]
+        chart = gr.Plot(label="Comparison", elem_id="qempo-chart")
+        with gr.Accordion("Raw results (JSON)", open=False):
+            raw = gr.JSON(elem_id="qempo-raw")
+
+        question.change(lambda qid: by_id.get(qid, gr.skip()), question, prompt, api_visibility="private")
+        inputs = [base_model, adapters, prompt, samples, temperature, top_p, max_new_tokens, seed]
+        button.click(generate_page, inputs, [errors, *cells, chart, raw], api_visibility="private",
+                     concurrency_id="generate", show_progress_on=[*cells, chart])
+        gr.api(generate, api_name="generate", concurrency_id="generate")
+    page.queue(default_concurrency_limit=1, max_size=settings.queue_size)
+    return page
+
+
+def launch_app(settings: AppSettings, *, host: str = "127.0.0.1", port: int | None = None,
+               prevent_thread_lock: bool = False, quiet: bool = False):
+    """Build and serve the app; returns ``(blocks, local_url)``. Never opens a share link."""
+    page = build_app(settings)
+    _, url, _ = page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=prevent_thread_lock,
+                            quiet=quiet, show_error=False, enable_monitoring=False, mcp_server=False, ssr_mode=False,
+                            run_history=False, footer_links=["api"], css=CSS)
+    return page, url

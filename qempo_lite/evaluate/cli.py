@@ -1,0 +1,407 @@
+"""``qempo-lite eval``: sample, score diversity, judge, pass@k, report — one step per sub-command.
+
+A full MT-Bench + GSM8K evaluation of two adapters and the base model::
+
+    qempo-lite eval sample --base-model B --adapter qempo=runs/qempo --adapter dpo=runs/dpo \\
+        --include-base --prompts mtbench --n 16 --output eval/samples.jsonl
+    qempo-lite eval diversity --samples eval/samples.jsonl --output eval/diversity.json
+    qempo-lite eval judge --samples eval/samples.jsonl --questions mtbench \\
+        --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-08-06 --output eval/judge.json
+    qempo-lite eval passk --base-model B --adapter qempo=runs/qempo --adapter dpo=runs/dpo \\
+        --include-base --data gsm8k/test.jsonl --n 100 --output eval/passk.json
+    qempo-lite eval report --inputs eval/diversity.json eval/judge.json eval/passk.json --output-dir eval
+
+Each step writes a file the next one reads, so any step can be rerun alone (the judge also
+keeps a cache of its ratings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from qempo_lite.errors import QempoError
+
+logger = logging.getLogger("qempo_lite")
+
+
+# ------------------------------------------------------------------------------ shared options
+
+
+def _adapters(args) -> dict[str, str | None]:
+    """--adapter NAME=PATH (or PATH, named after its directory) plus --include-base."""
+    adapters: dict[str, str | None] = {}
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or not path:
+            raise QempoError(f"--adapter {spec!r} must be NAME=PATH or PATH")
+        if name in adapters:
+            raise QempoError(f"--adapter name {name!r} is given twice; name each adapter once")
+        adapters[name] = path
+    if args.include_base:
+        if args.base_name in adapters:
+            raise QempoError(f"--base-name {args.base_name!r} is also an adapter name; pick another --base-name")
+        adapters[args.base_name] = None
+    if not adapters:
+        raise QempoError("nothing to sample: pass --adapter NAME=PATH (repeatable) and/or --include-base")
+    return adapters
+
+
+def _base_model(args, adapters: dict[str, str | None]) -> str:
+    if args.base_model:
+        return args.base_model
+    from .sampling import recorded_base_model
+
+    for name, path in adapters.items():
+        if path and (Path(path) / "adapter_config.json").is_file():
+            base = recorded_base_model(Path(path))
+            if base:
+                logger.info("base model %s, as recorded by adapter %r", base, name)
+                return base
+    raise QempoError("no --base-model given and no adapter records one; pass --base-model")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and adapters")
+    group.add_argument("--base-model", help="base model directory or Hub id (default: the one the first adapter records)")
+    group.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                       help="a LoRA adapter directory, repeatable; NAME defaults to the directory name, which is "
+                            "what the model card of 'qempo-lite push' looks up in report.json")
+    group.add_argument("--include-base", action="store_true", help="also sample the base model with no adapter")
+    group.add_argument("--base-name", default="base", help="the name of the base model's rows (default: base)")
+    group.add_argument("--allow-base-mismatch", action="store_true",
+                       help="accept adapters recorded for a differently named base model (weights must still fit)")
+    engine = parser.add_argument_group("sampling engine")
+    engine.add_argument("--backend", choices=("auto", "vllm", "hf"), default="auto",
+                        help="vllm: one engine serving every adapter (multi-LoRA); hf: transformers + PEFT; "
+                             "auto: vllm when installed (default)")
+    engine.add_argument("--dtype", default="auto", help="model dtype: auto (default), bfloat16, float16, float32")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="vLLM: share of GPU memory to reserve (on vLLM's CPU backend, of CPU memory) (0.9)")
+    engine.add_argument("--max-model-len", type=int, default=4096, help="vLLM: longest prompt + answer (4096)")
+    engine.add_argument("--max-lora-rank", type=int, default=64, help="vLLM: largest adapter rank served (64)")
+    engine.add_argument("--batch-size", type=int, default=64, help="hf: sequences per generate call (64)")
+    decoding = parser.add_argument_group("decoding")
+    decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
+    decoding.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same samples")
+
+
+def _sampler(args, adapters):
+    from .sampling import Sampler
+
+    return Sampler(_base_model(args, adapters), backend=args.backend, adapters=adapters, dtype=args.dtype,
+                   allow_base_mismatch=args.allow_base_mismatch, batch_size=args.batch_size,
+                   gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                   max_lora_rank=args.max_lora_rank)
+
+
+def _write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _print_table(header: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else ("–" if v is None else str(v)) for v in row])
+    Console().print(table)
+
+
+# ------------------------------------------------------------------------------ sample
+
+
+def _read_prompt_file(source: str, limit: int | None):
+    """MT-Bench-shaped questions (rows with 'turns') or plain prompts (rows with 'prompt', optional 'id')."""
+    from .mtbench import MTBENCH, load_questions
+    from .sampling import to_messages
+
+    if source == MTBENCH:
+        return load_questions(source, limit=limit), None
+    path = Path(source)
+    if not path.is_file():
+        raise QempoError(f"prompts file {path} not found; pass 'mtbench' or a JSONL file")
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
+    try:
+        first = json.loads(lines[0][1]) if lines else None
+    except json.JSONDecodeError as err:
+        raise QempoError(f"{path} row {lines[0][0]}: not JSON ({err.msg}); fix the row") from None
+    if isinstance(first, dict) and "turns" in first:
+        return load_questions(path, limit=limit), None
+    ids, prompts = [], []
+    for index, line in lines[:limit]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QempoError(f"{path} row {index}: not JSON ({err.msg}); fix the row") from None
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise QempoError(f"{path} row {index}: field 'prompt' is missing; each row needs 'prompt' (a string or "
+                             "a chat), or use MT-Bench's shape with 'turns'")
+        try:
+            prompts.append(to_messages(row["prompt"], index))
+        except QempoError as err:
+            raise QempoError(f"{path} row {index}: field 'prompt': {err}") from None
+        ids.append(row.get("id", index))
+    if not prompts:
+        raise QempoError(f"{path} holds no prompts")
+    return None, (ids, prompts)
+
+
+def _cmd_sample(args) -> int:
+    from .mtbench import sample_mtbench
+    from .sampling import save_samples
+
+    adapters = _adapters(args)
+    questions, plain = _read_prompt_file(args.prompts, args.limit)
+    decoding = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    with _sampler(args, adapters) as sampler:
+        if questions is not None:
+            samples = sample_mtbench(sampler, adapters, questions, **decoding)
+        else:
+            ids, prompts = plain
+            samples = sampler.sample(adapters, prompts, prompt_ids=ids, **decoding)
+    path = save_samples(args.output, samples)
+    print(f"{len(samples)} samples from {len(adapters)} model(s) written to {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ diversity
+
+
+def _cmd_diversity(args) -> int:
+    from .diversity import DiversityScorer
+    from .mtbench import diversity_scores
+    from .sampling import load_samples
+
+    samples = load_samples(args.samples)
+    sample_size = None if args.sample_size == "all" else _positive_int(args.sample_size, "--sample-size")
+    scorer = DiversityScorer(args.spacy_model, args.encoder, sample_size=sample_size, seed=args.seed,
+                             device=args.device)
+    scores = diversity_scores(samples, scorer, per_question=not args.no_per_question)
+    result = {"kind": "diversity", "samples": str(args.samples), "sample_size": sample_size, "seed": args.seed,
+              "models": {"spacy": scorer.spacy_model, "encoder": scorer.encoder_name}, "adapters": scores}
+    _write_json(args.output, result)
+    _print_table(["adapter", "lexical", "semantic", "syntactic", "average", "texts"],
+                 [[n, r["lexical"], r["semantic"], r["syntactic"], r["average"], r["n_texts"]]
+                  for n, r in scores.items()])
+    print(f"diversity written to {args.output}")
+    return 0
+
+
+def _positive_int(value: str, name: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise QempoError(f"{name} must be a positive integer or 'all', got {value!r}") from None
+    if number < 1:
+        raise QempoError(f"{name} must be a positive integer or 'all', got {value!r}")
+    return number
+
+
+# ------------------------------------------------------------------------------ judge
+
+
+def _cmd_judge(args) -> int:
+    from .judge import Judge, build_items, load_judge_prompts, summarize
+    from .mtbench import load_questions
+    from .sampling import load_samples
+
+    extra_body = None
+    if args.extra_body:
+        try:
+            extra_body = json.loads(args.extra_body)
+        except json.JSONDecodeError as err:
+            raise QempoError(f"--extra-body is not JSON ({err.msg}); pass an object such as "
+                             "'{\"structured_outputs\": {\"regex\": \"...\"}}'") from None
+        if not isinstance(extra_body, dict):
+            raise QempoError("--extra-body must be a JSON object")
+    samples = load_samples(args.samples)
+    templates = load_judge_prompts(args.judge_prompts)
+    questions = load_questions(args.questions) if args.questions else None
+    items = build_items(samples, templates, questions, per_prompt=args.per_prompt)
+    cache = args.cache or str(Path(args.output).with_name("judge_cache.jsonl"))
+    judge = Judge(args.judge_url, args.judge_model, api_key_env=args.api_key_env, templates=templates,
+                  concurrency=args.concurrency, max_attempts=args.max_attempts, timeout=args.timeout,
+                  temperature=args.judge_temperature, max_tokens=args.max_tokens, extra_body=extra_body,
+                  cache_path=cache)
+    verdicts = judge.judge(items)
+    scores = summarize(verdicts)
+    result = {"kind": "judge", "samples": str(args.samples), "cache": cache,
+              "judge": {"model": args.judge_model, "url": args.judge_url, "temperature": args.judge_temperature,
+                        "prompts": sorted({i.template for i in items})},
+              "items": len(items), "failures": judge.stats["failures"], "requests": judge.stats["requests"],
+              "cached": judge.stats["cached"], "adapters": scores}
+    _write_json(args.output, result)
+    _print_table(["adapter", "judge", "rated", "failed"],
+                 [[n, r["judge"], r["n_rated"], r["n_failed"]] for n, r in scores.items()])
+    print(f"{len(items)} samples judged ({judge.stats['cached']} from the cache, {judge.stats['failures']} without a "
+          f"rating); written to {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ pass@k
+
+
+def _cmd_passk(args) -> int:
+    from qempo_lite.data import load_math
+
+    from .math_eval import evaluate_math
+    from .sampling import save_samples
+
+    adapters = _adapters(args)
+    ks = None
+    if args.ks:
+        try:
+            ks = [int(k) for k in args.ks.split(",")]
+        except ValueError:
+            raise QempoError(f"--ks {args.ks!r} must be comma-separated integers, e.g. 1,2,4,8") from None
+    dataset = load_math(args.data, split=args.split, limit=args.limit)
+    with _sampler(args, adapters) as sampler:
+        results, samples = evaluate_math(sampler, adapters, dataset, n=args.n, ks=ks, temperature=args.temperature,
+                                         top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.samples_output:
+        save_samples(args.samples_output, samples)
+    result = {"kind": "passk", "data": str(args.data), "split": args.split, "n": args.n,
+              "temperature": args.temperature, "adapters": results}
+    _write_json(args.output, result)
+    ks_shown = list(next(iter(results.values()))["pass@k"])
+    _print_table(["adapter", *(f"pass@{k}" for k in ks_shown)],
+                 [[n, *r["pass@k"].values()] for n, r in results.items()])
+    print(f"pass@k written to {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _cmd_report(args) -> int:
+    from .report import build_report, load_inputs, write_report
+
+    written = write_report(build_report(load_inputs(args.inputs)), args.output_dir)
+    for kind, path in written.items():
+        print(f"{kind:>8}: {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    example = __doc__.split("::\n\n", 1)[1].split("\n\n")[0]
+    parser = argparse.ArgumentParser(
+        prog="qempo-lite eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate adapters as the paper does: sample, diversity, judge, pass@k, report.",
+        epilog=f"example (two adapters and the base model):\n{example}\n\n"
+               "Each step writes the file the next one reads. Run 'qempo-lite eval COMMAND --help' for its options.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sample = commands.add_parser(
+        "sample", help="sample completions from adapters and the base model",
+        description="Sample --n completions per prompt from every adapter (and with --include-base the base model), "
+                    "loading the base model once. With MT-Bench questions (--prompts mtbench, or a file of rows with "
+                    "'turns') the paper's protocol runs: n first-turn samples per question, then n second-turn "
+                    "samples, each after a random first-turn sample. Other JSONL files have rows with 'prompt' (a "
+                    "string or a chat) and optional 'id'. Writes one JSON line per sample.")
+    _add_model_options(sample)
+    sample.add_argument("--prompts", default="mtbench", help="'mtbench' (default) or a JSONL file")
+    sample.add_argument("--limit", type=int, help="use only the first LIMIT questions or prompts")
+    sample.add_argument("--n", type=int, default=16, help="samples per prompt and turn (16, as the paper)")
+    sample.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer in tokens (1024)")
+    sample.add_argument("--output", required=True, help="the samples JSONL file to write")
+    sample.set_defaults(run=_cmd_sample)
+
+    diversity = commands.add_parser(
+        "diversity", help="lexical, semantic and syntactic diversity of samples",
+        description="Score the diversity (x100, Guo et al. 2024) of each adapter's samples, pooled over all its "
+                    "samples (the paper's Table 2) and per question turn (mean over the sets). Models: spaCy "
+                    "en_core_web_sm and all-mpnet-base-v2 unless --spacy-model/--encoder or $QEMPO_SPACY_MODEL/"
+                    "$QEMPO_ENCODER name others; the result records which.")
+    diversity.add_argument("--samples", required=True, help="samples JSONL from 'qempo-lite eval sample'")
+    diversity.add_argument("--output", required=True, help="the diversity JSON file to write")
+    diversity.add_argument("--spacy-model", help="installed spaCy pipeline with a parser (en_core_web_sm)")
+    diversity.add_argument("--encoder", help="sentence-transformers model id or directory (all-mpnet-base-v2)")
+    diversity.add_argument("--sample-size", default="2000",
+                           help="score a seeded subset of this many texts per set, or 'all' (2000); compare "
+                                "adapters on sets of equal size")
+    diversity.add_argument("--no-per-question", action="store_true", help="skip the per-question scores")
+    diversity.add_argument("--device", help="device of the sentence encoder (default: automatic)")
+    diversity.add_argument("--seed", type=int, default=0, help="seed of the subset (0)")
+    diversity.set_defaults(run=_cmd_diversity)
+
+    judge = commands.add_parser(
+        "judge", help="rate samples 1-10 with an LLM judge (MT-Bench single-answer grading)",
+        description="Rate every sample with an LLM behind an OpenAI-compatible endpoint, using MT-Bench's "
+                    "single-answer prompts (the multi-turn one for second-turn samples). The API key is read from "
+                    "--api-key-env, $QEMPO_JUDGE_API_KEY or $OPENAI_API_KEY and never printed. Failed requests are "
+                    "retried, then counted; ratings are cached in a JSONL file so reruns only ask what is missing.")
+    judge.add_argument("--samples", required=True, help="samples JSONL from 'qempo-lite eval sample'")
+    judge.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    judge.add_argument("--judge-model", required=True, help="judge model name, e.g. gpt-4o-2024-08-06 (the paper's)")
+    judge.add_argument("--output", required=True, help="the judge JSON file to write")
+    judge.add_argument("--api-key-env", help="environment variable holding the key (default: QEMPO_JUDGE_API_KEY, "
+                                             "then OPENAI_API_KEY)")
+    judge.add_argument("--questions", help="'mtbench' or the questions file sampled from: grades math, reasoning "
+                                           "and coding answers against its reference answers, as MT-Bench does")
+    judge.add_argument("--judge-prompts", default="mtbench", help="MT-Bench judge_prompts.jsonl ('mtbench' default)")
+    judge.add_argument("--per-prompt", type=int, help="judge only the first K samples of each prompt and turn")
+    judge.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (8)")
+    judge.add_argument("--max-attempts", type=int, default=3, help="requests per sample before it counts as failed (3)")
+    judge.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
+    judge.add_argument("--max-tokens", type=int, default=1024, help="longest judgment in tokens (1024)")
+    judge.add_argument("--judge-temperature", type=float, default=0.0, help="judge sampling temperature (0)")
+    judge.add_argument("--extra-body", help="JSON object sent with every request, e.g. a server's structured-output "
+                                            "options")
+    judge.add_argument("--cache", help="ratings cache (default: judge_cache.jsonl beside --output)")
+    judge.set_defaults(run=_cmd_judge)
+
+    passk = commands.add_parser(
+        "passk", help="pass@k on math problems (GSM8K, MATH)",
+        description="Sample --n answers per math problem from every adapter, check each final answer against the "
+                    "gold one, and estimate pass@k (unbiased) for k = 1, 2, 4, ... up to n.")
+    _add_model_options(passk)
+    passk.add_argument("--data", required=True, help="GSM8K/MATH JSONL file or Hub dataset (e.g. openai/gsm8k)")
+    passk.add_argument("--split", default="test", help="dataset split (test)")
+    passk.add_argument("--limit", type=int, help="use only the first LIMIT problems")
+    passk.add_argument("--n", type=int, default=100, help="samples per problem (100, as the paper)")
+    passk.add_argument("--ks", help="comma-separated k values (default: 1,2,4,... and n)")
+    passk.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer in tokens (1024)")
+    passk.add_argument("--output", required=True, help="the pass@k JSON file to write")
+    passk.add_argument("--samples-output", help="also save the answers as samples JSONL")
+    passk.set_defaults(run=_cmd_passk)
+
+    report = commands.add_parser(
+        "report", help="merge results into report.json, report.md and figures",
+        description="Merge the JSON files of 'eval diversity', 'eval judge' and 'eval passk' by adapter into "
+                    "report.json and report.md (Table 2 layout: Lexical, Semantic, Syntactic, Average, Judge) and "
+                    "draw diversity_quality.png (average diversity vs judge score, or pass@1) and passk.png "
+                    "(pass@k vs k, log2 axis).")
+    report.add_argument("--inputs", nargs="+", required=True, help="result JSON files")
+    report.add_argument("--output-dir", required=True, help="folder for report.json, report.md and the figures")
+    report.set_defaults(run=_cmd_report)
+    return parser
+
+
+def cli(argv: list[str]) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse already printed
+        return int(exit_.code or 0)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    return args.run(args)
+
+
+__all__ = ["cli", "build_parser"]

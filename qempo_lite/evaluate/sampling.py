@@ -1,0 +1,708 @@
+"""Sample completions from one base model and several LoRA adapters at once, for evaluation.
+
+A :class:`Sampler` loads the base model once and serves any number of adapters of it, plus the
+base model itself (an adapter entry of ``None``):
+
+* ``backend="vllm"``: one engine with ``enable_lora=True``; each adapter is a ``LoRARequest``
+  and one ``generate`` call carries the requests of every adapter, so vLLM batches them
+  together (multi-LoRA). The engine runs in-process, as in :mod:`qempo_lite.rollout`.
+* ``backend="hf"``: one ``transformers`` model wrapped by PEFT, each adapter loaded under its
+  own name (``load_adapter``), switched with ``set_adapter``; the base model samples inside
+  ``disable_adapter()``. No second copy of the base weights is ever made.
+* ``backend="auto"``: vLLM when it is installed, transformers otherwise.
+
+Both backends sample exactly ``temperature`` + ``top_p``: no top-k, no repetition penalty from
+the model's ``generation_config``, so they draw from the same distribution. Prompts are
+strings (one user message) or chats (lists of ``{"role", "content"}`` messages ending with a
+user message, so multi-turn contexts work); the tokenizer's chat template is always applied.
+
+Adapters are checked before anything is loaded: a directory with ``adapter_config.json`` and
+``adapter_model.safetensors`` (pickled weights are never loaded), recorded for this base model
+(``qempo_lite.json``'s ``base_model`` or PEFT's ``base_model_name_or_path``), and with weight
+shapes that fit the base model's modules (hidden size, vocabulary, layer count).
+
+Samples are saved as JSONL (:func:`save_samples` / :func:`load_samples`), one line per
+completion, so scoring and judging can be rerun without sampling again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+from qempo_lite.errors import QempoError, missing_extra
+
+logger = logging.getLogger("qempo_lite")
+
+BACKENDS = ("auto", "vllm", "hf")
+ROLES = ("system", "user", "assistant")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+METADATA_FILE = "qempo_lite.json"
+
+Messages = list[dict[str, str]]
+AdapterSpec = Mapping[str, "str | os.PathLike | None"] | Sequence[str] | str
+
+
+@dataclass
+class Sample:
+    """One completion: which prompt, which adapter (``None`` path = base model), which draw.
+
+    ``turn`` is 2 for a second-turn answer of a two-turn conversation; ``context_index`` is
+    then the ``sample_index`` of the first-turn answer it continues. ``prompt`` is the chat
+    the completion answers (kept so that a judge can read the question without the prompt
+    file). ``num_tokens`` counts the generated tokens, without the end-of-sequence token.
+    """
+
+    prompt_id: str | int
+    adapter: str
+    sample_index: int
+    text: str
+    num_tokens: int
+    turn: int = 1
+    context_index: int | None = None
+    finish_reason: str | None = None
+    prompt: Messages | None = field(default=None, repr=False)
+
+
+# ------------------------------------------------------------------------------ JSONL files
+
+_REQUIRED = {"prompt_id": (str, int), "adapter": str, "sample_index": int, "text": str, "num_tokens": int}
+_OPTIONAL = {"turn": int, "context_index": (int, type(None)), "finish_reason": (str, type(None)),
+             "prompt": (list, type(None))}
+
+
+def save_samples(path: str | os.PathLike, samples: Sequence[Sample]) -> Path:
+    """Write ``samples`` as JSONL, one completion per line (UTF-8); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", encoding="utf-8") as out:
+        for sample in samples:
+            out.write(json.dumps(asdict(sample), ensure_ascii=False) + "\n")
+    # Written aside and renamed, so an interrupted run never leaves a truncated file behind.
+    tmp.replace(path)
+    return path
+
+
+def load_samples(path: str | os.PathLike) -> list[Sample]:
+    """Read a JSONL file written by :func:`save_samples`; a bad line raises QempoError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise QempoError(f"samples file {path} not found; create it with 'qempo-lite eval sample --output {path}'")
+    samples = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise QempoError(f"{path} line {number}: not JSON ({err.msg}); fix or remove the line") from None
+            samples.append(_sample_from_row(row, f"{path} line {number}"))
+    if not samples:
+        raise QempoError(f"{path} holds no samples; sample again with 'qempo-lite eval sample'")
+    return samples
+
+
+def _sample_from_row(row: Any, where: str) -> Sample:
+    if not isinstance(row, dict):
+        raise QempoError(f"{where}: expected a JSON object, got {type(row).__name__}; fix or remove the line")
+    for name, kind in {**_REQUIRED, **_OPTIONAL}.items():
+        if name not in row:
+            if name in _REQUIRED:
+                raise QempoError(f"{where}: field '{name}' is missing; each line needs {', '.join(_REQUIRED)}")
+            continue
+        value = row[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise QempoError(f"{where}: field '{name}' has the wrong type ({type(value).__name__}); "
+                             "re-create the file with 'qempo-lite eval sample'")
+    if row.get("prompt") is not None:
+        _check_messages(row["prompt"], f"{where}: field 'prompt'")
+    known = {f.name for f in fields(Sample)}
+    return Sample(**{k: v for k, v in row.items() if k in known})
+
+
+# ------------------------------------------------------------------------------ prompts
+
+
+def to_messages(prompt: Any, index: int = 0) -> Messages:
+    """A prompt as a chat: a string becomes one user message; a chat is checked and copied."""
+    where = f"prompt {index}"
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise QempoError(f"{where} is empty; give every prompt some text")
+        return [{"role": "user", "content": prompt}]
+    _check_messages(prompt, where)
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise QempoError(f"{where} must be a string or a non-empty list of {{'role', 'content'}} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise QempoError(f"{where}, message {i}: needs a string 'content'; fix the message")
+        if message.get("role") not in ROLES:
+            raise QempoError(f"{where}, message {i}: role {message.get('role')!r} is not one of {', '.join(ROLES)}")
+    if messages[-1]["role"] != "user":
+        raise QempoError(f"{where} ends with a {messages[-1]['role']} message; end it with the user message to answer")
+
+
+def _request_seed(seed: int, adapter: str, prompt_index: int, chunk: int = 0) -> int:
+    """A seed per (adapter, prompt): reproducible whatever else is sampled in the same call,
+    and different across prompts, so their random streams are independent."""
+    return zlib.crc32(f"{seed}:{adapter}:{prompt_index}:{chunk}".encode()) & 0x7FFFFFFF
+
+
+def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise QempoError(f"n must be a positive integer (samples per prompt), got {n!r}")
+    if not temperature > 0:
+        raise QempoError(f"temperature must be > 0 for sampling, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise QempoError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise QempoError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+# ------------------------------------------------------------------------------ adapter checks
+
+
+def _read_json(path: Path, fix: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise QempoError(f"{path} is not readable JSON ({type(err).__name__}); {fix}") from None
+    if not isinstance(data, dict):
+        raise QempoError(f"{path} is not a JSON object; {fix}")
+    return data
+
+
+def recorded_base_model(adapter_dir: Path) -> str | None:
+    """The base model an adapter was trained on: ``qempo_lite.json``'s, else PEFT's record."""
+    config = _read_json(adapter_dir / "adapter_config.json", "re-save the adapter with save_pretrained")
+    meta_path = adapter_dir / METADATA_FILE
+    meta = _read_json(meta_path, "fix or remove it") if meta_path.is_file() else {}
+    base = meta.get("base_model") or config.get("base_model_name_or_path")
+    return str(base) if base else None
+
+
+def same_base_model(recorded: str, base: str) -> bool:
+    """Do two base-model references name the same model?
+
+    Equal strings, the same local directory, or the same final path component (a local copy of
+    a Hub model, ``/models/Llama-3.2-1B`` for ``meta-llama/Llama-3.2-1B``).
+    """
+    a, b = str(recorded).rstrip("/"), str(base).rstrip("/")
+    if a == b:
+        return True
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return Path(a).name.lower() == Path(b).name.lower()
+
+
+def adapter_shape_problems(adapter_dir: Path, base_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Where an adapter's weights do not fit the base model's parameters (empty: they all fit).
+
+    A LoRA on a linear layer W (out × in) has A: r × in and B: out × r; on an embedding
+    E (vocab × dim), A: r × vocab and B: dim × r; a fully saved module (``modules_to_save``)
+    has the base parameter's shape. Only the safetensors header is read.
+    """
+    from safetensors import safe_open
+
+    problems = []
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as weights:
+        for key in weights.keys():
+            shape = tuple(weights.get_slice(key).get_shape())
+            name = key.removeprefix("base_model.model.")
+            for suffix, base_dim, dim, what in ((".lora_A.weight", 1, 1, "input size"),
+                                                (".lora_B.weight", 0, 0, "output size"),
+                                                (".lora_embedding_A", 0, 1, "vocabulary"),
+                                                (".lora_embedding_B", 1, 0, "embedding size")):
+                if name.endswith(suffix):
+                    module = name[: -len(suffix)]
+                    base = base_shapes.get(module + ".weight")
+                    if base is None:
+                        problems.append(f"{module} is not in the base model")
+                    elif len(base) != 2 or len(shape) != 2:
+                        pass  # convolutions and the like: nothing simple to compare
+                    elif base[base_dim] != shape[dim]:
+                        problems.append(f"{module} {what} is {shape[dim]} in the adapter, {base[base_dim]} in the base")
+                    break
+            else:
+                if name in base_shapes and tuple(base_shapes[name]) != shape:
+                    problems.append(f"{name} is {list(shape)} in the adapter, {list(base_shapes[name])} in the base")
+            if len(problems) >= 3:  # enough to make the point
+                break
+    return problems
+
+
+def _tokenizer_problem(adapter_dir: Path, vocab_size: int | None) -> str | None:
+    """A tokenizer saved with the adapter that has more tokens than the base's embedding."""
+    if vocab_size is None or not (adapter_dir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        size = len(AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False))
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer is the PEFT loader's problem, not a base mismatch
+        return None
+    return f"its tokenizer has {size} tokens, the base's vocabulary {vocab_size}" if size > vocab_size else None
+
+
+def check_adapter(name: str, path: str | os.PathLike, base_model: str, *,
+                  base_shapes: Mapping[str, tuple[int, ...]] | None = None, vocab_size: int | None = None,
+                  allow_base_mismatch: bool = False) -> Path:
+    """Refuse an adapter that cannot be served on ``base_model``; returns its directory.
+
+    Raises QempoError when the directory is not a safetensors PEFT adapter, when it records
+    another base model (unless ``allow_base_mismatch``: then only a warning), and always when
+    its weight shapes do not fit ``base_shapes`` (parameter name -> shape of the base model).
+    """
+    adapter_dir = Path(path).expanduser()
+    if not adapter_dir.is_dir():
+        raise QempoError(f"adapter {name!r}: {adapter_dir} is not a directory; pass the output_dir of a training run")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise QempoError(f"adapter {name!r}: {adapter_dir} has no adapter_config.json; "
+                         "pass a directory saved by a PEFT adapter's save_pretrained")
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise QempoError(f"adapter {name!r}: {adapter_dir} has no {ADAPTER_WEIGHTS} (pickled weights are never "
+                         "loaded); re-save it with save_pretrained(..., safe_serialization=True)")
+    config = _read_json(adapter_dir / "adapter_config.json", "re-save the adapter with save_pretrained")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise QempoError(f"adapter {name!r} is a {config.get('peft_type')} adapter; only LoRA adapters are served")
+    recorded = recorded_base_model(adapter_dir)
+    problems = adapter_shape_problems(adapter_dir, base_shapes) if base_shapes else []
+    token_problem = _tokenizer_problem(adapter_dir, vocab_size)
+    problems += [token_problem] if token_problem else []
+    trained_for = recorded or "another base model"
+    if problems:
+        raise QempoError(f"adapter {name!r} was trained for base {trained_for}, not {base_model}: its weights do not "
+                         f"fit ({'; '.join(problems)}); pass the base model it was trained on")
+    if recorded and not same_base_model(recorded, base_model):
+        if not allow_base_mismatch:
+            raise QempoError(f"adapter {name!r} was trained for base {recorded}, not {base_model}; pass that base "
+                             "model, or allow_base_mismatch (--allow-base-mismatch) if it is a copy of the same model")
+        logger.warning("adapter %r was trained for base %s; serving it on %s as asked", name, recorded, base_model)
+    return adapter_dir
+
+
+def meta_parameter_shapes(base_model: str) -> tuple[dict[str, tuple[int, ...]], int | None]:
+    """Parameter shapes of ``base_model`` built on the meta device (no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - an architecture transformers cannot build: skip the shape check
+        logger.warning("cannot build %s on the meta device (%s); adapter shapes are not checked", base_model,
+                       type(err).__name__)
+        return {}, None
+    return {k: tuple(v.shape) for k, v in model.named_parameters()}, getattr(config, "vocab_size", None)
+
+
+# ------------------------------------------------------------------------------ the sampler
+
+
+def _vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _eos_ids(tokenizer, base_model: str) -> list[int]:
+    from transformers import GenerationConfig
+
+    try:
+        declared = GenerationConfig.from_pretrained(base_model).eos_token_id
+    except OSError:
+        declared = None
+    ids = []
+    for value in ([declared] if isinstance(declared, int) else list(declared or [])) + [tokenizer.eos_token_id]:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    if not ids:
+        raise QempoError(f"{base_model} declares no end-of-sequence token; set eos_token in its tokenizer")
+    return ids
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class Sampler:
+    """The base model loaded once, serving several LoRA adapters (and itself) for sampling.
+
+    ``adapters`` given here are checked and loaded up front (and size vLLM's ``max_loras``);
+    more can be passed to :meth:`sample` later, so one Sampler can serve a long-lived app.
+    ``gpu_memory_utilization``, ``max_model_len`` and ``max_lora_rank`` configure the vLLM
+    engine (on vLLM's CPU backend the first is the share of *CPU* memory it reserves);
+    ``batch_size`` is the number of sequences per ``generate`` call of the transformers backend.
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, base_model: str | os.PathLike, *, backend: str = "auto",
+                 adapters: Mapping[str, str | os.PathLike | None] | None = None, max_lora_rank: int = 64,
+                 max_loras: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str = "auto",
+                 max_model_len: int | None = 4096, batch_size: int = 64, device: str | None = None,
+                 allow_base_mismatch: bool = False, seed: int = 0, **engine_kwargs: Any):
+        if backend not in BACKENDS:
+            raise QempoError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        if backend == "auto":
+            backend = "vllm" if _vllm_available() else "hf"
+            if backend == "hf":
+                logger.info("vLLM is not installed: sampling with transformers (pip install 'qempo-lite[vllm]' "
+                            "for faster multi-LoRA sampling)")
+        elif backend == "vllm" and not _vllm_available():
+            raise missing_extra("vllm", "vllm", "or use backend 'hf', which samples with transformers")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise QempoError(f"batch_size must be a positive integer, got {batch_size!r}")
+        local = Path(base_model).expanduser()
+        if local.exists() and not (local / "config.json").is_file():
+            raise QempoError(f"base model {base_model} is a local path without config.json; pass a model directory "
+                             "or a Hub id")
+        self.base_model = str(local) if local.exists() else str(base_model)
+        self.backend = backend
+        self.batch_size = batch_size
+        self.max_lora_rank = max_lora_rank
+        self.max_model_len = max_model_len
+        self.allow_base_mismatch = allow_base_mismatch
+        self._adapters: dict[str, tuple[Path, Any]] = {}  # name -> (directory, backend handle)
+        self._next_id = 1
+
+        from transformers import AutoTokenizer
+
+        with _env(**({"HF_HUB_OFFLINE": "1"} if local.exists() else {})):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.base_model, trust_remote_code=False)
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise QempoError(f"the tokenizer of {self.base_model} has no chat template; use an instruct model "
+                             "(or save a tokenizer with chat_template set) as the base model")
+        self.eos_token_ids = _eos_ids(self.tokenizer, self.base_model)
+
+        initial = {k: v for k, v in (adapters or {}).items() if v is not None}
+        if backend == "vllm":
+            self._start_vllm(max_loras or max(1, len(initial)), gpu_memory_utilization, dtype, seed, engine_kwargs)
+        else:
+            if engine_kwargs:
+                raise QempoError(f"{', '.join(engine_kwargs)}: vLLM engine options do not apply to backend 'hf'")
+            self._start_hf(dtype, device)
+        for name, path in initial.items():
+            self.add_adapter(name, path)
+
+    # -------------------------------------------------------------------------- engines
+    def _start_vllm(self, max_loras: int, gpu_memory_utilization: float, dtype: str, seed: int,
+                    engine_kwargs: dict) -> None:
+        import torch
+        from vllm import LLM
+
+        if not 0 < gpu_memory_utilization <= 1:
+            raise QempoError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        for key in ("trust_remote_code", "enable_lora", "model", "tokenizer"):
+            if key in engine_kwargs:
+                raise QempoError(f"{key} is set by the Sampler itself; remove it from the engine options")
+        self._shapes, self._vocab_size = meta_parameter_shapes(self.base_model)
+        # In-process engine (no spawned workers), as qempo_lite.rollout does, so that scripts and
+        # tests need no `if __name__ == "__main__"` guard.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        threads = torch.get_num_threads()
+        offline = {"HF_HUB_OFFLINE": "1"} if Path(self.base_model).is_dir() else {}
+        with _env(**offline):
+            self.llm = LLM(model=self.base_model, tokenizer=self.base_model, trust_remote_code=False,
+                           enable_lora=True, max_loras=max_loras, max_lora_rank=self.max_lora_rank,
+                           max_model_len=self.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                           dtype=dtype, seed=seed, **engine_kwargs)
+        # vLLM drops the process to one torch thread; the rest of an evaluation shares the process.
+        torch.set_num_threads(threads)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def _start_hf(self, dtype: str, device: str | None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, str(dtype), None)
+        if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
+            raise QempoError(f"dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
+        offline = {"HF_HUB_OFFLINE": "1"} if Path(self.base_model).is_dir() else {}
+        with _env(**offline):
+            base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=torch_dtype, trust_remote_code=False,
+                                                        use_safetensors=True)
+        self.model = base.to(self.device).eval()  # becomes a PeftModel with the first adapter
+        self._shapes = {k: tuple(v.shape) for k, v in base.named_parameters()}
+        self._vocab_size = getattr(base.config, "vocab_size", None)
+
+    # -------------------------------------------------------------------------- adapters
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """The adapters loaded so far: name -> directory."""
+        return {name: path for name, (path, _) in self._adapters.items()}
+
+    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Check and load an adapter under ``name`` (a name already loaded from another path is replaced)."""
+        if not isinstance(name, str) or not name.strip():
+            raise QempoError(f"adapter names must be non-empty strings, got {name!r}")
+        adapter_dir = check_adapter(name, path, self.base_model, base_shapes=self._shapes, vocab_size=self._vocab_size,
+                                    allow_base_mismatch=self.allow_base_mismatch)
+        rank = self._adapter_rank(name, adapter_dir)
+        if name in self._adapters:
+            if self._adapters[name][0].resolve() == adapter_dir.resolve():
+                return
+            self.remove_adapter(name)
+        lora_id, self._next_id = self._next_id, self._next_id + 1
+        if self.backend == "vllm":
+            from vllm.lora.request import LoRARequest
+
+            handle = LoRARequest(f"{name}-{lora_id}", lora_id, str(adapter_dir))
+            self.llm.llm_engine.add_lora(handle)  # load now: a broken adapter fails here, not mid-batch
+        else:
+            from peft import PeftModel
+
+            # PEFT keeps adapters in a ModuleDict, whose keys cannot hold dots: use an internal name.
+            handle = f"adapter_{lora_id}"
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter_dir), adapter_name=handle, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=handle,
+                                                       is_trainable=False).eval()
+        logger.info("adapter %r (rank %d) loaded from %s", name, rank, adapter_dir)
+        self._adapters[name] = (adapter_dir, handle)
+
+    def _adapter_rank(self, name: str, adapter_dir: Path) -> int:
+        config = _read_json(adapter_dir / "adapter_config.json", "re-save the adapter with save_pretrained")
+        rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+        if self.backend == "vllm" and rank > self.max_lora_rank:
+            raise QempoError(f"adapter {name!r} has rank {rank}, above max_lora_rank={self.max_lora_rank}; "
+                             f"raise max_lora_rank (--max-lora-rank) to at least {rank}")
+        return rank
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; its memory is freed."""
+        if name not in self._adapters:
+            return
+        _, handle = self._adapters.pop(name)
+        if self.backend == "vllm":
+            self.llm.llm_engine.remove_lora(handle.lora_int_id)
+        else:
+            self.model.delete_adapter(handle)
+
+    def _resolve(self, adapters: AdapterSpec) -> dict[str, Any]:
+        """name -> backend handle (None: the base model), loading new adapters on the way."""
+        if isinstance(adapters, str):
+            adapters = [adapters]
+        if isinstance(adapters, Mapping):
+            for name, path in adapters.items():
+                if path is not None:
+                    self.add_adapter(name, path)
+            names = list(adapters)
+            base = {name for name, path in adapters.items() if path is None}
+        else:
+            names, base = list(adapters), set()
+            unknown = [n for n in names if n not in self._adapters]
+            if unknown:
+                raise QempoError(f"adapter(s) {', '.join(map(repr, unknown))} not loaded; pass a mapping "
+                                 "name -> adapter directory (None for the base model)")
+        if not names:
+            raise QempoError("no adapter to sample from; pass at least one (None as the path means the base model)")
+        return {name: None if name in base else self._adapters[name][1] for name in names}
+
+    # -------------------------------------------------------------------------- sampling
+    def encode(self, prompt: Any, index: int = 0) -> list[int]:
+        """Token ids of a prompt with the chat template and the generation prompt applied."""
+        messages = to_messages(prompt, index)
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
+        return list(encoded["input_ids"])
+
+    def sample(self, adapters: AdapterSpec, prompts: Sequence[Any], *, n: int = 1, temperature: float = 1.0,
+               top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0,
+               prompt_ids: Sequence[str | int] | None = None, progress: bool = True) -> list[Sample]:
+        """``n`` completions of every prompt from every adapter: ``len(adapters) * len(prompts) * n`` Samples.
+
+        ``adapters``: name -> adapter directory, ``None`` for the base model (names of adapters
+        loaded earlier may be passed alone). ``prompts``: strings or chats. ``prompt_ids`` name
+        the prompts in the Samples (default: their index). Results are ordered by adapter,
+        then prompt, then ``sample_index``; a given (seed, adapter, prompt) always gives the
+        same draws on one backend, whatever else is sampled alongside.
+        """
+        _check_sampling(n, temperature, top_p, max_new_tokens)
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise QempoError("prompts must be a non-empty list (strings or chats); wrap a single prompt in a list")
+        prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+        if len(prompt_ids) != len(prompts):
+            raise QempoError(f"{len(prompt_ids)} prompt ids for {len(prompts)} prompts; pass one id per prompt")
+        handles = self._resolve(adapters)
+        chats = [to_messages(p, i) for i, p in enumerate(prompts)]
+        ids = [self.encode(chat, i) for i, chat in enumerate(chats)]
+        if self.backend == "vllm":
+            too_long = [i for i, x in enumerate(ids) if len(x) >= self.max_model_len]
+            if too_long:
+                raise QempoError(f"prompt {too_long[0]} has {len(ids[too_long[0]])} tokens, not below max_model_len="
+                                 f"{self.max_model_len}; raise max_model_len (--max-model-len) or shorten it")
+            drawn = self._sample_vllm(handles, ids, n, temperature, top_p, max_new_tokens, seed, progress)
+        else:
+            drawn = self._sample_hf(handles, ids, n, temperature, top_p, max_new_tokens, seed, progress)
+        samples = []
+        for name in handles:
+            for p, (chat, prompt_id) in enumerate(zip(chats, prompt_ids)):
+                for j, (text, num_tokens, finish) in enumerate(drawn[name][p]):
+                    samples.append(Sample(prompt_id=prompt_id, adapter=name, sample_index=j, text=text,
+                                          num_tokens=num_tokens, finish_reason=finish, prompt=chat))
+        return samples
+
+    def _sample_vllm(self, handles, ids, n, temperature, top_p, max_new_tokens, seed, progress):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests, params, loras, owners = [], [], [], []
+        for name, lora in handles.items():
+            for p, x in enumerate(ids):
+                requests.append(TokensPrompt(prompt_token_ids=x))
+                params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=0,
+                                             max_tokens=max_new_tokens, seed=_request_seed(seed, name, p),
+                                             stop_token_ids=self.eos_token_ids, skip_special_tokens=True))
+                loras.append(lora)
+                owners.append((name, p))
+        # One call for every adapter: the scheduler mixes their requests in the same batches.
+        outputs = self.llm.generate(requests, params, lora_request=loras, use_tqdm=progress)
+        drawn: dict[str, list] = {name: [None] * len(ids) for name in handles}
+        for (name, p), output in zip(owners, outputs):
+            drawn[name][p] = [(o.text, self._count(list(o.token_ids)), o.finish_reason) for o in output.outputs]
+        return drawn
+
+    def _count(self, tokens: list[int]) -> int:
+        return len(tokens) - 1 if tokens and tokens[-1] in self.eos_token_ids else len(tokens)
+
+    def _batches(self, n_prompts: int, n: int) -> list[tuple[list[int], int, int]]:
+        """(prompt indices, samples per prompt, chunk number) per generate call, at most batch_size sequences."""
+        per_call = min(n, self.batch_size)
+        chunks = [min(per_call, n - start) for start in range(0, n, per_call)]
+        batches = []
+        for chunk, count in enumerate(chunks):
+            step = max(1, self.batch_size // count)
+            batches += [(list(range(s, min(s + step, n_prompts))), count, chunk) for s in range(0, n_prompts, step)]
+        return batches
+
+    def _sample_hf(self, handles, ids, n, temperature, top_p, max_new_tokens, seed, progress):
+        import torch
+        from rich.progress import Progress
+
+        batches = self._batches(len(ids), n)
+        drawn: dict[str, list] = {name: [[] for _ in ids] for name in handles}
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("sampling", total=len(handles) * len(batches))
+            for name, handle in handles.items():
+                bar.update(task, description=f"sampling {name}")
+                with self._active(handle):
+                    for prompts, count, chunk in batches:
+                        # Seeded per batch, in a forked RNG, so the caller's random stream is untouched.
+                        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+                            torch.manual_seed(_request_seed(seed, name, prompts[0], chunk))
+                            out = self._generate([ids[p] for p in prompts], count, temperature, top_p, max_new_tokens)
+                        for row, p in enumerate(prompts):
+                            drawn[name][p] += out[row * count:(row + 1) * count]
+                        bar.advance(task)
+        return drawn
+
+    @contextlib.contextmanager
+    def _active(self, handle: str | None) -> Iterator[None]:
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            yield  # no adapter loaded yet: the plain base model
+        elif handle is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(handle)
+            yield
+
+    def _generate(self, ids: list[list[int]], count: int, temperature: float, top_p: float,
+                  max_new_tokens: int) -> list[tuple[str, int, str]]:
+        import torch
+        from transformers import GenerationConfig
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(x):] = torch.tensor(x)
+            attention[row, width - len(x):] = 1
+        # A fresh config, so that no top-k or repetition penalty from the model's defaults applies.
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                  max_new_tokens=max_new_tokens, num_return_sequences=count,
+                                  eos_token_id=self.eos_token_ids, pad_token_id=pad_id)
+        with torch.no_grad():
+            sequences = self.model.generate(input_ids=input_ids.to(self.device),
+                                            attention_mask=attention.to(self.device), generation_config=config)
+        out = []
+        for tokens in sequences[:, width:].tolist():
+            end = next((i for i, t in enumerate(tokens) if t in self.eos_token_ids), None)
+            kept = tokens if end is None else tokens[:end]
+            out.append((self.tokenizer.decode(kept, skip_special_tokens=True), len(kept),
+                        "length" if end is None else "stop"))
+        return out
+
+    # -------------------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Free the model (and shut the vLLM engine down, so another can start in this process)."""
+        import torch
+
+        if getattr(self, "llm", None) is not None:
+            with contextlib.suppress(Exception):
+                self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            gc.collect()
+            with contextlib.suppress(Exception):
+                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+                destroy_model_parallel()
+                destroy_distributed_environment()
+        self.model = None
+        self._adapters.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Sampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def sample(base_model: str | os.PathLike, adapters: Mapping[str, str | os.PathLike | None], prompts: Sequence[Any], *,
+           n: int, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0,
+           backend: str = "auto", **sampler_options: Any) -> list[Sample]:
+    """Load ``base_model`` once, sample every adapter (None: the base) on every prompt, free it.
+
+    A one-shot :class:`Sampler`; ``sampler_options`` go to its constructor.
+    """
+    with Sampler(base_model, backend=backend, adapters=adapters, **sampler_options) as sampler:
+        return sampler.sample(adapters, prompts, n=n, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, seed=seed)
+
+
+__all__ = ["Sample", "Sampler", "sample", "save_samples", "load_samples", "check_adapter", "to_messages"]

@@ -1,0 +1,443 @@
+"""Offline QEMPO: ``QEMPOConfig`` / ``QEMPOTrainer``, thin subclasses of TRL's ``DPOConfig`` / ``DPOTrainer``.
+
+Every offline method is TRL's stock DPO ``sigmoid`` loss with ``beta = a`` and reference
+log-probs scaled by ``c / a`` (see :func:`qempo_lite.losses.offline_loss`)::
+
+    -log σ(a·Δlog π − c·Δlog π_ref) = -log σ(a·(Δlog π − (c/a)·Δlog π_ref))
+
+So the trainer overrides two public methods and nothing else of ``DPOTrainer``:
+
+* ``compute_ref_log_probs``: zeros for ``qempo`` (c = 0), with no forward pass; otherwise
+  TRL's (the base model with the adapter disabled, or the precomputed values);
+* ``compute_loss``: puts the scaled reference log-probs into the batch, then lets TRL's loss
+  read them exactly as it reads precomputed ones. Logging is TRL's: ``rewards/chosen`` is then
+  the implicit reward ``a·log π(y+) − c·log π_ref(y+)``, ``rewards/margins`` its chosen−rejected
+  difference, ``logps/*`` the policy log-probs and ``entropy`` the policy's mean per-token
+  entropy, all from the one policy forward.
+
+``qempo`` therefore builds no reference model, never disables the adapter and runs one policy
+forward (chosen and rejected concatenated) per micro-batch.
+
+``cli(argv)`` is ``qempo-lite train offline --config recipe.yaml [--key value ...]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import DPOConfig, DPOTrainer
+
+from . import __version__
+from .errors import QempoError
+from .losses import OFFLINE_METHODS, offline_coefficients
+
+# The TRL releases whose DPOTrainer internals this module was written against (see
+# check_trl_compatibility); outside this range QEMPOTrainer warns and the compatibility test fails.
+TRL_VERSION_RANGE = ">=1.16,<1.17"
+
+# Paper defaults (Section 5, "Implementation details in offline mode"); SPL is our choice, see QEMPOConfig.
+DEFAULT_BETA = {"qempo": 4e-3, "dpo": 1e-2, "spl": 1e-2}
+DEFAULT_BETA1, DEFAULT_BETA2 = 4e-3, 1e-2
+DEFAULT_SPL_ALPHA = 2e-2
+
+METADATA_FILE = "qempo_lite.json"
+
+
+@dataclass
+class QEMPOConfig(DPOConfig):
+    """``DPOConfig`` plus the choice of offline objective and its coefficients.
+
+    ============  ========================  ==============================================
+    loss_method   keys                      loss: −log σ(a·Δlog π − c·Δlog π_ref)
+    ============  ========================  ==============================================
+    ``qempo``     ``beta`` = 1/λ (4e-3)     a = beta, c = 0 (Eq. 7; no reference model)
+    ``qempo_kl``  ``beta1`` = 1/λ1 (4e-3),  a = beta1 + beta2, c = beta2 (Eq. 6)
+                  ``beta2`` = λ2/λ1 (1e-2)
+    ``dpo``       ``beta`` (1e-2)           a = c = beta (Eq. 4, the paper's RLHF)
+    ``spl``       ``alpha`` (2e-2),         a = alpha, c = beta (Soft Preference Learning)
+                  ``beta`` (1e-2)
+    ============  ========================  ==============================================
+
+    Unset coefficients take the paper's values (DPO, QEMPO, QEMPO-KL). For SPL, whose
+    optimum is π ∝ π_ref^{β/α} exp(r/α), the default keeps DPO's β = 1e-2 on the reference and
+    doubles the policy coefficient (α = 2β, SPL's entropy weight of 2): the reference's
+    sharpness is halved, as SPL intends, while its quality pull stays within 2× of DPO's.
+
+    Only TRL's ``sigmoid`` loss with the default ``reverse_kl`` divergence belongs to this
+    family; other ``loss_type`` / ``f_divergence_type`` values are refused. ``qempo`` ignores
+    ``precompute_ref_log_probs`` (there is nothing to precompute).
+    """
+
+    loss_method: str = field(
+        default="qempo",
+        metadata={"help": "Offline objective: qempo (Eq. 7), qempo_kl (Eq. 6), dpo, spl.",
+                  "choices": list(OFFLINE_METHODS)},
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "qempo: 1/λ (default 4e-3); dpo: β (1e-2); spl: reference coefficient (1e-2). "
+                          "Unused by qempo_kl."},
+    )
+    beta1: float | None = field(default=None, metadata={"help": "qempo_kl: 1/λ1 (default 4e-3)."})
+    beta2: float | None = field(default=None, metadata={"help": "qempo_kl: λ2/λ1 (default 1e-2)."})
+    alpha: float | None = field(default=None, metadata={"help": "spl: policy coefficient (default 2e-2)."})
+
+    def __post_init__(self):
+        if self.loss_method not in OFFLINE_METHODS:
+            raise QempoError(f"loss_method must be one of {', '.join(OFFLINE_METHODS)}, got {self.loss_method!r}")
+        if self.loss_method == "qempo_kl":
+            self.beta1 = DEFAULT_BETA1 if self.beta1 is None else self.beta1
+            self.beta2 = DEFAULT_BETA2 if self.beta2 is None else self.beta2
+        else:
+            if self.beta is None:
+                self.beta = DEFAULT_BETA[self.loss_method]
+            if self.loss_method == "spl" and self.alpha is None:
+                self.alpha = DEFAULT_SPL_ALPHA
+        try:
+            offline_coefficients(self.loss_method, **self.coefficients())
+        except ValueError as err:
+            raise QempoError(f"{err}; fix the coefficient in the config") from None
+        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if loss_types != ["sigmoid"]:
+            raise QempoError(f"loss_type must be 'sigmoid' for the QEMPO family, got {self.loss_type!r}; remove it")
+        if self.f_divergence_type != "reverse_kl":
+            raise QempoError(f"f_divergence_type must be 'reverse_kl' for the QEMPO family, got "
+                             f"{self.f_divergence_type!r}; remove it")
+        super().__post_init__()
+
+    def coefficients(self) -> dict[str, float]:
+        """The method's coefficients as :func:`~qempo_lite.losses.offline_loss` names them."""
+        names = {"qempo": ("beta",), "qempo_kl": ("beta1", "beta2"), "dpo": ("beta",), "spl": ("alpha", "beta")}
+        return {name: getattr(self, name) for name in names[self.loss_method]}
+
+    def loss_coefficients(self) -> tuple[float, float]:
+        """``(a, c)``: the policy and reference coefficients of the loss."""
+        return offline_coefficients(self.loss_method, **self.coefficients())
+
+
+def _is_peft_model(model) -> bool:
+    from accelerate.utils import is_peft_model
+
+    return not isinstance(model, str) and is_peft_model(model)
+
+
+class QEMPOTrainer(DPOTrainer):
+    """``DPOTrainer`` training the QEMPO family; same constructor, with a :class:`QEMPOConfig`.
+
+    ``QEMPOTrainer(model=..., args=QEMPOConfig(...), train_dataset=..., eval_dataset=...,
+    processing_class=..., peft_config=...)``. With ``peft_config`` (or a ``PeftModel``) the
+    reference of ``qempo_kl``/``dpo``/``spl`` is the base model with the adapter disabled;
+    ``precompute_ref_log_probs=True`` computes it once over the dataset before training.
+    """
+
+    _tag_names = ["trl", "qempo-lite", "qempo"]
+    _name = "QEMPO"
+    _paper = {"title": "Quality-constrained Entropy Maximization Policy Optimization for LLM Diversity",
+              "id": None, "citation": None}
+
+    def __init__(self, model, ref_model=None, args: QEMPOConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None):
+        _warn_if_untested_trl()
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = QEMPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-QEMPO")
+        if not isinstance(args, QEMPOConfig):
+            raise QempoError(f"QEMPOTrainer needs a QEMPOConfig, got {type(args).__name__}; build QEMPOConfig(...)")
+        self.policy_coef, self.ref_coef = args.loss_coefficients()
+        if self.ref_coef == 0.0:
+            if ref_model is not None:
+                raise QempoError("loss_method='qempo' uses no reference model; do not pass ref_model")
+            # TRL copies the model as a reference unless it is a PEFT model or the reference log-probs are
+            # "precomputed". qempo's are zeros made without a forward pass (compute_ref_log_probs), so a full
+            # model takes the precompute path, which then costs one pass of collation and no model call.
+            args.precompute_ref_log_probs = not (_is_peft_model(model) or peft_config is not None)
+        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config)
+        # TRL's sigmoid loss is -logsigmoid(self.beta * (Δlogπ - Δref)); compute_loss feeds it ref·c/a.
+        self.beta = self.policy_coef
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of a batch (chosen, rejected); zeros for ``qempo``, with no forward pass."""
+        if self.ref_coef == 0.0:
+            zeros = torch.zeros(inputs["input_ids"].shape[0] // 2, device=inputs["input_ids"].device)
+            return zeros, zeros
+        return super().compute_ref_log_probs(model, inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean over pairs of ``-log σ(a·Δlog π − c·Δlog π_ref)`` (``offline_loss``), through TRL's sigmoid loss.
+
+        The reference log-probs are taken from the batch (precomputed) or computed here, scaled
+        by c/a and put back in the batch; with ``self.beta = a`` TRL's loss
+        ``-log σ(β·((log π(y+) − ref(y+)) − (log π(y-) − ref(y-))))`` is then the family's.
+        """
+        if "ref_chosen_logps" in inputs:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
+        scale = self.ref_coef / self.policy_coef
+        inputs = {**inputs, "ref_chosen_logps": ref_chosen * scale, "ref_rejected_logps": ref_rejected * scale}
+        # TRL's loss reads the reference log-probs from the batch only under this flag.
+        precomputed, self.precompute_ref_logps = self.precompute_ref_logps, True
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        finally:
+            self.precompute_ref_logps = precomputed
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter (safetensors) and tokenizer; the arguments as JSON rather than a pickle.
+
+        transformers pickles the training arguments (``training_args.bin``) beside the weights. The final
+        directory is what gets pushed and loaded elsewhere, so it stays pickle-free; checkpoints
+        (``_internal_call``) keep theirs, which ``resume_from_checkpoint`` reads.
+        """
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if _internal_call or not self.args.should_save:
+            return
+        output_dir = Path(output_dir or self.args.output_dir)
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
+        (output_dir / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Guard against TRL changing underneath
+
+
+def _warn_if_untested_trl() -> None:
+    import trl
+    from packaging.specifiers import SpecifierSet
+
+    if trl.__version__ not in SpecifierSet(TRL_VERSION_RANGE):
+        warnings.warn(f"qempo-lite's QEMPOTrainer was written against trl{TRL_VERSION_RANGE}, found trl "
+                      f"{trl.__version__}; run tests/test_offline.py before trusting its losses", stacklevel=3)
+
+
+def check_trl_compatibility() -> None:
+    """Raise RuntimeError, saying what changed, if TRL's DPOTrainer no longer fits QEMPOTrainer.
+
+    QEMPOTrainer relies on: ``compute_loss(model, inputs, return_outputs, num_items_in_batch)``,
+    ``compute_ref_log_probs(model, inputs)`` and ``save_model(output_dir, _internal_call)`` (overridden); the private ``_compute_loss``
+    reading ``inputs["ref_chosen_logps"]`` when ``self.precompute_ref_logps`` is set and
+    applying ``-F.logsigmoid(self.beta * delta_score)``; ``__init__`` setting ``self.beta``
+    and ``self.precompute_ref_logps`` from the config.
+    """
+    import trl
+    from packaging.specifiers import SpecifierSet
+
+    problems = []
+    if trl.__version__ not in SpecifierSet(TRL_VERSION_RANGE):
+        problems.append(f"trl {trl.__version__} is outside the tested range {TRL_VERSION_RANGE}")
+    expected = {
+        "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+        "compute_ref_log_probs": ["self", "model", "inputs"],
+        "_compute_loss": ["self", "model", "inputs", "return_outputs"],
+        "save_model": ["self", "output_dir", "_internal_call"],
+        "__init__": ["self", "model", "ref_model", "args", "data_collator", "train_dataset", "eval_dataset",
+                     "processing_class", "compute_metrics", "callbacks", "optimizers", "quantization_config",
+                     "peft_config"],
+    }
+    for name, params in expected.items():
+        method = getattr(DPOTrainer, name, None)
+        if method is None:
+            problems.append(f"DPOTrainer.{name} no longer exists")
+            continue
+        found = list(inspect.signature(method).parameters)
+        if found != params:
+            problems.append(f"DPOTrainer.{name} signature changed from ({', '.join(params)}) to ({', '.join(found)})")
+    try:
+        loss_source = inspect.getsource(DPOTrainer._compute_loss)
+        init_source = inspect.getsource(DPOTrainer.__init__)
+    except (OSError, TypeError, AttributeError):
+        loss_source = init_source = ""
+    needles = [
+        (loss_source, "if self.precompute_ref_logps:", "_compute_loss no longer branches on self.precompute_ref_logps"),
+        (loss_source, 'inputs["ref_chosen_logps"]', "_compute_loss no longer reads inputs['ref_chosen_logps']"),
+        (loss_source, "-F.logsigmoid(self.beta * delta_score)", "the sigmoid loss is no longer -logsigmoid(self.beta * delta)"),
+        (loss_source, "chosen_rewards = self.beta * chosen_logratios", "the logged rewards are no longer beta * logratio"),
+        (init_source, "self.precompute_ref_logps = args.precompute_ref_log_probs", "__init__ no longer sets precompute_ref_logps"),
+        (init_source, "self.beta = args.beta", "__init__ no longer sets self.beta from args.beta"),
+    ]
+    problems += [message for source, needle, message in needles if needle not in source]
+    if problems:
+        raise RuntimeError("QEMPOTrainer does not fit this TRL: " + "; ".join(problems)
+                           + ". Re-check qempo_lite/offline.py against trl/trainer/dpo_trainer.py.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: qempo-lite train offline
+
+
+@dataclass
+class ModelArgs:
+    """The base model and adapter (keywords of :func:`qempo_lite.models.load_policy`)."""
+
+    model_name_or_path: str = field(metadata={"help": "Hub id or local directory of the base (instruct) model."})
+    quantization: str | None = field(default=None, metadata={"help": "none (LoRA), 4bit (QLoRA, NF4) or 8bit."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (TRL disables dropout by default)."})
+    target_modules: str | list[str] = field(default="all-linear",
+                                            metadata={"help": "Modules that get an adapter; all-linear or a list."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
+    dtype: str | None = field(default=None, metadata={"help": "bfloat16, float16, float32 or auto (default: "
+                                                              "bf16 on GPU, fp32 on CPU)."})
+
+    def __post_init__(self):
+        # Checked here so that a typo fails before the data and the model are loaded.
+        from .models import check_dtype, normalise_quantization
+
+        self.quantization = normalise_quantization(self.quantization)
+        check_dtype(self.dtype)
+
+
+@dataclass
+class OfflineRunArgs:
+    """What to train on, and whether to resume."""
+
+    dataset: str = field(metadata={"help": "Hub dataset name or local .jsonl/.json/.parquet preference file."})
+    dataset_split: str = field(default="train", metadata={"help": "Training split (Hub datasets)."})
+    eval_split: str | None = field(default=None, metadata={"help": "Evaluation split of the same dataset."})
+    on_bad_rows: str = field(default="error", metadata={"help": "error or skip malformed rows."})
+    limit: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Use at most this many evaluation pairs."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+
+    def __post_init__(self):
+        from .data import ON_BAD_ROWS
+
+        if self.on_bad_rows not in ON_BAD_ROWS:
+            raise QempoError(f"on_bad_rows must be one of {', '.join(ON_BAD_ROWS)}, got {self.on_bad_rows!r}")
+        for name in ("limit", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise QempoError(f"{name} must be a positive number of pairs, got {value!r}")
+
+
+_CONFIG_TYPES = (QEMPOConfig, ModelArgs, OfflineRunArgs)
+_HELP_HINT = "see 'qempo-lite train offline --help'"
+
+
+def usage() -> str:
+    from .recipe import describe_keys
+
+    lines = [
+        "usage: qempo-lite train offline --config RECIPE.yaml [--key value ...] [--resume]",
+        "",
+        "Train a LoRA/QLoRA adapter on preference pairs with qempo, qempo_kl, dpo or spl.",
+        "Keys come from the YAML recipe (see recipes/offline/); --key value flags override them.",
+        "",
+        "model keys:", *describe_keys(ModelArgs),
+        "",
+        "data and run keys:", *describe_keys(OfflineRunArgs),
+        "",
+        "objective keys:",
+        *[line for line in describe_keys(QEMPOConfig)
+          if line.split("(")[0].strip() in ("loss_method", "beta", "beta1", "beta2", "alpha")],
+        "",
+        "training keys: every field of trl.DPOConfig / transformers.TrainingArguments, e.g. output_dir,",
+        "  learning_rate, num_train_epochs, max_steps, per_device_train_batch_size, gradient_accumulation_steps,",
+        "  max_length, gradient_checkpointing, bf16, save_steps, logging_steps, precompute_ref_log_probs, seed.",
+    ]
+    return "\n".join(lines)
+
+
+def write_run_metadata(output_dir: str | Path, args: QEMPOConfig, *, base_model: str, data: dict[str, Any],
+                       quantization: str | None = None, lora: dict[str, Any] | None = None,
+                       steps: int | None = None) -> Path:
+    """Write ``qempo_lite.json`` (read by the model card and the app) next to the adapter."""
+    output_dir = Path(output_dir)
+    metadata = {
+        "mode": "offline",
+        "method": args.loss_method,
+        "coefficients": args.coefficients(),
+        "base_model": base_model,
+        "quantization": quantization,
+        "lora": lora,
+        "data": data,
+        "steps": steps,
+        "qempo_lite_version": __version__,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / METADATA_FILE
+    path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _checkpoint_to_resume(output_dir: str, resume: bool) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if resume and last is None:
+        raise QempoError(f"no checkpoint to resume from in {output_dir}; drop --resume to start a new run")
+    if not resume and last is not None:
+        raise QempoError(f"{output_dir} already holds checkpoints ({Path(last).name}); pass --resume to continue "
+                         "that run or choose another output_dir")
+    return last if resume else None
+
+
+def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineRunArgs) -> Path:
+    """Load data and model, train, save the adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
+    from transformers import PrinterCallback, ProgressCallback
+    from trl.trainer.callbacks import RichProgressCallback
+
+    from .data import load_preferences
+    from .models import load_policy
+
+    checkpoint = _checkpoint_to_resume(config.output_dir, run_args.resume)
+    train, report = load_preferences(run_args.dataset, split=run_args.dataset_split,
+                                     on_bad_rows=run_args.on_bad_rows, limit=run_args.limit, return_report=True)
+    evaluation = None
+    if run_args.eval_split is not None:
+        evaluation = load_preferences(run_args.dataset, split=run_args.eval_split, on_bad_rows=run_args.on_bad_rows,
+                                      limit=run_args.eval_limit)
+    model, tokenizer, peft_config = load_policy(
+        model_args.model_name_or_path, quantization=model_args.quantization, lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.target_modules, gradient_checkpointing=config.gradient_checkpointing,
+        attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
+        trust_remote_code=config.trust_remote_code)
+    trainer = QEMPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
+                           processing_class=tokenizer, peft_config=peft_config)
+    if not config.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(RichProgressCallback())
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer
+    trainer.save_state()
+    write_run_metadata(
+        config.output_dir, config, base_model=model_args.model_name_or_path,
+        quantization=model_args.quantization,
+        lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+              "target_modules": model_args.target_modules},
+        data={"dataset": run_args.dataset, "split": run_args.dataset_split, "rows": len(train),
+              "skipped": report.skipped},
+        steps=trainer.state.global_step,
+    )
+    return Path(config.output_dir)
+
+
+def cli(argv: list[str]) -> int:
+    """``qempo-lite train offline --config recipe.yaml [--key value ...] [--resume]``."""
+    from .recipe import parse_recipe
+
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    config, model_args, run_args = parse_recipe(argv, _CONFIG_TYPES, help_hint=_HELP_HINT)
+    output_dir = train_offline(config, model_args, run_args)
+    print(f"adapter, tokenizer and {METADATA_FILE} saved to {output_dir}")
+    return 0
+
+
+__all__ = ["DEFAULT_BETA", "METADATA_FILE", "ModelArgs", "OfflineRunArgs", "QEMPOConfig", "QEMPOTrainer",
+           "TRL_VERSION_RANGE", "check_trl_compatibility", "cli", "train_offline", "usage", "write_run_metadata"]

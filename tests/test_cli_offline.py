@@ -1,0 +1,133 @@
+"""`qempo-lite train offline`: a YAML recipe end to end, --resume, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qempo_lite.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "tests" / "data" / "offline_tiny.yaml"
+
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def _train(tiny_model_dir, output_dir, *flags) -> int:
+    return main(["train", "offline", "--config", str(TINY_YAML), "--model_name_or_path", str(tiny_model_dir),
+                 "--output_dir", str(output_dir), *flags])
+
+
+@pytest.fixture
+def in_repo_root(monkeypatch):
+    # The recipe names its data file relative to the repository, as a user's recipe would relative to theirs.
+    monkeypatch.chdir(ROOT)
+
+
+def test_recipe_trains_end_to_end_and_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, in_repo_root, capsys):
+    straight = tmp_path / "straight"
+    assert _train(tiny_model_dir, straight) == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "qempo_lite.json",
+                 "training_args.json", "checkpoint-2", "checkpoint-4"):
+        assert (straight / name).exists(), name
+    assert not list(straight.glob("*.bin"))
+    meta = json.loads((straight / "qempo_lite.json").read_text())
+    assert meta["method"] == "qempo" and meta["coefficients"] == {"beta": 0.1}
+    assert meta["base_model"] == str(tiny_model_dir) and meta["quantization"] is None
+    assert meta["lora"] == {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+    assert meta["data"] == {"dataset": "tests/data/offline_tiny_prefs.jsonl", "split": "train", "rows": 12,
+                            "skipped": 0}
+    assert meta["steps"] == 4 and meta["mode"] == "offline" and meta["qempo_lite_version"]
+    log = json.loads((straight / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+    # Stopped after the step-2 checkpoint, then resumed to step 4 (constant LR: the same schedule as straight).
+    resumed = tmp_path / "resumed"
+    assert _train(tiny_model_dir, resumed, "--max_steps", "2") == 0
+    assert _train(tiny_model_dir, resumed) == 2  # checkpoints there, no --resume: refused
+    assert "pass --resume" in capsys.readouterr().err
+    assert _train(tiny_model_dir, resumed, "--resume") == 0
+    assert json.loads((resumed / "qempo_lite.json").read_text())["steps"] == 4
+    expected, got = _adapter(straight), _adapter(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+
+
+def _one_line_error(capsys, code: int, *fragments: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def _recipe_with(tmp_path, extra: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(TINY_YAML.read_text() + extra)
+    return path
+
+
+def test_unknown_yaml_key_is_one_line_with_a_suggestion(tiny_model_dir, tmp_path, in_repo_root, capsys):
+    recipe = _recipe_with(tmp_path, "learnin_rate: 1.0e-4\n")
+    code = main(["train", "offline", "--config", str(recipe), "--model_name_or_path", str(tiny_model_dir)])
+    _one_line_error(capsys, code, "unknown config key 'learnin_rate'", "did you mean 'learning_rate'?")
+
+
+@pytest.mark.parametrize("extra, flags, fragments", [
+    ("max_steps: four\n", [], ("'max_steps' expects int", "'four'")),
+    ("", ["--beta", "big"], ("'beta' expects float", "'big'")),
+    ("lora_r: 2.5\n", [], ("'lora_r' expects int", "2.5")),
+    ("quantization: 3bit\n", [], ("quantization must be 4bit, 8bit or none", "'3bit'")),
+    ("loss_method: ipo\n", [], ("loss_method must be one of",)),
+])
+def test_wrong_type_or_value_is_one_line(tiny_model_dir, tmp_path, in_repo_root, capsys, extra, flags, fragments):
+    recipe = _recipe_with(tmp_path, extra)
+    code = main(["train", "offline", "--config", str(recipe), "--model_name_or_path", str(tiny_model_dir),
+                 "--output_dir", str(tmp_path / "out"), *flags])
+    _one_line_error(capsys, code, *fragments)
+
+
+def test_missing_dataset_file_is_one_line(tiny_model_dir, tmp_path, in_repo_root, capsys):
+    code = _train(tiny_model_dir, tmp_path / "out", "--dataset", str(tmp_path / "nowhere.jsonl"))
+    _one_line_error(capsys, code, "nowhere.jsonl")
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_missing_config_file_and_required_key(tmp_path, in_repo_root, capsys):
+    code = main(["train", "offline", "--config", str(tmp_path / "absent.yaml")])
+    _one_line_error(capsys, code, "absent.yaml", "not found")
+    code = main(["train", "offline", "--config", str(TINY_YAML), "--output_dir", str(tmp_path / "out")])
+    _one_line_error(capsys, code, "missing required config key 'model_name_or_path'")
+
+
+def test_the_installed_command_exits_non_zero_with_one_line(tmp_path):
+    recipe = _recipe_with(tmp_path, "learnin_rate: 1.0e-4\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "qempo_lite.cli", "train", "offline", "--config", str(recipe)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: unknown config key 'learnin_rate' in {recipe}; did you mean 'learning_rate'? "
+        "see 'qempo-lite train offline --help'"
+    ]
+
+
+def test_help_lists_the_keys(capsys):
+    assert main(["train", "offline", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("model_name_or_path", "quantization", "dataset", "eval_split", "loss_method", "beta1", "--resume"):
+        assert key in out

