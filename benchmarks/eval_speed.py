@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=110)
+    load_before = os.getloadavg()[0]
     texts = synthetic_answers(load_questions(args.questions)[: args.prompts], args.samples, args.seed)
     lengths = [len(t.split()) for t in texts]
     console.print(f"{len(texts)} texts, {min(lengths)}-{max(lengths)} words (mean {np.mean(lengths):.0f})")
@@ -216,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             lambda: reference_semantic(texts, encoder),
         ),
     ]:
-        console.print(f"{metric}: fast ...")
-        fast_s, fast_score = timed(fast)
-        console.print(f"{metric}: reference ...")
-        ref_s, ref_score = timed(reference)
+        with console.status(f"{metric}: fast path"):
+            fast_s, fast_score = timed(fast)
+        console.print(f"{metric}: fast path {fast_s:.1f} s")
+        with console.status(f"{metric}: reference pipeline"):
+            ref_s, ref_score = timed(reference)
+        console.print(f"{metric}: reference pipeline {ref_s:.1f} s")
         rows.append(
             {
                 "metric": metric,
@@ -254,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         "wl_iterations": diversity.WL_ITERATIONS,
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
+        # other processes share the CPU: the 1-minute load average before and after the run
+        "load_average": [load_before, os.getloadavg()[0]],
         "metrics": rows,
         "fast_total_s": fast_total,
         "reference_total_s": ref_total,

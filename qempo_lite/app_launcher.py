@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     safety.add_argument("--allowed-root", action="append", default=None, metavar="DIR",
                         help="local models and adapters typed in the page must lie under one of these (repeatable; "
                              "default: the working directory)")
+    safety.add_argument("--no-hub", action="store_true",
+                        help="refuse Hub ids typed in the page: serve local directories only")
     safety.add_argument("--max-samples", type=int, default=32, help="most samples per adapter (default: 32)")
     safety.add_argument("--max-new-tokens", type=int, default=1024, help="most new tokens per sample (default: 1024)")
     safety.add_argument("--queue-size", type=int, default=16, help="most requests waiting in the queue (default: 16)")
@@ -45,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(default: sentence-transformers/all-mpnet-base-v2)")
     metrics.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge (enables judge scores)")
     metrics.add_argument("--judge-model", help="the judge's model name at --judge-url")
-    metrics.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
-                         help="environment variable holding the judge's API key (default: OPENAI_API_KEY)")
+    metrics.add_argument("--judge-api-key-env", default=None, metavar="VAR",
+                         help="environment variable holding the judge's API key (default: QEMPO_JUDGE_API_KEY, "
+                              "else OPENAI_API_KEY); the key itself is never shown")
     return parser
 
 
@@ -65,7 +68,7 @@ def settings_from_args(args: argparse.Namespace):
         demo_dir=args.demo_dir, base_model=args.base_model, adapters=args.adapter, allowed_roots=args.allowed_root,
         questions=args.questions, backend=args.backend, sampler_options=sampler_options,
         spacy_model=args.spacy_model, encoder=args.encoder, judge=judge, max_samples=args.max_samples,
-        max_new_tokens=args.max_new_tokens, queue_size=args.queue_size,
+        max_new_tokens=args.max_new_tokens, queue_size=args.queue_size, allow_hub=not args.no_hub,
     )
 
 

@@ -63,7 +63,7 @@ class JudgeSettings:
 
     base_url: str
     model: str
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None  # None: $QEMPO_JUDGE_API_KEY, else $OPENAI_API_KEY
 
 
 @dataclass
@@ -78,6 +78,7 @@ class AppSettings:
     questions_note: str = ""
     notice: str = ""
     allowed_roots: list[Path] = field(default_factory=lambda: [Path.cwd().resolve()])
+    allow_hub: bool = True
     backend: str = "auto"
     sampler_options: dict = field(default_factory=dict)
     spacy_model: str | None = None
@@ -89,36 +90,22 @@ class AppSettings:
     queue_size: int = 16
 
 
-def default_questions_path() -> Path | None:
-    """MT-Bench's question.jsonl: ``$QEMPO_MT_BENCH_QUESTIONS``, else the shared data beside a
-    source checkout (``$QEMPO_SHARED_DATA`` or ``../shared/data``) when it is there."""
-    if os.environ.get("QEMPO_MT_BENCH_QUESTIONS"):
-        return Path(os.environ["QEMPO_MT_BENCH_QUESTIONS"])
-    shared = os.environ.get("QEMPO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-    path = Path(shared) / "mt_bench" / "question.jsonl"
-    return path if path.is_file() else None
+def load_questions(source: str | Path | None = None) -> list[dict]:
+    """MT-Bench questions as ``{"id", "category", "prompt"}`` (their first turns).
 
+    ``source`` is a question.jsonl; ``None`` looks for MT-Bench's copy (see
+    :func:`qempo_lite.evaluate.mtbench.resolve_mtbench_file`) and gives ``[]`` when there is none.
+    """
+    from .evaluate import mtbench
 
-def load_questions(path: str | Path) -> list[dict]:
-    """MT-Bench questions as ``{"id", "category", "prompt"}`` (first turns), checked row by row."""
-    path = Path(path)
-    if not path.is_file():
-        raise QempoError(f"questions file {path} not found; pass --questions PATH to an MT-Bench question.jsonl")
-    questions = []
-    for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
+    if source is None:
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QempoError(f"{path} row {index}: not JSON ({err.msg}); fix the line or pass another --questions") from None
-        turns = row.get("turns") if isinstance(row, dict) else None
-        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
-            raise QempoError(f"{path} row {index}: field 'turns' must be a non-empty list of strings; "
-                             "fix the row or pass another --questions")
-        questions.append({"id": str(row.get("question_id", index)), "category": str(row.get("category", "")),
-                          "prompt": turns[0]})
-    return questions
+            rows = mtbench.load_questions(mtbench.MTBENCH)
+        except QempoError:
+            return []
+    else:
+        rows = mtbench.load_questions(source)
+    return [{"id": str(q.question_id), "category": q.category, "prompt": q.turns[0]} for q in rows]
 
 
 def _demo_adapters(demo_dir: Path) -> list[Path]:
@@ -141,6 +128,17 @@ def find_adapters(roots: list[Path], limit: int = 64) -> list[str]:
                 if len(found) >= limit:
                     return found
     return found
+
+
+def _unique_paths(values: list[str]) -> list[str]:
+    """``values`` without repeats, where two spellings of one directory are one (the first kept)."""
+    seen, kept = set(), []
+    for value in values:
+        key = Path(value).expanduser().resolve() if Path(value).expanduser().exists() else value
+        if key not in seen:
+            seen.add(key)
+            kept.append(value)
+    return kept
 
 
 def discover_settings(*, demo_dir: str | Path = DEFAULT_DEMO_DIR, base_model: str | None = None,
@@ -177,9 +175,8 @@ def discover_settings(*, demo_dir: str | Path = DEFAULT_DEMO_DIR, base_model: st
         notice = (f"**No model yet.** The demo's models were not found in `{demo_dir}`. Run `qempo-lite demo` "
                   "(a few minutes on a CPU) and then `qempo-lite app`, or start the app with "
                   "`qempo-lite app --base-model MODEL --adapter DIR ...`.")
-    adapters = list(dict.fromkeys(adapters + find_adapters(user_roots)))
-    questions_path = Path(questions) if questions else default_questions_path()
-    question_rows = load_questions(questions_path) if questions_path else []
+    adapters = _unique_paths(adapters + find_adapters(user_roots))
+    question_rows = load_questions(questions)
     # The demo's models only know its own prompts; a real model gets the first MT-Bench question.
     prompt = question_rows[0]["prompt"] if question_rows else ""
     if demo_found and not base_model:
@@ -196,8 +193,12 @@ def discover_settings(*, demo_dir: str | Path = DEFAULT_DEMO_DIR, base_model: st
 # ---------------------------------------------------------------- paths
 
 
-def _is_hub_id(value: str) -> bool:
-    return bool(_HUB_ID.match(value)) and ".." not in value and not Path(value).expanduser().exists()
+def _is_hub_id(value: str, allow_hub: bool, what: str) -> bool:
+    hub = bool(_HUB_ID.match(value)) and ".." not in value and not Path(value).expanduser().exists()
+    if hub and not allow_hub:
+        raise QempoError(f"{what} {value} looks like a Hub id, and this app serves local directories only "
+                         "(--no-hub); pass a directory under an allowed root")
+    return hub
 
 
 def _under_roots(value: str, roots: list[Path], what: str) -> Path:
@@ -210,12 +211,12 @@ def _under_roots(value: str, roots: list[Path], what: str) -> Path:
     return path
 
 
-def resolve_base_model(value: str, roots: list[Path]) -> str:
-    """A local model directory under an allowed root, or a Hub model id."""
+def resolve_base_model(value: str, roots: list[Path], allow_hub: bool = True) -> str:
+    """A local model directory under an allowed root, or a Hub model id (unless ``allow_hub`` is off)."""
     value = (value or "").strip()
     if not value:
         raise QempoError("no base model selected; pick one or type a model directory or Hub id")
-    if _is_hub_id(value):
+    if _is_hub_id(value, allow_hub, "base model"):
         return value
     path = _under_roots(value, roots, "base model")
     if not (path / "config.json").is_file():
@@ -224,11 +225,11 @@ def resolve_base_model(value: str, roots: list[Path]) -> str:
     return str(path)
 
 
-def resolve_adapter(value: str, roots: list[Path]) -> Path:
+def resolve_adapter(value: str, roots: list[Path], allow_hub: bool = True) -> Path:
     """A safetensors PEFT adapter directory under an allowed root, or one fetched from the Hub."""
     from .hub import check_adapter_dir
 
-    if _is_hub_id(value):
+    if _is_hub_id(value, allow_hub, "adapter"):
         return _fetch_hub_adapter(value)
     path = _under_roots(value, roots, "adapter")
     if not path.is_dir():
@@ -393,6 +394,17 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
 
 
+def _free_accelerator_memory() -> None:
+    # The half-built batch that ran out is garbage now; hand its memory back for the next request.
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------- the comparison
 
 
@@ -403,7 +415,13 @@ class Comparison:
         self.settings = settings
         self.samplers = SamplerCache(settings.backend, **settings.sampler_options)
         self.scorer = ColumnScorer(settings.spacy_model, settings.encoder)
-        self._judge = None
+        self.judge = None
+        if settings.judge is not None:
+            from .evaluate.judge import Judge
+
+            # Built here so that a malformed URL fails at start-up; nothing is sent until a request.
+            self.judge = Judge(settings.judge.base_url, settings.judge.model, api_key_env=settings.judge.api_key_env,
+                               max_attempts=2, timeout=60.0)
 
     def run(self, base_model: str, adapters: list[str], prompt: str, samples: int = 8, temperature: float = 1.0,
             top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
@@ -425,16 +443,17 @@ class Comparison:
             result["columns"] = columns = self._columns(adapters)
             progress(0.02, "loading the base model")
             with self.samplers.lock:
-                base = resolve_base_model(base_model, self.settings.allowed_roots)
+                base = resolve_base_model(base_model, self.settings.allowed_roots, self.settings.allow_hub)
                 sampler = self.samplers.get(base)
                 settings["backend"] = sampler.backend  # what "auto" chose
                 self._sample(sampler, [c for c in columns if c["error"] is None], prompt, settings, progress)
             self._score(columns, progress)
-            self._judge_columns(columns, prompt, progress)
+            self._judge_columns(columns, prompt, progress, result["missing"])
         except QempoError as err:
             result["errors"].append(str(err))
         except Exception as err:  # noqa: BLE001 - the page shows one line; the log keeps the traceback
             if _is_out_of_memory(err):
+                _free_accelerator_memory()
                 result["errors"].append("out of memory while sampling: lower the samples per adapter or the max new "
                                         "tokens, or select fewer adapters")
             else:
@@ -442,7 +461,7 @@ class Comparison:
                 result["errors"].append(f"unexpected error ({type(err).__name__}: {_first_line(err)}); "
                                         "see the server log")
         result["errors"] += [f"{c['name']}: {c['error']}" for c in result["columns"] if c["error"]]
-        result["missing"] = dict(self.scorer.missing)
+        result["missing"].update(self.scorer.missing)
         result["ok"] = not result["errors"]
         result["seconds"] = round(time.perf_counter() - start, 3)
         progress(1.0, "done")
@@ -454,7 +473,7 @@ class Comparison:
         def number(value, name, kind):
             try:
                 out = kind(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise QempoError(f"{name} must be a number, got {value!r}") from None
             if kind is int and out != value:
                 raise QempoError(f"{name} must be a whole number, got {value!r}")
@@ -500,7 +519,7 @@ class Comparison:
             else:
                 column["name"] = Path(value.rstrip("/")).name or value
                 try:
-                    path = resolve_adapter(value, self.settings.allowed_roots)
+                    path = resolve_adapter(value, self.settings.allowed_roots, self.settings.allow_hub)
                     column["adapter"] = str(path)
                     column["metadata"] = adapter_metadata(path)
                 except QempoError as err:
@@ -532,20 +551,20 @@ class Comparison:
                 except QempoError as err:
                     column["error"] = str(err)
         ready = [c for c in columns if c["error"] is None]
+        # A directory selected twice is sampled once and shown twice.
+        wanted = {keys[c["name"]]: c["adapter"] for c in ready}
         kwargs = {"n": settings["samples"], "temperature": settings["temperature"], "top_p": settings["top_p"],
                   "max_new_tokens": settings["max_new_tokens"], "seed": settings["seed"], "progress": False}
         chat = [[{"role": "user", "content": prompt}]]
         if sampler.backend == "vllm":
             # One call for every column: the engine batches the adapters together (multi-LoRA).
-            progress(0.1, f"sampling {len(ready)} column(s)")
-            groups = [ready]
+            progress(0.1, f"sampling {len(wanted)} adapter(s)")
+            samples = sampler.sample(wanted, chat, **kwargs) if wanted else []
         else:
-            groups = [[c] for c in ready]  # transformers samples one adapter at a time anyway
-        samples = []
-        for i, group in enumerate(groups):
-            if len(groups) > 1 or sampler.backend != "vllm":
-                progress(0.1 + 0.5 * i / len(groups), f"sampling {group[0]['name']}")
-            samples += sampler.sample({keys[c["name"]]: c["adapter"] for c in group}, chat, **kwargs)
+            samples = []  # transformers samples one adapter at a time anyway: report each
+            for i, (key, path) in enumerate(wanted.items()):
+                progress(0.1 + 0.5 * i / len(wanted), f"sampling {Path(key).name if path else 'the base model'}")
+                samples += sampler.sample({key: path}, chat, **kwargs)
         for column in ready:
             rows = sorted((s for s in samples if s.adapter == keys[column["name"]]), key=lambda s: s.sample_index)
             column["samples"] = [{"text": s.text, "num_tokens": int(s.num_tokens)} for s in rows]
@@ -557,17 +576,30 @@ class Comparison:
                 texts = [s["text"] for s in column["samples"]]
                 column["metrics"], column["notes"] = self.scorer.score(texts, [s["num_tokens"] for s in column["samples"]])
 
-    def _judge_columns(self, columns: list[dict], prompt: str, progress: Progress) -> None:
-        if self.settings.judge is None:
+    def _judge_columns(self, columns: list[dict], prompt: str, progress: Progress, missing: dict) -> None:
+        """Mean MT-Bench single-answer rating (1-10) per column; a judge failure leaves the samples."""
+        if self.judge is None:
             return
-        # The judge is wired in once qempo_lite.evaluate.judge exists; see _judge_scores.
-        for column in columns:
-            if column["error"] is None and column["samples"]:
-                progress(0.9, f"judging {column['name']}")
-                column["metrics"]["judge"] = self._judge_scores(prompt, [s["text"] for s in column["samples"]])
-
-    def _judge_scores(self, prompt: str, texts: list[str]) -> float | None:
-        raise QempoError("judge scoring is not available in this version; start the app without --judge-url")
+        for i, column in enumerate(columns):
+            if column["error"] is not None or not column["samples"]:
+                continue
+            if "judge" in missing:  # the endpoint already failed in this request: do not wait on it again
+                column["metrics"]["judge"] = None
+                column["notes"].append(missing["judge"])
+                continue
+            progress(0.9 + 0.1 * i / len(columns), f"judging {column['name']}")
+            try:
+                ratings = self.judge.rate_answers(prompt, [s["text"] for s in column["samples"]])
+            except QempoError as err:  # unreachable endpoint, refused key, unknown model
+                missing["judge"] = f"judge scores not computed: {err}"
+                column["metrics"]["judge"] = None
+                column["notes"].append(missing["judge"])
+                continue
+            rated = [r for r in ratings if r is not None]
+            column["metrics"]["judge"] = sum(rated) / len(rated) if rated else None
+            if len(rated) < len(ratings):
+                column["notes"].append(f"the judge gave no rating for {len(ratings) - len(rated)} of "
+                                       f"{len(ratings)} samples")
 
 
 # ---------------------------------------------------------------- rendering
@@ -641,7 +673,7 @@ def comparison_chart(result: dict):
     ax.set_ylabel("score (x100)")
     ax.set_ylim(0, 100)
     ax.set_title("Diversity per column (higher is more diverse)")
-    ax.legend(fontsize=8, ncols=min(len(columns), 4))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 

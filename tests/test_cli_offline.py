@@ -131,3 +131,36 @@ def test_help_lists_the_keys(capsys):
     out = capsys.readouterr().out
     for key in ("model_name_or_path", "quantization", "dataset", "eval_split", "loss_method", "beta1", "--resume"):
         assert key in out
+
+
+# ------------------------------------------------------------------------ recipe parsing
+
+
+def test_flags_override_yaml_and_strings_are_typed(tmp_path):
+    from qempo_lite.offline import ModelArgs, OfflineRunArgs, QEMPOConfig
+    from qempo_lite.recipe import parse_recipe
+
+    recipe = _recipe_with(tmp_path, "learning_rate: 5e-7\ntarget_modules: [q_proj, v_proj]\nlimit: ~\n")
+    config, model_args, run_args = parse_recipe(
+        ["--config", str(recipe), "--model_name_or_path", "m", "--beta=0.25", "--max-steps", "7",
+         "--resume", "--gradient_checkpointing", "false", "--output_dir", str(tmp_path / "o")],
+        (QEMPOConfig, ModelArgs, OfflineRunArgs))
+    assert config.learning_rate == 5e-7  # YAML 1.1 reads 5e-7 as a string; it is a float here
+    assert config.beta == 0.25 and config.max_steps == 7 and config.gradient_checkpointing is False
+    assert config.lr_scheduler_type == "constant"  # from the YAML, untouched by flags
+    assert model_args.target_modules == ["q_proj", "v_proj"] and model_args.quantization is None
+    assert run_args.resume is True and run_args.limit is None
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    from qempo_lite.errors import QempoError
+    from qempo_lite.recipe import read_yaml
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("beta: 0.1\nmax_steps: [1, 2\n")
+    with pytest.raises(QempoError, match=r"not valid YAML at line \d+") as err:
+        read_yaml(path)
+    assert "\n" not in str(err.value)
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(QempoError, match="must be a YAML mapping"):
+        read_yaml(path)

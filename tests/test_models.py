@@ -46,11 +46,9 @@ def test_qlora_policy_is_nf4_with_double_quantisation_and_a_frozen_base(tiny_mod
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
 
 
-def test_quantization_config_on_gpu_computes_in_bf16():
+def test_quantization_config_computes_in_half_precision_on_gpu():
     config = quantization_config("4bit", on_gpu=True)
-    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bf16")
-    assert config.bnb_4bit_compute_dtype in (torch.bfloat16, torch.float16)
+    assert config.bnb_4bit_compute_dtype in (torch.bfloat16, torch.float16)  # bf16 where the GPU has it
     assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert quantization_config(None) is None and quantization_config("none") is None
 
@@ -98,7 +96,7 @@ def test_pickled_only_weights_are_refused(model_copy):
     weights = model_copy / "model.safetensors"
     torch.save(load_file(weights), model_copy / "pytorch_model.bin")
     weights.unlink()
-    with pytest.raises(QempoError, match="safetensors"):
+    with pytest.raises(QempoError, match="no file named model.safetensors"):
         load_policy(str(model_copy))
 
 

@@ -19,6 +19,15 @@ def contains_e(completions, **kwargs):
     return [1.0 if "e" in c[0]["content"] else 0.0 for c in completions]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; more threads only contend for the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
@@ -146,6 +155,8 @@ def test_config_defaults_are_the_papers_coefficients(tmp_path):
         ({"use_vllm": True}, "set rollout: vllm"),
         ({"loss_method": "qempo", "beta": -1.0}, "beta must be a positive"),
         ({"top_k": 20}, "top_k"),
+        ({"entropy_coef": 0.01}, "entropy_coef=0.01 shapes GRPO's loss"),
+        ({"mask_truncated_completions": True}, "remove mask_truncated_completions"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
@@ -248,6 +259,98 @@ def test_group_split_across_micro_batches_accumulates_the_whole_groups_gradient(
     check.trainer = trainer
     trainer.train()
     assert check.checked == args.max_steps
+
+
+# ---------------------------------------------------------------------------------- recipes and CLI
+
+
+def test_every_online_recipe_parses_and_follows_the_paper():
+    import glob
+    from pathlib import Path
+
+    from qempo_lite.models import PAPER_MODELS, memory_plan
+    from qempo_lite.online import _config_types
+    from qempo_lite.recipe import parse_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    recipes = sorted(glob.glob(str(root / "recipes" / "online" / "*.yaml")))
+    assert len(recipes) == 6
+    paper = {"qempo": {"beta": 4e-3}, "qempo_kl": {"beta1": 4e-3, "beta2": 1e-2}, "gvpo": {"beta": 1e-2}}
+    seen = set()
+    for path in recipes:
+        # bf16 is for the GPU the recipe targets; this machine has none.
+        config, model_args, run_args = parse_recipe(["--config", path, "--bf16", "false"], _config_types())
+        assert model_args.model_name_or_path in PAPER_MODELS
+        assert config.coefficients() == paper[config.loss_method], path
+        assert (config.num_generations, config.temperature, config.lr_scheduler_type) == (10, 1.0, "constant")
+        assert config.rollout == "vllm" and config.vllm_max_lora_rank >= model_args.lora_r
+        assert config.generation_batch_size % config.num_generations == 0
+        assert model_args.quantization == ("4bit" if "7B" in model_args.model_name_or_path else None)
+        # The comments give the training share (the memory plan's figure) and vLLM's, for 24 GB and 80 GB cards.
+        plan = memory_plan(model_args.model_name_or_path, model_args.quantization, model_args.lora_r,
+                           config.max_completion_length + 256, config.per_device_train_batch_size / 2)
+        text = Path(path).read_text()
+        assert f"~{plan.total:.1f} GiB" in text and "24 GB card" in text and "80 GB card" in text, path
+        assert plan.total + config.vllm_gpu_memory_utilization * 24 * 0.93 <= 24 * 0.93, path
+        seen.add((model_args.model_name_or_path, config.loss_method))
+    assert len(seen) == 6
+
+
+def _cli_recipe(tmp_path, tiny_model_dir, shared_data, **overrides):
+    values = dict(
+        model_name_or_path=str(tiny_model_dir), quantization="none", lora_r=8, lora_alpha=16,
+        datasets=[str(shared_data / "gsm8k" / "test.jsonl")], limit=4,
+        loss_method="qempo", rollout="hf", output_dir=str(tmp_path / "run"), num_generations=K,
+        per_device_train_batch_size=K, gradient_accumulation_steps=1, max_completion_length=6, max_steps=2,
+        learning_rate=1e-3, bf16=False, gradient_checkpointing=False, save_strategy="steps", save_steps=1,
+        logging_steps=1, report_to="none", disable_tqdm=True,
+    )
+    values.update(overrides)
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_cli_trains_saves_and_resumes(tmp_path, tiny_model_dir, shared_data, capsys):
+    import json
+    import shutil
+
+    from qempo_lite.cli import main
+
+    recipe = _cli_recipe(tmp_path, tiny_model_dir, shared_data)
+    assert main(["train", "online", "--config", str(recipe)]) == 0
+    run = tmp_path / "run"
+    saved = {p.name for p in run.iterdir()}
+    assert {"adapter_model.safetensors", "qempo_lite.json", "training_args.json", "checkpoint-2"} <= saved
+    assert "training_args.bin" not in saved  # the pushed directory stays pickle-free
+    metadata = json.loads((run / "qempo_lite.json").read_text())
+    assert (metadata["mode"], metadata["method"], metadata["coefficients"]) == ("online", "qempo", {"beta": 4e-3})
+    assert metadata["online"]["num_generations"] == K and metadata["steps"] == 2 and metadata["data"]["rows"] == 4
+
+    # Same output_dir again: a one-line error, not a silent overwrite.
+    capsys.readouterr()
+    assert main(["train", "online", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--resume" in err and "\n" not in err
+
+    # Resuming continues from checkpoint-2: a run started over would write checkpoint-1 again.
+    shutil.rmtree(run / "checkpoint-1")
+    assert main(["train", "online", "--config", str(recipe), "--resume", "--max_steps", "3"]) == 0
+    state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and not (run / "checkpoint-1").exists()
+
+
+def test_cli_bad_key_is_a_one_line_error(tmp_path, tiny_model_dir, shared_data, capsys):
+    from qempo_lite.cli import main
+
+    recipe = _cli_recipe(tmp_path, tiny_model_dir, shared_data)
+    assert main(["train", "online", "--config", str(recipe), "--num_generation", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown config key 'num_generation'" in err and "num_generations" in err and "\n" not in err
+    assert main(["train", "online", "--help"]) == 0
+    assert "loss_method" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------- vLLM

@@ -69,7 +69,8 @@ def _base_model(args, adapters: dict[str, str | None]) -> str:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and adapters")
-    group.add_argument("--base-model", help="base model directory or Hub id (default: the one the first adapter records)")
+    group.add_argument("--base-model",
+                       help="base model directory or Hub id (default: the one the first adapter records)")
     group.add_argument("--adapter", action="append", metavar="NAME=PATH",
                        help="a LoRA adapter directory, repeatable; NAME defaults to the directory name, which is "
                             "what the model card of 'qempo-lite push' looks up in report.json")
@@ -84,7 +85,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--dtype", default="auto", help="model dtype: auto (default), bfloat16, float16, float32")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="vLLM: share of GPU memory to reserve (on vLLM's CPU backend, of CPU memory) (0.9)")
-    engine.add_argument("--max-model-len", type=int, default=4096, help="vLLM: longest prompt + answer (4096)")
+    engine.add_argument("--max-model-len", type=int,
+                        help="vLLM: longest prompt + answer in tokens (default: the model's context, at most 4096)")
     engine.add_argument("--max-lora-rank", type=int, default=64, help="vLLM: largest adapter rank served (64)")
     engine.add_argument("--batch-size", type=int, default=64, help="hf: sequences per generate call (64)")
     decoding = parser.add_argument_group("decoding")

@@ -187,7 +187,9 @@ class Judge:
     or a local ``vllm serve`` at ``http://127.0.0.1:8000/v1``).
 
     ``extra_body`` is sent with every request (e.g. a server's structured-output options).
-    ``cache_path`` is a JSONL file of past ratings; ``None`` disables caching.
+    ``cache_path`` is a JSONL file of past ratings; ``None`` disables caching. ``stats`` counts,
+    since the Judge was created, the requests sent, the items left without a rating, those
+    answered from the cache, and the most requests that were in flight at once.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, api_key_env: str | None = None,
@@ -200,7 +202,8 @@ class Judge:
         except ImportError:
             raise missing_extra("openai", "eval", "the judge's client") from None
         if not isinstance(base_url, str) or not re.match(r"^https?://", base_url):
-            raise QempoError(f"judge URL {base_url!r} must start with http:// or https://, e.g. http://127.0.0.1:8000/v1")
+            raise QempoError(f"judge URL {base_url!r} must start with http:// or https://, "
+                             "e.g. http://127.0.0.1:8000/v1")
         if not isinstance(model, str) or not model.strip():
             raise QempoError("the judge model name is empty; pass --judge-model, e.g. gpt-4o-2024-08-06")
         for name, value, low in (("concurrency", concurrency, 1), ("max_attempts", max_attempts, 1)):
@@ -223,6 +226,7 @@ class Judge:
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "failures": 0, "cached": 0, "max_in_flight": 0}
         self._in_flight = 0
+        self._checked = False
 
     def __repr__(self) -> str:  # the key stays out of every repr
         return f"Judge(base_url={self.base_url!r}, model={self.model!r}, key from {self.key_source})"
@@ -253,7 +257,10 @@ class Judge:
 
     # -------------------------------------------------------------------------- requests
     def check_endpoint(self) -> None:
-        """Fail early, in one line, when the endpoint is unreachable, refuses the key or lacks the model."""
+        """Fail early, in one line, when the endpoint is unreachable, refuses the key or lacks the model.
+
+        :meth:`judge` calls it once, before its first request.
+        """
         openai = self._openai
         try:
             served = [m.id for m in self._client.models.list()]
@@ -323,7 +330,9 @@ class Judge:
             else:
                 todo.append(i)
         if todo:
-            self.check_endpoint()
+            if not self._checked:
+                self.check_endpoint()
+                self._checked = True
             with Progress(disable=not progress, transient=True) as bar, \
                     ThreadPoolExecutor(max_workers=self.concurrency) as pool:
                 task = bar.add_task(f"judging with {self.model}", total=len(todo))
@@ -342,8 +351,9 @@ class Judge:
                     for future in futures:
                         future.cancel()
                     raise
-        if self.stats["failures"]:
-            logger.warning("judge: %d of %d items got no rating (see the 'failures' count)", self.stats["failures"],
+        failed = sum(v is not None and v.rating is None for v in results)
+        if failed:
+            logger.warning("judge: %d of %d items got no rating; they are counted, and asked again on a rerun", failed,
                            len(items))
         return results  # type: ignore[return-value]
 

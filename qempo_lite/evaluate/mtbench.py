@@ -55,7 +55,8 @@ def resolve_mtbench_file(source: str | os.PathLike, kind: str = "questions") -> 
     if str(source) != MTBENCH:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise QempoError(f"{kind.replace('_', ' ')} file {path} not found; pass an existing JSONL file or 'mtbench'")
+            raise QempoError(f"{kind.replace('_', ' ')} file {path} not found; pass an existing JSONL file or "
+                             "'mtbench'")
         return path
     env, name = (QUESTIONS_ENV, "question.jsonl") if kind == "questions" else (JUDGE_PROMPTS_ENV, "judge_prompts.jsonl")
     candidates = [Path(os.environ[env])] if os.environ.get(env) else []
@@ -96,7 +97,7 @@ def load_questions(source: str | os.PathLike = MTBENCH, *, limit: int | None = N
         if not isinstance(category, str):
             raise QempoError(f"{where}: field 'category' must be a string; fix the row")
         reference = row.get("reference")
-        if reference is not None and (not isinstance(reference, list) or not all(isinstance(r, str) for r in reference)):
+        if reference is not None and not (isinstance(reference, list) and all(isinstance(r, str) for r in reference)):
             raise QempoError(f"{where}: field 'reference' must be a list of strings; fix the row")
         seen.add(qid)
         questions.append(Question(qid, category, list(turns), reference))

@@ -5,8 +5,9 @@ of k samples drawn without replacement is correct is estimated without bias by
 
     pass@k = 1 − C(n − c, k) / C(n, k)
 
-Binomial coefficients overflow floats long before n = 100, so the ratio is evaluated as
-the equivalent product  C(n − c, k) / C(n, k) = ∏_{i = n − c + 1}^{n} (1 − k / i).
+The ratio is evaluated as the equivalent product
+C(n − c, k) / C(n, k) = ∏_{i = n − c + 1}^{n} (1 − k / i), whose partial products stay in
+[0, 1]: no big integers and no overflow (C(2000, 1000) is already beyond float range).
 """
 
 from __future__ import annotations

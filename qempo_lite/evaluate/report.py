@@ -48,7 +48,8 @@ def load_inputs(paths: Sequence[str | os.PathLike]) -> list[dict]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise QempoError(f"report input {path} is not JSON ({err.msg}); pass files written by 'qempo-lite eval'") from None
+            raise QempoError(f"report input {path} is not JSON ({err.msg}); pass files written by "
+                             "'qempo-lite eval'") from None
         if not isinstance(data, dict) or data.get("kind") not in KINDS or not isinstance(data.get("adapters"), dict):
             raise QempoError(f"report input {path} is not a diversity, judge or passk result (field 'kind' or "
                              "'adapters'); pass files written by 'qempo-lite eval diversity|judge|passk'")
@@ -198,6 +199,8 @@ def plot_passk(report: dict[str, Any], path: str | os.PathLike) -> bool:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0.0), min(high, 1.0))  # a probability: no axis room below 0 or above 1
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k")
     passk = report.get("passk") or {}

@@ -43,6 +43,7 @@ from qempo_lite.errors import QempoError, missing_extra
 logger = logging.getLogger("qempo_lite")
 
 BACKENDS = ("auto", "vllm", "hf")
+DEFAULT_MAX_MODEL_LEN = 4096
 ROLES = ("system", "user", "assistant")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METADATA_FILE = "qempo_lite.json"
@@ -153,7 +154,8 @@ def _check_messages(messages: Any, where: str) -> None:
         if message.get("role") not in ROLES:
             raise QempoError(f"{where}, message {i}: role {message.get('role')!r} is not one of {', '.join(ROLES)}")
     if messages[-1]["role"] != "user":
-        raise QempoError(f"{where} ends with a {messages[-1]['role']} message; end it with the user message to answer")
+        raise QempoError(f"{where} ends with a message from the {messages[-1]['role']}; end it with the user "
+                         "message to answer")
 
 
 def _request_seed(seed: int, adapter: str, prompt_index: int, chunk: int = 0) -> int:
@@ -165,8 +167,8 @@ def _request_seed(seed: int, adapter: str, prompt_index: int, chunk: int = 0) ->
 def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise QempoError(f"n must be a positive integer (samples per prompt), got {n!r}")
-    if not temperature > 0:
-        raise QempoError(f"temperature must be > 0 for sampling, got {temperature!r}")
+    if not temperature >= 0:
+        raise QempoError(f"temperature must be >= 0 (0: greedy decoding), got {temperature!r}")
     if not 0 < top_p <= 1:
         raise QempoError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -314,6 +316,17 @@ def meta_parameter_shapes(base_model: str) -> tuple[dict[str, tuple[int, ...]], 
 # ------------------------------------------------------------------------------ the sampler
 
 
+def _context_length(base_model: str) -> int | None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=False)
+    except Exception:  # noqa: BLE001 - vLLM reads the config itself and reports what is wrong
+        return None
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)
+
+
 def _vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -357,8 +370,9 @@ class Sampler:
 
     ``adapters`` given here are checked and loaded up front (and size vLLM's ``max_loras``);
     more can be passed to :meth:`sample` later, so one Sampler can serve a long-lived app.
-    ``gpu_memory_utilization``, ``max_model_len`` and ``max_lora_rank`` configure the vLLM
-    engine (on vLLM's CPU backend the first is the share of *CPU* memory it reserves);
+    ``gpu_memory_utilization``, ``max_model_len`` (default: the model's context, at most
+    4096) and ``max_lora_rank`` configure the vLLM engine (on vLLM's CPU backend the first is
+    the share of *CPU* memory it reserves);
     ``batch_size`` is the number of sequences per ``generate`` call of the transformers backend.
     Use as a context manager, or call :meth:`close`.
     """
@@ -366,7 +380,7 @@ class Sampler:
     def __init__(self, base_model: str | os.PathLike, *, backend: str = "auto",
                  adapters: Mapping[str, str | os.PathLike | None] | None = None, max_lora_rank: int = 64,
                  max_loras: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str = "auto",
-                 max_model_len: int | None = 4096, batch_size: int = 64, device: str | None = None,
+                 max_model_len: int | None = None, batch_size: int = 64, device: str | None = None,
                  allow_base_mismatch: bool = False, seed: int = 0, **engine_kwargs: Any):
         if backend not in BACKENDS:
             raise QempoError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -391,11 +405,17 @@ class Sampler:
         self.allow_base_mismatch = allow_base_mismatch
         self._adapters: dict[str, tuple[Path, Any]] = {}  # name -> (directory, backend handle)
         self._next_id = 1
+        self.model = self.llm = None
 
         from transformers import AutoTokenizer
 
-        with _env(**({"HF_HUB_OFFLINE": "1"} if local.exists() else {})):
-            self.tokenizer = AutoTokenizer.from_pretrained(self.base_model, trust_remote_code=False)
+        try:
+            with _env(**({"HF_HUB_OFFLINE": "1"} if local.exists() else {})):
+                self.tokenizer = AutoTokenizer.from_pretrained(self.base_model, trust_remote_code=False)
+        except OSError as err:
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise QempoError(f"cannot load base model {self.base_model} ({reason}); pass a local model directory "
+                             "or a Hub id reachable from here") from None
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise QempoError(f"the tokenizer of {self.base_model} has no chat template; use an instruct model "
                              "(or save a tokenizer with chat_template set) as the base model")
@@ -422,17 +442,27 @@ class Sampler:
         for key in ("trust_remote_code", "enable_lora", "model", "tokenizer"):
             if key in engine_kwargs:
                 raise QempoError(f"{key} is set by the Sampler itself; remove it from the engine options")
+        from vllm.platforms import current_platform
+
+        self._on_cpu = current_platform.is_cpu()
         self._shapes, self._vocab_size = meta_parameter_shapes(self.base_model)
+        if self.max_model_len is None:
+            self.max_model_len = min(DEFAULT_MAX_MODEL_LEN, _context_length(self.base_model) or DEFAULT_MAX_MODEL_LEN)
         # In-process engine (no spawned workers), as qempo_lite.rollout does, so that scripts and
         # tests need no `if __name__ == "__main__"` guard.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         threads = torch.get_num_threads()
         offline = {"HF_HUB_OFFLINE": "1"} if Path(self.base_model).is_dir() else {}
-        with _env(**offline):
-            self.llm = LLM(model=self.base_model, tokenizer=self.base_model, trust_remote_code=False,
-                           enable_lora=True, max_loras=max_loras, max_lora_rank=self.max_lora_rank,
-                           max_model_len=self.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                           dtype=dtype, seed=seed, **engine_kwargs)
+        try:
+            with _env(**offline):
+                self.llm = LLM(model=self.base_model, tokenizer=self.base_model, trust_remote_code=False,
+                               enable_lora=True, max_loras=max_loras, max_lora_rank=self.max_lora_rank,
+                               max_model_len=self.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                               dtype=dtype, seed=seed, **engine_kwargs)
+        except ValueError as err:  # vLLM's config checks (pydantic errors included): the user's to fix
+            reason = " ".join(str(err).split())[:400]
+            raise QempoError(f"vLLM refused the engine settings ({reason}); adjust --max-model-len, "
+                             "--gpu-memory-utilization or --dtype") from None
         # vLLM drops the process to one torch thread; the rest of an evaluation shares the process.
         torch.set_num_threads(threads)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -461,6 +491,7 @@ class Sampler:
 
     def add_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Check and load an adapter under ``name`` (a name already loaded from another path is replaced)."""
+        self._check_open()
         if not isinstance(name, str) or not name.strip():
             raise QempoError(f"adapter names must be non-empty strings, got {name!r}")
         adapter_dir = check_adapter(name, path, self.base_model, base_shapes=self._shapes, vocab_size=self._vocab_size,
@@ -535,6 +566,10 @@ class Sampler:
                                                      return_dict=True)
         return list(encoded["input_ids"])
 
+    def _check_open(self) -> None:
+        if self.model is None and getattr(self, "llm", None) is None:
+            raise QempoError("this Sampler was closed; create a new one")
+
     def sample(self, adapters: AdapterSpec, prompts: Sequence[Any], *, n: int = 1, temperature: float = 1.0,
                top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0,
                prompt_ids: Sequence[str | int] | None = None, progress: bool = True) -> list[Sample]:
@@ -546,6 +581,7 @@ class Sampler:
         then prompt, then ``sample_index``; a given (seed, adapter, prompt) always gives the
         same draws on one backend, whatever else is sampled alongside.
         """
+        self._check_open()
         _check_sampling(n, temperature, top_p, max_new_tokens)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise QempoError("prompts must be a non-empty list (strings or chats); wrap a single prompt in a list")
@@ -579,16 +615,31 @@ class Sampler:
         for name, lora in handles.items():
             for p, x in enumerate(ids):
                 requests.append(TokensPrompt(prompt_token_ids=x))
-                params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=0,
+                # vLLM wants n=1 for greedy decoding: its n identical draws are copied below.
+                params.append(SamplingParams(n=1 if temperature == 0 else n, temperature=temperature, top_p=top_p,
+                                             top_k=0,
                                              max_tokens=max_new_tokens, seed=_request_seed(seed, name, p),
                                              stop_token_ids=self.eos_token_ids, skip_special_tokens=True))
                 loras.append(lora)
                 owners.append((name, p))
-        # One call for every adapter: the scheduler mixes their requests in the same batches.
-        outputs = self.llm.generate(requests, params, lora_request=loras, use_tqdm=progress)
+        # One call for every adapter: the scheduler mixes their requests in the same batches. Except
+        # on vLLM's CPU backend, whose torch LoRA ops index the adapter slots with -1 for
+        # base-model tokens and so apply the last slot's adapter to them in a mixed batch: there
+        # the base model's requests go in a call of their own.
+        calls = [list(range(len(requests)))]
+        if self._on_cpu and None in loras and any(lora is not None for lora in loras):
+            calls = [[i for i, lora in enumerate(loras) if lora is not None],
+                     [i for i, lora in enumerate(loras) if lora is None]]
+        outputs = [None] * len(requests)
+        for call in calls:
+            done = self.llm.generate([requests[i] for i in call], [params[i] for i in call],
+                                     lora_request=[loras[i] for i in call], use_tqdm=progress)
+            for i, output in zip(call, done):
+                outputs[i] = output
         drawn: dict[str, list] = {name: [None] * len(ids) for name in handles}
         for (name, p), output in zip(owners, outputs):
-            drawn[name][p] = [(o.text, self._count(list(o.token_ids)), o.finish_reason) for o in output.outputs]
+            draws = [(o.text, self._count(list(o.token_ids)), o.finish_reason) for o in output.outputs]
+            drawn[name][p] = draws * n if temperature == 0 else draws
         return drawn
 
     def _count(self, tokens: list[int]) -> int:
@@ -609,6 +660,7 @@ class Sampler:
         from rich.progress import Progress
 
         batches = self._batches(len(ids), n)
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         drawn: dict[str, list] = {name: [[] for _ in ids] for name in handles}
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("sampling", total=len(handles) * len(batches))
@@ -617,7 +669,7 @@ class Sampler:
                 with self._active(handle):
                     for prompts, count, chunk in batches:
                         # Seeded per batch, in a forked RNG, so the caller's random stream is untouched.
-                        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+                        with torch.random.fork_rng(devices=cuda):
                             torch.manual_seed(_request_seed(seed, name, prompts[0], chunk))
                             out = self._generate([ids[p] for p in prompts], count, temperature, top_p, max_new_tokens)
                         for row, p in enumerate(prompts):
@@ -651,9 +703,13 @@ class Sampler:
             input_ids[row, width - len(x):] = torch.tensor(x)
             attention[row, width - len(x):] = 1
         # A fresh config, so that no top-k or repetition penalty from the model's defaults applies.
-        config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                  max_new_tokens=max_new_tokens, num_return_sequences=count,
-                                  eos_token_id=self.eos_token_ids, pad_token_id=pad_id)
+        greedy = temperature == 0
+        decoding = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
+                                                        "top_p": top_p, "top_k": 0}
+        # Greedy draws are all the same: decode once per prompt, repeat below.
+        config = GenerationConfig(**decoding, max_new_tokens=max_new_tokens,
+                                  num_return_sequences=1 if greedy else count, eos_token_id=self.eos_token_ids,
+                                  pad_token_id=pad_id)
         with torch.no_grad():
             sequences = self.model.generate(input_ids=input_ids.to(self.device),
                                             attention_mask=attention.to(self.device), generation_config=config)
@@ -663,7 +719,7 @@ class Sampler:
             kept = tokens if end is None else tokens[:end]
             out.append((self.tokenizer.decode(kept, skip_special_tokens=True), len(kept),
                         "length" if end is None else "stop"))
-        return out
+        return [x for x in out for _ in range(count)] if greedy else out
 
     # -------------------------------------------------------------------------- lifetime
     def close(self) -> None:

@@ -1,0 +1,287 @@
+"""Training-step time of QEMPOTrainer against stock TRL DPOTrainer, LoRA on a Llama-shaped model.
+
+CPU (default): a small Llama built from its config (4 layers, hidden 256, vocabulary 8192),
+sequences of 256 tokens, LoRA r=16 on all linear layers, 4 pairs per step. Four trainers on
+the same data and seed, stepped round-robin so that background load hits them alike:
+
+    qempo           QEMPOTrainer, loss_method=qempo (no reference forward)
+    qempo_kl+pre    QEMPOTrainer, loss_method=qempo_kl, precompute_ref_log_probs=True
+    dpo             stock trl.DPOTrainer (reference forward with the adapter disabled)
+    dpo+pre         stock trl.DPOTrainer, precompute_ref_log_probs=True
+
+A step is what the Trainer loop does per update: ``training_step`` (forward, TRL's loss and
+metrics, backward) then the optimizer step. Warm-up steps are dropped; the median is reported.
+Reference precomputation is an up-front cost, reported separately. Ratios print last.
+
+``--cuda``: each paper model's real shape (configs in ``qempo_lite.models.PAPER_MODELS``,
+random weights, no download) with LoRA (bf16) and QLoRA (NF4), 1024-token sequences, the
+recipes' per-device batch, gradient checkpointing: peak GPU memory, tokens/s, and the
+``memory_plan`` estimate beside it.
+
+    python benchmarks/offline_step.py [--steps 8] [--warmup 2]
+    python benchmarks/offline_step.py --cuda [--models Qwen/Qwen2.5-1.5B-Instruct ...]
+
+Results go to ``benchmarks/results/offline_step_{cpu,cuda}.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORDS = ("the quick brown fox jumps over lazy dog name a colour red blue green yellow purple orange what is two "
+         "plus three answer write short poem about sea and sky like apples bananas cherries strawberries please "
+         "question in one word numbers hello how can help you today").split()
+
+
+def synthetic_pairs(n: int, prompt_words: int, answer_words: int, seed: int = 0):
+    """Conversational pairs long enough that every sequence is truncated to max_length (equal cost)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+
+    def text(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": text(prompt_words)}],
+         "chosen": [{"role": "assistant", "content": text(answer_words)}],
+         "rejected": [{"role": "assistant", "content": text(answer_words)}]}
+        for _ in range(n)
+    ])
+
+
+def small_llama(tokenizer, *, hidden: int, layers: int, vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden),
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=1024, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _median_ms(times: list[float]) -> float:
+    return 1000.0 * statistics.median(times)
+
+
+class Stepper:
+    """One trainer driven one update at a time, as Trainer's inner loop does (forward/backward, optimizer step)."""
+
+    def __init__(self, name: str, trainer, setup_s: float):
+        self.name, self.trainer, self.setup_s = name, trainer, setup_s
+        self.trainer.create_optimizer()
+        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; one micro-batch per update
+        self.model = trainer.model
+        self.model.train()
+        self.batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()]
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU time: steadier than wall time on a shared machine
+        self.index = 0
+
+    def step(self, record: bool) -> None:
+        batch = self.batches[self.index % len(self.batches)]
+        self.index += 1
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self.trainer.training_step(self.model, batch)
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if record:
+            self.times.append(time.perf_counter() - start)
+            self.cpu_times.append(time.process_time() - cpu_start)
+
+
+def cpu_benchmark(args) -> dict:
+    from trl import DPOConfig, DPOTrainer
+
+    from qempo_lite.models import lora_config
+    from qempo_lite.offline import QEMPOConfig, QEMPOTrainer
+    from qempo_lite.tiny import train_tokenizer
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    tokenizer = train_tokenizer()
+    pairs = synthetic_pairs(args.pairs, prompt_words=40, answer_words=200)
+    common = dict(max_length=args.seq, per_device_train_batch_size=args.batch, learning_rate=1e-4,
+                  lr_scheduler_type="constant", bf16=False, use_cpu=True, gradient_checkpointing=False,
+                  report_to=[], disable_tqdm=True, save_strategy="no", seed=0, logging_steps=1_000_000)
+    peft_config = lora_config(lora_r=16, lora_alpha=32, lora_dropout=0.0)
+    tmp = Path(tempfile.mkdtemp(prefix="offline-step-"))
+
+    def build(name, trainer_cls, config):
+        model = small_llama(tokenizer, hidden=args.hidden, layers=args.layers, vocab=args.vocab)
+        start = time.perf_counter()
+        trainer = trainer_cls(model=model, args=config, train_dataset=pairs, processing_class=tokenizer,
+                              peft_config=peft_config)
+        return Stepper(name, trainer, time.perf_counter() - start)
+
+    steppers = [
+        build("qempo", QEMPOTrainer, QEMPOConfig(output_dir=str(tmp / "a"), loss_method="qempo", **common)),
+        build("qempo_kl+pre", QEMPOTrainer, QEMPOConfig(output_dir=str(tmp / "b"), loss_method="qempo_kl",
+                                                        precompute_ref_log_probs=True, **common)),
+        build("dpo", DPOTrainer, DPOConfig(output_dir=str(tmp / "c"), beta=0.01, **common)),
+        build("dpo+pre", DPOTrainer, DPOConfig(output_dir=str(tmp / "d"), beta=0.01, precompute_ref_log_probs=True,
+                                               **common)),
+    ]
+    tokens = 2 * args.batch * args.seq
+    lengths = {int(b["attention_mask"].sum(1).min()) for s in steppers for b in s.batches}
+    assert lengths == {args.seq}, f"sequences not all {args.seq} tokens: {lengths}"
+    for i in range(args.warmup + args.steps):
+        for stepper in (steppers if i % 2 == 0 else steppers[::-1]):
+            stepper.step(record=i >= args.warmup)
+    rows = {s.name: {"median_step_ms": _median_ms(s.times), "median_step_cpu_ms": _median_ms(s.cpu_times),
+                     "tokens_per_s": tokens / statistics.median(s.times), "setup_s": s.setup_s,
+                     "step_ms": [1000 * t for t in s.times], "step_cpu_ms": [1000 * t for t in s.cpu_times]}
+            for s in steppers}
+    pairs_compared = [("qempo", "dpo"), ("qempo", "dpo+pre"), ("qempo_kl+pre", "dpo+pre")]
+    ratios = {f"{a} / {b}": rows[a]["median_step_ms"] / rows[b]["median_step_ms"] for a, b in pairs_compared}
+    cpu_ratios = {f"{a} / {b}": rows[a]["median_step_cpu_ms"] / rows[b]["median_step_cpu_ms"] for a, b in pairs_compared}
+    return {
+        "device": "cpu", "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "model": {"layers": args.layers, "hidden": args.hidden, "vocab": args.vocab, "lora_r": 16},
+        "seq_len": args.seq, "pairs_per_step": args.batch, "warmup_steps": args.warmup, "measured_steps": args.steps,
+        "load_average": os.getloadavg(), "results": rows, "ratios": ratios, "cpu_time_ratios": cpu_ratios,
+        "targets": {"qempo / dpo": "<= 0.92", "qempo / dpo+pre": "<= 1.0"},
+    }
+
+
+def cuda_benchmark(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from qempo_lite.models import PAPER_MODELS, load_policy, memory_plan, paper_model_config
+    from qempo_lite.offline import QEMPOConfig, QEMPOTrainer
+    from qempo_lite.tiny import train_tokenizer
+
+    assert torch.cuda.is_available(), "--cuda needs a CUDA GPU"
+    tokenizer = train_tokenizer()
+    pairs = synthetic_pairs(args.pairs, prompt_words=200, answer_words=800)
+    rows = []
+    names = args.models or list(PAPER_MODELS)
+    for name in names:
+        config = paper_model_config(name)
+        with tempfile.TemporaryDirectory(prefix="paper-shape-") as folder:
+            # Random weights of the real shape, written once so that QLoRA quantises them on load like a real model.
+            with torch.device("cuda"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+            for quantization in args.quantizations:
+                large = "7B" in name or "8B" in name
+                if quantization is None and large and not args.all_lora:
+                    continue  # the recipes run the 7-8B models in QLoRA only
+                batch = args.batch or (2 if quantization else 4)  # the recipes' per-device batch
+                torch.cuda.reset_peak_memory_stats()
+                policy, tok, peft_config = load_policy(folder, quantization=quantization, dtype="bfloat16",
+                                                       gradient_checkpointing=True, attn_implementation="sdpa")
+                train_config = QEMPOConfig(
+                    output_dir=os.path.join(folder, "run"), loss_method=args.method, max_length=args.seq,
+                    per_device_train_batch_size=batch, learning_rate=1e-5, lr_scheduler_type="constant",
+                    bf16=True, gradient_checkpointing=True, report_to=[], disable_tqdm=True, save_strategy="no",
+                    seed=0, logging_steps=1_000_000)
+                start = time.perf_counter()
+                trainer = QEMPOTrainer(model=policy, args=train_config, train_dataset=pairs, processing_class=tok,
+                                       peft_config=peft_config)
+                stepper = Stepper(name, trainer, time.perf_counter() - start)
+                for i in range(args.warmup + args.steps):
+                    stepper.step(record=i >= args.warmup)
+                plan = memory_plan(config, quantization, 16, args.seq, batch)
+                rows.append({
+                    "model": name, "adapter": "QLoRA" if quantization else "LoRA", "method": args.method,
+                    "pairs_per_step": batch, "seq_len": args.seq,
+                    "median_step_ms": _median_ms(stepper.times),
+                    "tokens_per_s": 2 * batch * args.seq / statistics.median(stepper.times),
+                    "peak_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3,
+                    "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3,
+                    "memory_plan_gib": plan.total,
+                })
+                print(json.dumps(rows[-1]), flush=True)
+                del trainer, stepper, policy
+                gc.collect()
+                torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows}
+
+
+def print_cpu(result: dict) -> None:
+    print(f"\nCPU, {result['threads']} threads: Llama {result['model']['layers']} layers x {result['model']['hidden']}, "
+          f"vocabulary {result['model']['vocab']}, LoRA r=16, {result['pairs_per_step']} pairs x "
+          f"{result['seq_len']} tokens, median of {result['measured_steps']} steps")
+    print(f"{'trainer':<14}{'median step (ms)':>18}{'CPU time (ms)':>15}{'tokens/s':>10}{'setup (s)':>11}")
+    for name, row in result["results"].items():
+        print(f"{name:<14}{row['median_step_ms']:>18.1f}{row['median_step_cpu_ms']:>15.1f}{row['tokens_per_s']:>10.0f}"
+              f"{row['setup_s']:>11.1f}")
+    print(f"\nratios of median step time (wall; process CPU time), load average {result['load_average'][0]:.1f}:")
+    for name, value in result["ratios"].items():
+        target = result["targets"].get(name, "")
+        print(f"  {name:<24}{value:>7.3f}  {result['cpu_time_ratios'][name]:>7.3f}   "
+              f"{('target ' + target) if target else ''}")
+
+
+def print_cuda(result: dict) -> None:
+    print(f"\n{result['device']}")
+    print(f"{'model':<34}{'adapter':>8}{'pairs':>6}{'step (ms)':>11}{'tokens/s':>10}{'peak GiB':>10}{'plan GiB':>10}")
+    for row in result["results"]:
+        print(f"{row['model']:<34}{row['adapter']:>8}{row['pairs_per_step']:>6}{row['median_step_ms']:>11.0f}"
+              f"{row['tokens_per_s']:>10.0f}{row['peak_allocated_gib']:>10.1f}{row['memory_plan_gib']:>10.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cuda", action="store_true", help="paper model shapes on a CUDA GPU")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 8 CPU, 5 GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps dropped (default 2 CPU, 2 GPU)")
+    parser.add_argument("--batch", type=int, default=None, help="pairs per step (default 4 CPU; GPU: the recipes')")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256 CPU, 1024 GPU)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--models", nargs="*", default=None, help="GPU: paper model ids (default all four)")
+    parser.add_argument("--quantizations", nargs="*", default=None, help="GPU: none and/or 4bit (default both)")
+    parser.add_argument("--all-lora", action="store_true", help="GPU: also LoRA (bf16) on the 7-8B models")
+    parser.add_argument("--method", default="qempo", help="GPU: loss_method to time (default qempo)")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+
+    if args.cuda:
+        args.steps, args.warmup = args.steps or 5, args.warmup if args.warmup is not None else 2
+        args.seq = args.seq or 1024
+        args.quantizations = [None if q == "none" else q for q in (args.quantizations or ["none", "4bit"])]
+        args.pairs = 64
+        result = cuda_benchmark(args)
+        output = args.output or RESULTS / "offline_step_cuda.json"
+    else:
+        args.steps, args.warmup = args.steps or 8, args.warmup if args.warmup is not None else 2
+        args.batch, args.seq = args.batch or 4, args.seq or 256
+        args.pairs = 8 * args.batch
+        result = cpu_benchmark(args)
+        output = args.output or RESULTS / "offline_step_cpu.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {output}")
+    (print_cuda if args.cuda else print_cpu)(result)
+
+
+if __name__ == "__main__":
+    main()
