@@ -252,8 +252,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="CPU model layers")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="vLLM's share (of CPU memory on CPU); default 0.2 on CPU, 0.4 on GPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda needs a CUDA GPU")
     if args.gpu_memory_utilization is None:

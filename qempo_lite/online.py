@@ -17,7 +17,8 @@ GRPO's data pipeline, reward calling, batching and logging, and replaces three t
    with the batch under ``qempo_weights``, so a group may be split across micro-batches.
 3. **Loss** (``_compute_loss``): ``-(w * ℓ).sum()`` over the micro-batch, with ℓ the summed
    completion log-prob under the current policy. No PPO ratio, no clipping, no extra KL term:
-   the gradient is exactly ``-∇J`` of Eq. 8/9.
+   the gradient is exactly ``-∇J`` of Eq. 8/9. As everywhere in TRL, ℓ is computed from
+   ``logits / temperature``; at the paper's temperature 1 it is the model's own log-prob.
 
 Normalisation. ``w`` already carries ``1/(G k)`` for the G groups of one generation batch,
 so summing ``-(w ℓ)`` over the micro-batches of that batch gives ``-J`` averaged over its
@@ -36,13 +37,16 @@ Coefficients. ``beta`` of :class:`QEMPOOnlineConfig` is QEMPO's β = 1/λ (``qem
 ``docs/math.md``, not GRPO's KL coefficient. The trainer keeps TRL's own KL coefficient
 (``self.beta``) at 0 during and after construction, so TRL builds no reference model, loads no
 "ref" adapter and adds no KL penalty; Eq. 8/9 carry their own reference term.
+
+Eq. 8/9 are implemented as written (through :mod:`qempo_lite.losses`), not as the paper's
+Listings 3-4, whose variance term lacks the ½ and whose covariance term has the wrong
+coefficient, sign and log-probs (see ``docs/math.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +57,7 @@ from trl import GRPOConfig, GRPOTrainer
 from .errors import QempoError
 from .losses import ADVANTAGES, GATES, ONLINE_METHODS, online_coefficients, online_objective, online_weights
 
-logger = logging.getLogger("qempo_lite")
-
+TRL_VERSION_RANGE = ">=1.16,<1.17"  # the GRPOTrainer internals overridden here; see tests/test_online.py
 ROLLOUTS = ("hf", "vllm")
 # The paper's coefficients (§4.2, reused online in §4.4).
 DEFAULT_BETA = {"qempo": 4e-3, "gvpo": 1e-2}
@@ -155,6 +158,17 @@ def _trl_kl_off(args: QEMPOOnlineConfig):
         args.beta = qempo_beta
 
 
+def _warn_if_untested_trl() -> None:
+    import warnings
+
+    import trl
+    from packaging.specifiers import SpecifierSet
+
+    if trl.__version__ not in SpecifierSet(TRL_VERSION_RANGE):
+        warnings.warn(f"QEMPOOnlineTrainer overrides GRPOTrainer internals of trl{TRL_VERSION_RANGE}, found trl "
+                      f"{trl.__version__}; run tests/test_online.py before trusting it", stacklevel=3)
+
+
 def _is_peft(model) -> bool:
     from peft import PeftModel
 
@@ -181,6 +195,7 @@ class QEMPOOnlineTrainer(GRPOTrainer):
             args = QEMPOOnlineConfig(output_dir="qempo-online")
         if not isinstance(args, QEMPOOnlineConfig):
             raise QempoError(f"args must be a QEMPOOnlineConfig, got {type(args).__name__}; build one from your settings")
+        _warn_if_untested_trl()
         with _trl_kl_off(args):
             super().__init__(
                 model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
@@ -353,7 +368,8 @@ class QEMPOOnlineTrainer(GRPOTrainer):
         distinct = [len(set(completions[i:i + k])) / k for i in range(0, len(completions), k)]
         metrics["qempo/distinct_ratio"].append(sum(distinct) / max(len(distinct), 1))
         sampled = output.get("sampling_per_token_logps")
-        if sampled is not None:
+        # The engines report temperature-1 log-probs; TRL's ℓ is that of logits / temperature.
+        if sampled is not None and self.temperature == 1.0:
             # How far the engine's log-probs are from the trainer's (vLLM kernels, precision).
             gap = ((sampled * output["completion_mask"]).sum(dim=1) - local_logps).abs()
             gap = gap[~torch.isnan(gap)]
@@ -495,7 +511,7 @@ def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunAr
 def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
     """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
     from transformers import PrinterCallback, ProgressCallback
-    from trl.trainer.callbacks import RichProgressCallback
+    from trl import RichProgressCallback
 
     from .models import load_policy
     from .offline import _checkpoint_to_resume
@@ -538,5 +554,5 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_BETA", "OnlineRunArgs", "QEMPOOnlineConfig", "QEMPOOnlineTrainer", "cli", "load_problems",
+__all__ = ["DEFAULT_BETA", "TRL_VERSION_RANGE", "OnlineRunArgs", "QEMPOOnlineConfig", "QEMPOOnlineTrainer", "cli", "load_problems",
            "train_online", "usage"]

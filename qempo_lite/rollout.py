@@ -183,6 +183,8 @@ class HFRollout:
         return out
 
     def _generate_batch(self, ids, n, temperature, top_p, max_new_tokens) -> list[list[Completion]]:
+        from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         width = max(len(x) for x in ids)
         device = next(self.model.parameters()).device
@@ -191,25 +193,29 @@ class HFRollout:
         for row, x in enumerate(ids):
             input_ids[row, width - len(x):] = torch.tensor(x)
             attention[row, width - len(x):] = 1
-        result = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,  # transformers' default top_k=50 would truncate the policy's distribution
-            num_return_sequences=n,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=pad_id,
-            use_cache=True,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        new_tokens = result.sequences[:, width:].cpu()
-        # Raw logits (before temperature / top-p), so these are the policy's own log-probs.
-        logps = torch.stack(result.logits, dim=1).float().log_softmax(-1).cpu()
-        token_logps = logps.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        # Only our settings: a checkpoint's generation_config (e.g. top_k=20, repetition_penalty=1.05)
+        # would otherwise change the distribution sampled from.
+        config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                                  eos_token_id=self.eos_token_ids, pad_token_id=pad_id, num_return_sequences=n,
+                                  use_cache=True)
+        recorder = _SampledTokenLogprobs()
+        # The recorder sees the raw logits: the warpers come after it, and generate adds none of its own.
+        processors = [recorder]
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        saved = self.model.generation_config
+        self.model.generation_config = config
+        try:
+            sequences = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                            generation_config=config,
+                                            logits_processor=LogitsProcessorList(processors))
+        finally:
+            self.model.generation_config = saved
+        new_tokens = sequences[:, width:]
+        token_logps = recorder.finish(new_tokens).cpu()
+        new_tokens = new_tokens.cpu()
         groups: list[list[Completion]] = []
         for row in range(new_tokens.size(0)):
             tokens = new_tokens[row].tolist()
@@ -225,10 +231,36 @@ class HFRollout:
                 logprobs=token_logps[row, :end].tolist(),
                 finish_reason=reason,
             )
-            if row % n == 0:
+            if row % n == 0:  # generate repeats each prompt n times in a row
                 groups.append([])
             groups[-1].append(completion)
         return groups
+
+
+class _SampledTokenLogprobs:
+    """A logits processor that keeps log softmax(raw logits) of each sampled token, one step at a time.
+
+    At step t it receives the token sampled at step t-1 (the last input id) and that step's
+    log-probs are still at hand, so only one (rows x vocabulary) tensor is ever held, where
+    ``output_logits=True`` would keep them for every step.
+    """
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(rows, generated steps) log-probs, once generation has returned its tokens."""
+        if self.previous is not None and len(self.steps) < new_tokens.size(1):
+            self.steps.append(self.previous.gather(-1, new_tokens[:, len(self.steps):len(self.steps) + 1]).squeeze(-1))
+        self.previous = None
+        return torch.stack(self.steps, dim=1) if self.steps else new_tokens.new_zeros(new_tokens.shape, dtype=torch.float)
 
 
 def _directory_bytes(path: Path) -> int:
@@ -303,6 +335,7 @@ class VLLMLoRARollout:
             enable_sleep_mode = False
         self.enable_sleep_mode = enable_sleep_mode
         self.max_lora_rank = max_lora_rank
+        self.max_model_len = max_model_len
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.base_model, trust_remote_code=False)
         try:
             generation_config = GenerationConfig.from_pretrained(self.base_model)
@@ -355,7 +388,7 @@ class VLLMLoRARollout:
         unloaded and its directory removed. The base weights are never touched.
         """
         start = time.perf_counter()
-        adapter_name, rank = self._active_lora(peft_model)
+        adapter_name = self._active_lora(peft_model)
         tmp = tempfile.mkdtemp(prefix="qempo-adapter-")
         try:
             peft_model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter_name],
@@ -375,7 +408,7 @@ class VLLMLoRARollout:
         self._lora, self._lora_dir = request, tmp
         return SyncInfo(lora_id=lora_id, nbytes=_directory_bytes(Path(tmp)), seconds=time.perf_counter() - start, path=path)
 
-    def _active_lora(self, peft_model) -> tuple[str, int]:
+    def _active_lora(self, peft_model) -> str:
         from peft import PeftModel
 
         if not isinstance(peft_model, PeftModel):
@@ -391,7 +424,7 @@ class VLLMLoRARollout:
                 f"adapter rank {max(ranks)} exceeds the engine's max_lora_rank={self.max_lora_rank}; "
                 f"raise vllm_max_lora_rank to at least {max(ranks)}"
             )
-        return active, max(ranks)
+        return active
 
     def _drop_current(self) -> None:
         if self._lora is not None:
@@ -410,6 +443,13 @@ class VLLMLoRARollout:
                  max_new_tokens: int = 256, seed: int | None = None) -> list[list[Completion]]:
         _check_sampling(n, temperature, top_p, max_new_tokens)
         ids = prompt_token_ids(self.tokenizer, prompts)
+        for index, x in enumerate(ids):
+            if len(x) + max_new_tokens > self.max_model_len:
+                raise QempoError(
+                    f"prompt {index} has {len(x)} tokens: with max_new_tokens={max_new_tokens} it needs a "
+                    f"max_model_len of {len(x) + max_new_tokens} (engine: {self.max_model_len}); raise "
+                    "vllm_max_model_length or shorten the prompt"
+                )
         params = self._SamplingParams(
             n=n,
             temperature=temperature,

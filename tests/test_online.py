@@ -182,6 +182,15 @@ def test_overridden_trl_internals_have_the_expected_shape():
     logps_params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
     assert list(logps_params)[:7] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]
     assert GRPOTrainer.loss_is_scaled_for_ga is True  # our loss is not divided again by Trainer
+    # The call paths the overrides rely on.
+    needles = {
+        GRPOTrainer._generate: "self._generate_single_turn(",
+        GRPOTrainer._generate_and_score_completions: "self._calculate_rewards(inputs, prompts, completions",
+        GRPOTrainer._prepare_inputs: "shuffle_sequence_dict(generation_batch)",  # carries qempo_weights along
+        GRPOTrainer.__init__: "self.beta = args.beta",  # what _trl_kl_off zeroes
+    }
+    for method, needle in needles.items():
+        assert needle in inspect.getsource(method), (method.__name__, needle)
 
 
 # ---------------------------------------------------------------------------------- runs

@@ -103,6 +103,9 @@ def test_hf_rollout_samples_n_per_prompt_with_the_models_logprobs(tiny_model_dir
         assert completion.finish_reason == ("stop" if eos else "length")
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
     assert _max_gap(model, tokenizer, groups) < 1e-4
+    # Tempered, truncated sampling still reports the policy's own (raw) log-probs.
+    tempered = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0, temperature=0.7, top_p=0.9)
+    assert _max_gap(model, tokenizer, tempered) < 1e-4
     again = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)
     assert [c.token_ids for g in again for c in g] == [c.token_ids for g in groups for c in g]
     assert engine.sync(model).nbytes == 0  # it samples the live weights: nothing to move
@@ -176,6 +179,11 @@ def test_vllm_serves_the_adapter_with_the_peft_models_logprobs(vllm_engine, tiny
     assert _max_gap(model, tokenizer, updated) > 1e-2
 
 
+def test_vllm_refuses_a_prompt_longer_than_the_engine_context(vllm_engine):
+    with pytest.raises(QempoError, match="prompt 1 has 250 tokens.*raise vllm_max_model_length"):
+        vllm_engine.generate([[5, 6], [7] * 250], n=1, max_new_tokens=16)
+
+
 def test_sync_writes_only_the_adapter(vllm_engine, tiny_model_dir):
     from safetensors import safe_open
 
@@ -201,3 +209,27 @@ def test_sync_refuses_a_rank_above_the_engine_limit(vllm_engine, tiny_model_dir)
         vllm_engine.sync(too_big)
     with pytest.raises(QempoError, match="PEFT model"):
         vllm_engine.sync(too_big.get_base_model())
+
+
+def test_sync_from_a_4bit_qlora_model(vllm_engine, tiny_model_dir, tokenizer):
+    """The adapter of a QLoRA (NF4) model syncs as is: vLLM serves it on the full-precision base."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qempo_lite.models import load_policy
+
+    base, _, lora = load_policy(str(tiny_model_dir), quantization="4bit", lora_r=8, lora_alpha=16)
+    qlora = get_peft_model(base, lora)
+    assert getattr(qlora.get_base_model(), "is_loaded_in_4bit", False)
+    with torch.no_grad():  # a non-trivial adapter
+        torch.manual_seed(3)
+        for name, param in qlora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    info = vllm_engine.sync(qlora)
+    groups = vllm_engine.generate(PROMPTS, n=2, max_new_tokens=8, seed=0)
+    # The same adapter on the fp32 base is what the engine serves.
+    full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), info.path)
+    assert _max_gap(full, tokenizer, groups) <= 1e-3
+    with full.disable_adapter():
+        assert _max_gap(full, tokenizer, groups) > 1e-2  # and the adapter matters
