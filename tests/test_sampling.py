@@ -31,6 +31,16 @@ CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel
 PROMPTS = ["Name a colour.", CHAT]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread: on matrices this small, two threads only wait on each other (and on a
+    busy machine they wait a lot longer than the arithmetic takes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_adapter(base_dir, out_dir, seed, r=8):
     """A LoRA adapter on ``base_dir`` with random (non-zero) A and B, saved as safetensors."""
     from peft import LoraConfig, get_peft_model
@@ -130,14 +140,15 @@ def test_hf_sample_counts_ids_prompts_and_seeds(hf_sampler, adapters):
     assert [s.text for s in other_seed] != [s.text for s in again]
 
 
-def test_an_adapter_name_can_be_reloaded_from_another_directory(tiny_model_dir, adapters):
+def test_an_adapter_name_can_be_reloaded_from_another_directory(hf_sampler, adapters, tiny_model_dir):
     greedy = dict(n=1, temperature=0, max_new_tokens=6, progress=False)
-    with Sampler(tiny_model_dir, backend="hf", dtype="float32") as sampler:
-        first = sampler.sample({"x": adapters["a"]}, PROMPTS, **greedy)
-        second = sampler.sample({"x": adapters["b"]}, PROMPTS, **greedy)  # what a long-lived app does
-        assert sampler.adapters == {"x": Path(adapters["b"])}
-        expected = sampler.sample({"b": adapters["b"]}, PROMPTS, **greedy)
+    first = hf_sampler.sample({"x": adapters["a"]}, PROMPTS, **greedy)
+    second = hf_sampler.sample({"x": adapters["b"]}, PROMPTS, **greedy)  # what a long-lived app does
+    assert hf_sampler.adapters["x"] == Path(adapters["b"])
+    expected = hf_sampler.sample({"b": adapters["b"]}, PROMPTS, **greedy)
     assert [s.text for s in second] == [s.text for s in expected] != [s.text for s in first]
+    hf_sampler.remove_adapter("x")
+    assert "x" not in hf_sampler.adapters
     # The one-shot function: load, sample, free.
     samples = sample(tiny_model_dir, {"a": adapters["a"], "base": None}, PROMPTS, n=2, max_new_tokens=3,
                      backend="hf", dtype="float32")

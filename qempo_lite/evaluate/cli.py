@@ -32,6 +32,17 @@ logger = logging.getLogger("qempo_lite")
 # ------------------------------------------------------------------------------ shared options
 
 
+def _count(value: str) -> int:
+    """argparse type: a positive integer."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
 def _adapters(args) -> dict[str, str | None]:
     """--adapter NAME=PATH (or PATH, named after its directory) plus --include-base."""
     adapters: dict[str, str | None] = {}
@@ -85,10 +96,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--dtype", default="auto", help="model dtype: auto (default), bfloat16, float16, float32")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="vLLM: share of GPU memory to reserve (on vLLM's CPU backend, of CPU memory) (0.9)")
-    engine.add_argument("--max-model-len", type=int,
+    engine.add_argument("--max-model-len", type=_count,
                         help="vLLM: longest prompt + answer in tokens (default: the model's context, at most 4096)")
-    engine.add_argument("--max-lora-rank", type=int, default=64, help="vLLM: largest adapter rank served (64)")
-    engine.add_argument("--batch-size", type=int, default=64, help="hf: sequences per generate call (64)")
+    engine.add_argument("--max-lora-rank", type=_count, default=64, help="vLLM: largest adapter rank served (64)")
+    engine.add_argument("--batch-size", type=_count, default=64, help="hf: sequences per generate call (64)")
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
     decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
@@ -318,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "string or a chat) and optional 'id'. Writes one JSON line per sample.")
     _add_model_options(sample)
     sample.add_argument("--prompts", default="mtbench", help="'mtbench' (default) or a JSONL file")
-    sample.add_argument("--limit", type=int, help="use only the first LIMIT questions or prompts")
-    sample.add_argument("--n", type=int, default=16, help="samples per prompt and turn (16, as the paper)")
-    sample.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer in tokens (1024)")
+    sample.add_argument("--limit", type=_count, help="use only the first LIMIT questions or prompts")
+    sample.add_argument("--n", type=_count, default=16, help="samples per prompt and turn (16, as the paper)")
+    sample.add_argument("--max-new-tokens", type=_count, default=1024, help="longest answer in tokens (1024)")
     sample.add_argument("--output", required=True, help="the samples JSONL file to write")
     sample.set_defaults(run=_cmd_sample)
 
@@ -357,11 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--questions", help="'mtbench' or the questions file sampled from: grades math, reasoning "
                                            "and coding answers against its reference answers, as MT-Bench does")
     judge.add_argument("--judge-prompts", default="mtbench", help="MT-Bench judge_prompts.jsonl ('mtbench' default)")
-    judge.add_argument("--per-prompt", type=int, help="judge only the first K samples of each prompt and turn")
-    judge.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (8)")
-    judge.add_argument("--max-attempts", type=int, default=3, help="requests per sample before it counts as failed (3)")
+    judge.add_argument("--per-prompt", type=_count, help="judge only the first K samples of each prompt and turn")
+    judge.add_argument("--concurrency", type=_count, default=8, help="requests in flight at once (8)")
+    judge.add_argument("--max-attempts", type=_count, default=3,
+                       help="requests per sample before it counts as failed (3)")
     judge.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
-    judge.add_argument("--max-tokens", type=int, default=1024, help="longest judgment in tokens (1024)")
+    judge.add_argument("--max-tokens", type=_count, default=1024, help="longest judgment in tokens (1024)")
     judge.add_argument("--judge-temperature", type=float, default=0.0, help="judge sampling temperature (0)")
     judge.add_argument("--extra-body", help="JSON object sent with every request, e.g. a server's structured-output "
                                             "options")
@@ -375,10 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(passk)
     passk.add_argument("--data", required=True, help="GSM8K/MATH JSONL file or Hub dataset (e.g. openai/gsm8k)")
     passk.add_argument("--split", default="test", help="dataset split (test)")
-    passk.add_argument("--limit", type=int, help="use only the first LIMIT problems")
-    passk.add_argument("--n", type=int, default=100, help="samples per problem (100, as the paper)")
+    passk.add_argument("--limit", type=_count, help="use only the first LIMIT problems")
+    passk.add_argument("--n", type=_count, default=100, help="samples per problem (100, as the paper)")
     passk.add_argument("--ks", help="comma-separated k values (default: 1,2,4,... and n)")
-    passk.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer in tokens (1024)")
+    passk.add_argument("--max-new-tokens", type=_count, default=1024, help="longest answer in tokens (1024)")
     passk.add_argument("--output", required=True, help="the pass@k JSON file to write")
     passk.add_argument("--samples-output", help="also save the answers as samples JSONL")
     passk.set_defaults(run=_cmd_passk)
