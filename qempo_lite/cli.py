@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 from .errors import QempoError
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"error: unknown command {' '.join(argv[:2])!r}; see 'qempo-lite --help'", file=sys.stderr)
         return 2
+    # TRL warns on import about vLLM releases newer than it has seen; the rollout code pins its own range.
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
     try:
         module = importlib.import_module(module_name)
         return int(module.cli(rest) or 0)

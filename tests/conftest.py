@@ -9,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models are dominated by per-op overhead: one thread is as fast on an idle machine and
+# many times faster on a busy one (thread oversubscription).
+torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = Path(os.environ.get("QEMPO_SHARED_DATA", SHARED / "data"))
