@@ -75,5 +75,8 @@ def settings_from_args(args: argparse.Namespace):
 def cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
-    launch_app(settings, host=args.host, port=args.port)
+    # Gradio's own banner suggests share=True, which this app never uses: print the address instead.
+    page, url = launch_app(settings, host=args.host, port=args.port, prevent_thread_lock=True, quiet=True)
+    print(f"qempo-lite app running at {url} (Ctrl+C to stop)", flush=True)
+    page.block_thread()
     return 0

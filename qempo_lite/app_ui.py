@@ -665,7 +665,8 @@ def comparison_chart(result: dict):
     width = 0.8 / len(columns)
     for i, column in enumerate(columns):
         values = [column["metrics"].get(key) for key, _ in _CHART_METRICS]
-        values = [0.0 if v is None else (100 * v if key.startswith("distinct") else v)
+        # A metric that could not be computed gets no bar (NaN), not a misleading zero.
+        values = [math.nan if v is None else (100 * v if key.startswith("distinct") else v)
                   for v, (key, _) in zip(values, _CHART_METRICS)]
         ax.bar([j + (i - (len(columns) - 1) / 2) * width for j in range(len(values))], values, width,
                label=column["name"])
@@ -689,7 +690,7 @@ CSS = """
 .qempo-name {font-weight: 700; font-size: 1.15em}
 .qempo-meta, .qempo-path {color: #666; font-size: 0.85em; overflow-wrap: anywhere}
 .qempo-samples {padding-left: 1.6em; max-height: 34em; overflow-y: auto}
-.qempo-sample {white-space: pre-wrap; border-bottom: 1px solid #e5e5e5; padding: 2px 0}
+.qempo-sample {white-space: pre-wrap; overflow-wrap: anywhere; border-bottom: 1px solid #e5e5e5; padding: 2px 0}
 .qempo-metrics td {padding: 1px 8px 1px 0} .qempo-value {text-align: right; font-variant-numeric: tabular-nums}
 .qempo-error {color: #b00020; font-weight: 600; white-space: pre-wrap}
 .qempo-note {color: #8a6d00; font-size: 0.8em}
