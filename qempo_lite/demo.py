@@ -66,8 +66,8 @@ class DemoSettings:
     train_epochs: int = 2
     samples_per_prompt: int = 64
     lora_r: int = 16
-    # Larger steps (3e-3) let qempo, which has no reference anchor, drift onto non-answers.
-    learning_rate: float = 1e-3
+    # Larger steps (1e-3 and up) sometimes let a policy drift onto non-answers within two epochs.
+    learning_rate: float = 5e-4
 
     @classmethod
     def make(cls, seed: int, quick: bool) -> "DemoSettings":
@@ -293,6 +293,23 @@ def evaluate_policy(model, tokenizer, samples: list[list[str]]) -> dict:
             "lexical": mean(lexical), "histograms": histograms}
 
 
+def exact(model, tokenizer) -> dict:
+    """The policy's exact answer distribution, without sampling noise: the probability of each
+    candidate answer, plus one "other" outcome holding the rest of the mass (counted invalid)."""
+    import torch
+
+    from .theory import entropy
+
+    entropies, qualities = [], []
+    for prompt, task_id in _prompts():
+        answers = _candidates(task_id)
+        probs = answer_logprobs(model, tokenizer, prompt, answers).double().exp()
+        other = (1.0 - probs.sum()).clamp_min(0.0)
+        entropies.append(float(entropy(torch.cat([probs, other.view(1)]) / (probs.sum() + other))))
+        qualities.append(float(sum(p for p, a in zip(probs.tolist(), answers) if is_valid(task_id, a))))
+    return {"exact_entropy": sum(entropies) / len(entropies), "exact_quality": sum(qualities) / len(qualities)}
+
+
 def predicted(model, tokenizer, method: str | None) -> dict:
     """Closed-form prediction over each prompt's candidate answers: the reference's exact
     probabilities, the Bradley–Terry reward, and the method's Table 1 optimum."""
@@ -353,15 +370,18 @@ def _report_markdown(results: dict, settings: DemoSettings, verdict: str) -> str
         f"Seed {settings.seed}{' (quick)' if settings.quick else ''}; {settings.samples_per_prompt} samples per "
         f"prompt over {len(_prompts())} prompts; Bradley–Terry judge, valid beats invalid with p = {P_VALID_WINS}.",
         "",
-        "| policy | quality (valid fraction) | answer entropy (nats) | distinct valid answers | lexical diversity |"
-        " predicted entropy | predicted quality |",
-        "|---|---|---|---|---|---|---|",
+        "| policy | quality (valid fraction) | answer entropy (nats) | exact quality | exact entropy |"
+        " distinct valid answers | lexical diversity | predicted entropy | predicted quality |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
-        lines.append(f"| {name} | {row['quality']:.3f} | {row['entropy']:.3f} | {row['distinct']:.2f} | "
-                     f"{row['lexical']:.1f} | {row['predicted_entropy']:.3f} | {row['predicted_quality']:.3f} |")
+        lines.append(f"| {name} | {row['quality']:.3f} | {row['entropy']:.3f} | {row['exact_quality']:.3f} | "
+                     f"{row['exact_entropy']:.3f} | {row['distinct']:.2f} | {row['lexical']:.1f} | "
+                     f"{row['predicted_entropy']:.3f} | {row['predicted_quality']:.3f} |")
     lines += [
         "",
+        "Quality, entropy, distinct and lexical columns are measured on the samples. Exact columns are the policy's "
+        "own probabilities of each candidate answer, with the remaining mass as one invalid 'other' outcome.",
         "Predicted columns: the Table 1 closed form for the method, given the reference's exact probabilities of "
         "each prompt's candidate answers and the judge's Bradley–Terry reward (the population optimum; a short LoRA "
         "run moves only part of the way towards it).",
@@ -391,13 +411,15 @@ def run_demo(output: Path, *, seed: int = 0, quick: bool = False, log=print) -> 
     log("sampling the reference and building Bradley–Terry preference pairs")
     ref_samples = sample_answers(reference, tokenizer, prompts, settings.samples_per_prompt, seed)
     pairs = build_preferences(ref_samples, settings)
-    results = {"reference": {**evaluate_policy(reference, tokenizer, ref_samples), **predicted(reference, tokenizer, None)}}
+    results = {"reference": {**evaluate_policy(reference, tokenizer, ref_samples), **exact(reference, tokenizer),
+                             **predicted(reference, tokenizer, None)}}
     for method in METHODS:
         log(f"training the {method} adapter on {len(pairs)} pairs")
         adapter_dir = train_adapter(method, base, pairs, output / "adapters" / method, settings)
         policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)
         samples = sample_answers(policy, tokenizer, prompts, settings.samples_per_prompt, seed)
-        results[method] = {**evaluate_policy(policy, tokenizer, samples), **predicted(reference, tokenizer, method)}
+        results[method] = {**evaluate_policy(policy, tokenizer, samples), **exact(policy, tokenizer),
+                           **predicted(reference, tokenizer, method)}
     verdict = _verdict(results)
     write_plot(results, output / "distributions.png")
     summary = {name: {k: v for k, v in row.items() if k != "histograms"} for name, row in results.items()}
@@ -410,19 +432,21 @@ def run_demo(output: Path, *, seed: int = 0, quick: bool = False, log=print) -> 
 
 
 def _verdict(results: dict) -> str:
+    """Does the paper's direction hold? Judged on the exact answer distributions (no sampling
+    noise): qempo and qempo_kl more entropy than dpo, at quality no lower than dpo's by > 0.05."""
     dpo = results["dpo"]
-    checks = []
+    checks, holds = [], True
     for method in ("qempo", "qempo_kl"):
         row = results[method]
-        more_diverse = row["entropy"] > dpo["entropy"]
-        quality_kept = row["quality"] >= dpo["quality"] - 0.05
-        checks.append(f"{method}: entropy {row['entropy']:.3f} vs dpo {dpo['entropy']:.3f} "
-                      f"({'higher' if more_diverse else 'NOT higher'}), quality {row['quality']:.3f} vs dpo "
-                      f"{dpo['quality']:.3f} ({'within 0.05 or better' if quality_kept else 'LOWER by more than 0.05'})")
-    holds = all("NOT" not in c and "LOWER" not in c for c in checks)
+        more_diverse = row["exact_entropy"] > dpo["exact_entropy"]
+        quality_kept = row["exact_quality"] >= dpo["exact_quality"] - 0.05
+        holds = holds and more_diverse and quality_kept
+        checks.append(f"{method}: entropy {row['exact_entropy']:.3f} vs dpo {dpo['exact_entropy']:.3f} "
+                      f"({'higher' if more_diverse else 'NOT higher'}), quality {row['exact_quality']:.3f} vs dpo "
+                      f"{dpo['exact_quality']:.3f} ({'within 0.05 or better' if quality_kept else 'LOWER by more than 0.05'})")
     head = ("The paper's direction holds on this run: QEMPO and QEMPO-KL are more diverse than DPO at no real loss "
             "of quality." if holds else "The paper's direction does NOT fully hold on this run (see below).")
-    return head + "\n\n" + "\n".join(f"- {c}" for c in checks)
+    return head + " (exact answer distributions)\n\n" + "\n".join(f"- {c}" for c in checks)
 
 
 def _print_table(report: dict, output: Path) -> None:
@@ -439,7 +463,8 @@ def _print_table(report: dict, output: Path) -> None:
     console.print(table)
     console.print(report["verdict"])
     console.print(f"\nReport: {output / 'report.md'}  Plot: {output / 'distributions.png'}")
-    console.print(f"Compare the adapters side by side: qempo-lite app --demo-dir {output}")
+    console.print(f"Compare the adapters side by side: qempo-lite app --demo-dir {output}"
+                  "  (needs the app extra: pip install -e '.[app]')")
 
 
 def cli(argv: list[str]) -> int:

@@ -156,7 +156,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, requir
         )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise QempoError(f"the tokenizer of {name_or_path!r} has neither a pad nor an eos token; set tokenizer.pad_token")
+            raise QempoError(f"the tokenizer of {name_or_path!r} has neither a pad nor an eos token; "
+                             "set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -70,8 +70,9 @@ class QEMPOConfig(DPOConfig):
     the reference and doubles the policy coefficient (α = 2β, an SPL entropy weight of 2), so
     the optimum keeps half of the reference's log-probabilities where DPO keeps all of them.
 
-    Only TRL's ``sigmoid`` loss with the default ``reverse_kl`` divergence belongs to this
-    family; other ``loss_type`` / ``f_divergence_type`` values are refused. ``qempo`` ignores
+    Only TRL's ``sigmoid`` loss on summed log-probs with the default ``reverse_kl`` divergence
+    belongs to this family; other ``loss_type`` / ``f_divergence_type`` values, ``use_weighting``
+    and ``ld_alpha`` are refused. ``qempo`` ignores
     ``precompute_ref_log_probs`` (there is nothing to precompute).
     """
 
@@ -110,6 +111,12 @@ class QEMPOConfig(DPOConfig):
         if self.f_divergence_type != "reverse_kl":
             raise QempoError(f"f_divergence_type must be 'reverse_kl' for the QEMPO family, got "
                              f"{self.f_divergence_type!r}; remove it")
+        # Both change what the loss is made of (weighted pairs, length-discounted log-probs), so the
+        # family's optimum π ∝ π_ref^(c/a) exp(r/a) would no longer be the one trained for.
+        if self.use_weighting:
+            raise QempoError("use_weighting (WPO) is not part of the QEMPO family; set use_weighting: false")
+        if self.ld_alpha is not None:
+            raise QempoError("ld_alpha (LD-DPO) is not part of the QEMPO family; remove it")
         super().__post_init__()
 
     def coefficients(self) -> dict[str, float]:
@@ -226,10 +233,10 @@ def check_trl_compatibility() -> None:
     """Raise RuntimeError, saying what changed, if TRL's DPOTrainer no longer fits QEMPOTrainer.
 
     QEMPOTrainer relies on: ``compute_loss(model, inputs, return_outputs, num_items_in_batch)``,
-    ``compute_ref_log_probs(model, inputs)`` and ``save_model(output_dir, _internal_call)`` (overridden); the private ``_compute_loss``
-    reading ``inputs["ref_chosen_logps"]`` when ``self.precompute_ref_logps`` is set and
-    applying ``-F.logsigmoid(self.beta * delta_score)``; ``__init__`` setting ``self.beta``
-    and ``self.precompute_ref_logps`` from the config.
+    ``compute_ref_log_probs(model, inputs)`` and ``save_model(output_dir, _internal_call)``
+    (overridden); the private ``_compute_loss`` reading ``inputs["ref_chosen_logps"]`` when
+    ``self.precompute_ref_logps`` is set and applying ``-F.logsigmoid(self.beta * delta_score)``;
+    ``__init__`` setting ``self.beta`` and ``self.precompute_ref_logps`` from the config.
     """
     import trl
     from packaging.specifiers import SpecifierSet
@@ -260,11 +267,15 @@ def check_trl_compatibility() -> None:
     except (OSError, TypeError, AttributeError):
         loss_source = init_source = ""
     needles = [
-        (loss_source, "if self.precompute_ref_logps:", "_compute_loss no longer branches on self.precompute_ref_logps"),
+        (loss_source, "if self.precompute_ref_logps:",
+         "_compute_loss no longer branches on self.precompute_ref_logps"),
         (loss_source, 'inputs["ref_chosen_logps"]', "_compute_loss no longer reads inputs['ref_chosen_logps']"),
-        (loss_source, "-F.logsigmoid(self.beta * delta_score)", "the sigmoid loss is no longer -logsigmoid(self.beta * delta)"),
-        (loss_source, "chosen_rewards = self.beta * chosen_logratios", "the logged rewards are no longer beta * logratio"),
-        (init_source, "self.precompute_ref_logps = args.precompute_ref_log_probs", "__init__ no longer sets precompute_ref_logps"),
+        (loss_source, "-F.logsigmoid(self.beta * delta_score)",
+         "the sigmoid loss is no longer -logsigmoid(self.beta * delta)"),
+        (loss_source, "chosen_rewards = self.beta * chosen_logratios",
+         "the logged rewards are no longer beta * logratio"),
+        (init_source, "self.precompute_ref_logps = args.precompute_ref_log_probs",
+         "__init__ no longer sets precompute_ref_logps"),
         (init_source, "self.beta = args.beta", "__init__ no longer sets self.beta from args.beta"),
     ]
     problems += [message for source, needle, message in needles if needle not in source]

@@ -118,6 +118,8 @@ def test_config_defaults_are_the_paper_coefficients(tmp_path, method, a, c):
     ({"loss_method": "dpo", "beta": -1.0}, "beta must be a positive"),
     ({"loss_method": "dpo", "loss_type": ["hinge"]}, "loss_type must be 'sigmoid'"),
     ({"loss_method": "dpo", "f_divergence_type": "js_divergence"}, "f_divergence_type must be 'reverse_kl'"),
+    ({"loss_method": "qempo", "use_weighting": True}, "use_weighting"),
+    ({"loss_method": "qempo_kl", "ld_alpha": 0.5}, "ld_alpha"),
 ])
 def test_config_refuses_what_is_not_in_the_family(tmp_path, overrides, match):
     with pytest.raises(QempoError, match=match):
