@@ -303,6 +303,16 @@ class ModelArgs:
     dtype: str | None = field(default=None, metadata={"help": "bfloat16, float16, float32 or auto (default: "
                                                               "bf16 on GPU, fp32 on CPU)."})
 
+    def load(self, config):
+        """``load_policy`` with these keys and the trainer config's checkpointing / remote-code flags."""
+        from .models import load_policy
+
+        return load_policy(
+            self.model_name_or_path, quantization=self.quantization, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout, target_modules=self.target_modules,
+            gradient_checkpointing=config.gradient_checkpointing, attn_implementation=self.attn_implementation,
+            dtype=self.dtype, trust_remote_code=config.trust_remote_code)
+
     def __post_init__(self):
         # Checked here so that a typo fails before the data and the model are loaded.
         from .models import check_dtype, normalise_quantization
@@ -384,7 +394,18 @@ def write_run_metadata(output_dir: str | Path, args: QEMPOConfig, *, base_model:
     return path
 
 
-def _checkpoint_to_resume(output_dir: str, resume: bool) -> str | None:
+def use_rich_progress(trainer) -> None:
+    """Swap transformers' tqdm progress and dict printing for TRL's rich progress display."""
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import RichProgressCallback
+
+    if not trainer.args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(RichProgressCallback())
+
+
+def checkpoint_to_resume(output_dir: str, resume: bool) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
@@ -398,31 +419,19 @@ def _checkpoint_to_resume(output_dir: str, resume: bool) -> str | None:
 
 def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineRunArgs) -> Path:
     """Load data and model, train, save the adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
-    from transformers import PrinterCallback, ProgressCallback
-    from trl import RichProgressCallback
-
     from .data import load_preferences
-    from .models import load_policy
 
-    checkpoint = _checkpoint_to_resume(config.output_dir, run_args.resume)
+    checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume)
     train, report = load_preferences(run_args.dataset, split=run_args.dataset_split,
                                      on_bad_rows=run_args.on_bad_rows, limit=run_args.limit, return_report=True)
     evaluation = None
     if run_args.eval_split is not None:
         evaluation = load_preferences(run_args.dataset, split=run_args.eval_split, on_bad_rows=run_args.on_bad_rows,
                                       limit=run_args.eval_limit)
-    model, tokenizer, peft_config = load_policy(
-        model_args.model_name_or_path, quantization=model_args.quantization, lora_r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.target_modules, gradient_checkpointing=config.gradient_checkpointing,
-        attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
-        trust_remote_code=config.trust_remote_code)
+    model, tokenizer, peft_config = model_args.load(config)
     trainer = QEMPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, peft_config=peft_config)
-    if not config.disable_tqdm:
-        trainer.remove_callback(ProgressCallback)
-        trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(RichProgressCallback())
+    use_rich_progress(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer
     trainer.save_state()

@@ -510,27 +510,15 @@ def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunAr
 
 def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
     """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
-    from transformers import PrinterCallback, ProgressCallback
-    from trl import RichProgressCallback
-
-    from .models import load_policy
-    from .offline import _checkpoint_to_resume
+    from .offline import checkpoint_to_resume, use_rich_progress
     from .rewards import math_reward
 
-    checkpoint = _checkpoint_to_resume(config.output_dir, run_args.resume)
+    checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume)
     problems = load_problems(run_args, config.seed)
-    model, tokenizer, peft_config = load_policy(
-        model_args.model_name_or_path, quantization=model_args.quantization, lora_r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.target_modules, gradient_checkpointing=config.gradient_checkpointing,
-        attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
-        trust_remote_code=config.trust_remote_code)
+    model, tokenizer, peft_config = model_args.load(config)
     trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
                                  processing_class=tokenizer, peft_config=peft_config)
-    if not config.disable_tqdm:
-        trainer.remove_callback(ProgressCallback)
-        trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(RichProgressCallback())
+    use_rich_progress(trainer)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:

@@ -32,3 +32,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data not found at {SHARED_DATA}; set QEMPO_SHARED_DATA")
     return SHARED_DATA
+
+
+def make_adapter(base_dir, out_dir, seed, r=8):
+    """A LoRA adapter on ``base_dir`` with random (non-zero) A and B, saved as safetensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out_dir)
+    return out_dir

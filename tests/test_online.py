@@ -19,14 +19,6 @@ def contains_e(completions, **kwargs):
     return [1.0 if "e" in c[0]["content"] else 0.0 for c in completions]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; more threads only contend for the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):

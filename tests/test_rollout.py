@@ -29,14 +29,6 @@ def _peft_model(model_dir, seed=1, r=8):
     return get_peft_model(model, config)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; more threads only contend for the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import make_adapter
 import torch
 
 from qempo_lite.errors import QempoError
@@ -31,26 +33,6 @@ CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel
 PROMPTS = ["Name a colour.", CHAT]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on matrices this small, two threads only wait on each other (and on a
-    busy machine they wait a lot longer than the arithmetic takes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_adapter(base_dir, out_dir, seed, r=8):
-    """A LoRA adapter on ``base_dir`` with random (non-zero) A and B, saved as safetensors."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="module")
