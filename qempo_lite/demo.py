@@ -444,8 +444,22 @@ def _verdict(results: dict) -> str:
         checks.append(f"{method}: entropy {row['exact_entropy']:.3f} vs dpo {dpo['exact_entropy']:.3f} "
                       f"({'higher' if more_diverse else 'NOT higher'}), quality {row['exact_quality']:.3f} vs dpo "
                       f"{dpo['exact_quality']:.3f} ({'within 0.05 or better' if quality_kept else 'LOWER by more than 0.05'})")
-    head = ("The paper's direction holds on this run: QEMPO and QEMPO-KL are more diverse than DPO at no real loss "
-            "of quality." if holds else "The paper's direction does NOT fully hold on this run (see below).")
+    # A pairwise loss constrains only differences between the answers it compares, so a run can
+    # push every answer down at once and hand the mass to non-answers; say so rather than count
+    # such a run as a win or a loss of the method it is compared with.
+    floor = results["reference"]["exact_quality"] - 0.2
+    collapsed = [name for name, row in results.items() if name != "reference" and row["exact_quality"] < floor]
+    for name in collapsed:
+        checks.append(f"note: {name} collapsed onto non-answers (quality {results[name]['exact_quality']:.3f} vs the "
+                      f"reference's {results['reference']['exact_quality']:.3f}); a comparison with it says little "
+                      "(its exact entropy lumps the non-answers into one outcome)")
+    if set(collapsed) & {"dpo", "qempo", "qempo_kl"}:
+        head = "Inconclusive on this run: a policy the comparison needs collapsed (see below)."
+    elif holds:
+        head = "The paper's direction holds on this run: QEMPO and QEMPO-KL are more diverse than DPO at no real " \
+               "loss of quality."
+    else:
+        head = "The paper's direction does NOT fully hold on this run (see below)."
     return head + " (exact answer distributions)\n\n" + "\n".join(f"- {c}" for c in checks)
 
 
