@@ -468,17 +468,19 @@ def _print_table(report: dict, output: Path) -> None:
     from rich.table import Table
 
     table = Table(title="qempo-lite demo: quality vs diversity")
-    for column in ("policy", "quality", "entropy", "distinct valid", "lexical", "predicted entropy"):
+    for column in ("policy", "quality", "entropy", "exact quality", "exact entropy", "distinct valid", "lexical",
+                   "predicted entropy"):
         table.add_column(column, justify="right" if column != "policy" else "left")
     for name, row in report["methods"].items():
-        table.add_row(name, f"{row['quality']:.3f}", f"{row['entropy']:.3f}", f"{row['distinct']:.2f}",
-                      f"{row['lexical']:.1f}", f"{row['predicted_entropy']:.3f}")
+        table.add_row(name, f"{row['quality']:.3f}", f"{row['entropy']:.3f}", f"{row['exact_quality']:.3f}",
+                      f"{row['exact_entropy']:.3f}", f"{row['distinct']:.2f}", f"{row['lexical']:.1f}",
+                      f"{row['predicted_entropy']:.3f}")
     console = Console()
     console.print(table)
     console.print(report["verdict"])
     console.print(f"\nReport: {output / 'report.md'}  Plot: {output / 'distributions.png'}")
     console.print(f"Compare the adapters side by side: qempo-lite app --demo-dir {output}"
-                  "  (needs the app extra: pip install -e '.[app]')")
+                  "  (needs the app extra: pip install -e '.[app]')", markup=False)
 
 
 def cli(argv: list[str]) -> int:
