@@ -289,7 +289,8 @@ def _import_vllm():
 
 
 @contextlib.contextmanager
-def _env(**values: str):
+def temporary_env(**values: str):
+    """Set environment variables for the duration of a block, then restore them."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
@@ -347,7 +348,7 @@ class VLLMLoRARollout:
         threads = torch.get_num_threads()
         saved_env = {key: os.environ.get(key) for key in ("LD_PRELOAD", "LD_LIBRARY_PATH")}
         offline = {"HF_HUB_OFFLINE": "1"} if local else {}
-        with _env(**offline):
+        with temporary_env(**offline):
             self.llm = LLM(
                 model=self.base_model,
                 tokenizer=self.base_model,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qempo_lite.errors import QempoError, missing_extra
+from qempo_lite.rollout import temporary_env
 
 logger = logging.getLogger("qempo_lite")
 
@@ -351,20 +352,6 @@ def _eos_ids(tokenizer, base_model: str) -> list[int]:
     return ids
 
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class Sampler:
     """The base model loaded once, serving several LoRA adapters (and itself) for sampling.
 
@@ -410,7 +397,7 @@ class Sampler:
         from transformers import AutoTokenizer
 
         try:
-            with _env(**({"HF_HUB_OFFLINE": "1"} if local.exists() else {})):
+            with temporary_env(**({"HF_HUB_OFFLINE": "1"} if local.exists() else {})):
                 self.tokenizer = AutoTokenizer.from_pretrained(self.base_model, trust_remote_code=False)
         except OSError as err:
             reason = " ".join(str(err).split())[:200] or type(err).__name__
@@ -454,7 +441,7 @@ class Sampler:
         threads = torch.get_num_threads()
         offline = {"HF_HUB_OFFLINE": "1"} if Path(self.base_model).is_dir() else {}
         try:
-            with _env(**offline):
+            with temporary_env(**offline):
                 self.llm = LLM(model=self.base_model, tokenizer=self.base_model, trust_remote_code=False,
                                enable_lora=True, max_loras=max_loras, max_lora_rank=self.max_lora_rank,
                                max_model_len=self.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
@@ -476,7 +463,7 @@ class Sampler:
         if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
             raise QempoError(f"dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
         offline = {"HF_HUB_OFFLINE": "1"} if Path(self.base_model).is_dir() else {}
-        with _env(**offline):
+        with temporary_env(**offline):
             base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=torch_dtype, trust_remote_code=False,
                                                         use_safetensors=True)
         self.model = base.to(self.device).eval()  # becomes a PeftModel with the first adapter
