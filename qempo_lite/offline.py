@@ -405,6 +405,22 @@ def use_rich_progress(trainer) -> None:
         trainer.add_callback(RichProgressCallback())
 
 
+def take_over_hub_push(config) -> str | None:
+    """The repository to push the finished adapter to, if ``push_to_hub`` is set.
+
+    transformers' own push uploads the whole output directory (checkpoints, optimizer states,
+    pickled arguments) at every save; qempo-lite turns it off and, after training, pushes only
+    the adapter, the tokenizer if changed and a model card (:func:`qempo_lite.hub.push_adapter`).
+    """
+    if not config.push_to_hub:
+        return None
+    if not config.hub_model_id or config.hub_model_id.count("/") != 1:
+        raise QempoError(f"push_to_hub needs hub_model_id as USER/NAME, got {config.hub_model_id!r}; "
+                         "pass --hub-model-id USER/NAME")
+    config.push_to_hub = False
+    return config.hub_model_id
+
+
 def checkpoint_to_resume(output_dir: str, resume: bool) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -428,6 +444,7 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
     if run_args.eval_split is not None:
         evaluation = load_preferences(run_args.dataset, split=run_args.eval_split, on_bad_rows=run_args.on_bad_rows,
                                       limit=run_args.eval_limit)
+    repo_id = take_over_hub_push(config)
     model, tokenizer, peft_config = model_args.load(config)
     trainer = QEMPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, peft_config=peft_config)
@@ -444,6 +461,10 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
               "skipped": report.skipped},
         steps=trainer.state.global_step,
     )
+    if repo_id:
+        from .hub import push_adapter
+
+        print(f"pushed to {push_adapter(config.output_dir, repo_id, private=bool(config.hub_private_repo))}")
     return Path(config.output_dir)
 
 

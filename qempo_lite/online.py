@@ -510,11 +510,12 @@ def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunAr
 
 def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
     """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
-    from .offline import checkpoint_to_resume, use_rich_progress
+    from .offline import checkpoint_to_resume, take_over_hub_push, use_rich_progress
     from .rewards import math_reward
 
     checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume)
     problems = load_problems(run_args, config.seed)
+    repo_id = take_over_hub_push(config)
     model, tokenizer, peft_config = model_args.load(config)
     trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
                                  processing_class=tokenizer, peft_config=peft_config)
@@ -526,6 +527,10 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
     trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer
     trainer.save_state()
     _write_metadata(config, model_args, run_args, len(problems), trainer.state.global_step)
+    if repo_id:
+        from .hub import push_adapter
+
+        print(f"pushed to {push_adapter(config.output_dir, repo_id, private=bool(config.hub_private_repo))}")
     return Path(config.output_dir)
 
 

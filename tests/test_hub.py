@@ -87,3 +87,15 @@ def test_refuses_missing_adapter_and_pickles(adapter_dir, tmp_path, capsys):
     code, _, stderr = _push(capsys, pickled, "--repo-id", "someone/tiny", "--dry-run", tmp_path / "b")
     assert code == 2 and "pickled" in stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_training_cli_takes_over_the_hub_push(tmp_path):
+    from qempo_lite.errors import QempoError
+    from qempo_lite.offline import QEMPOConfig, take_over_hub_push
+
+    config = QEMPOConfig(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="someone/tiny", report_to=[], use_cpu=True)
+    assert take_over_hub_push(config) == "someone/tiny"
+    assert config.push_to_hub is False  # transformers must not upload checkpoints and pickles itself
+    assert take_over_hub_push(QEMPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)) is None
+    with pytest.raises(QempoError, match="hub-model-id"):
+        take_over_hub_push(QEMPOConfig(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="tiny", report_to=[], use_cpu=True))
