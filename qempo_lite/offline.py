@@ -421,6 +421,14 @@ def take_over_hub_push(config) -> str | None:
     return config.hub_model_id
 
 
+def push_finished_adapter(config, repo_id: str | None) -> None:
+    """Push ``config.output_dir`` (adapter, tokenizer if changed, card) when :func:`take_over_hub_push` said so."""
+    if repo_id:
+        from .hub import push_adapter
+
+        print(f"pushed to {push_adapter(config.output_dir, repo_id, private=bool(config.hub_private_repo))}")
+
+
 def checkpoint_to_resume(output_dir: str, resume: bool) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -461,10 +469,7 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
               "skipped": report.skipped},
         steps=trainer.state.global_step,
     )
-    if repo_id:
-        from .hub import push_adapter
-
-        print(f"pushed to {push_adapter(config.output_dir, repo_id, private=bool(config.hub_private_repo))}")
+    push_finished_adapter(config, repo_id)
     return Path(config.output_dir)
 
 

@@ -510,7 +510,7 @@ def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunAr
 
 def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
     """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
-    from .offline import checkpoint_to_resume, take_over_hub_push, use_rich_progress
+    from .offline import checkpoint_to_resume, push_finished_adapter, take_over_hub_push, use_rich_progress
     from .rewards import math_reward
 
     checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume)
@@ -527,10 +527,7 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
     trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer
     trainer.save_state()
     _write_metadata(config, model_args, run_args, len(problems), trainer.state.global_step)
-    if repo_id:
-        from .hub import push_adapter
-
-        print(f"pushed to {push_adapter(config.output_dir, repo_id, private=bool(config.hub_private_repo))}")
+    push_finished_adapter(config, repo_id)
     return Path(config.output_dir)
 
 

@@ -303,6 +303,22 @@ def temporary_env(**values: str):
                 os.environ[key] = value
 
 
+def shutdown_vllm(llm) -> None:
+    """Shut an in-process vLLM engine down so that another (or a trainer) can start cleanly.
+
+    The in-process engine initialised torch.distributed and vLLM's parallel groups; they are
+    torn down too. Errors are ignored: this runs on the way out.
+    """
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+    with contextlib.suppress(Exception):
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+
+
 class VLLMLoRARollout:
     """vLLM serving the base model, with the trained adapter served natively as a LoRA.
 
@@ -500,17 +516,9 @@ class VLLMLoRARollout:
             return
         with contextlib.suppress(Exception):
             self._drop_current()
-        with contextlib.suppress(Exception):
-            self.llm.llm_engine.engine_core.shutdown()
+        shutdown_vllm(self.llm)
         self.llm = None
         gc.collect()
-        # The in-process engine initialised torch.distributed and vLLM's parallel groups;
-        # tearing them down lets a later engine (or a trainer) start cleanly in this process.
-        with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-            destroy_model_parallel()
-            destroy_distributed_environment()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

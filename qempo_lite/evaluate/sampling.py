@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qempo_lite.errors import QempoError, missing_extra
-from qempo_lite.rollout import temporary_env
+from qempo_lite.rollout import shutdown_vllm, temporary_env
 
 logger = logging.getLogger("qempo_lite")
 
@@ -714,15 +714,8 @@ class Sampler:
         import torch
 
         if getattr(self, "llm", None) is not None:
-            with contextlib.suppress(Exception):
-                self.llm.llm_engine.engine_core.shutdown()
+            shutdown_vllm(self.llm)
             self.llm = None
-            gc.collect()
-            with contextlib.suppress(Exception):
-                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-                destroy_model_parallel()
-                destroy_distributed_environment()
         self.model = None
         self._adapters.clear()
         gc.collect()
