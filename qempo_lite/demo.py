@@ -66,13 +66,16 @@ class DemoSettings:
     train_epochs: int = 2
     samples_per_prompt: int = 64
     lora_r: int = 16
+    # Adam takes lr-sized steps even along directions the pairwise loss barely constrains (the
+    # logits of non-answers); larger batches keep those steps from being pure noise.
+    batch_size: int = 64
     # Larger steps (1e-3 and up) sometimes let a policy drift onto non-answers within two epochs.
     learning_rate: float = 5e-4
 
     @classmethod
     def make(cls, seed: int, quick: bool) -> "DemoSettings":
         if quick:
-            return cls(seed=seed, quick=True, sft_steps=200, pairs_per_prompt=48, samples_per_prompt=32)
+            return cls(seed=seed, quick=True, sft_steps=200, pairs_per_prompt=48, samples_per_prompt=32, batch_size=32)
         return cls(seed=seed)
 
 
@@ -251,7 +254,7 @@ def train_adapter(method: str, base: Path, pairs: list[dict], out: Path, setting
         learning_rate=settings.learning_rate,
         lr_scheduler_type="constant",
         num_train_epochs=settings.train_epochs,
-        per_device_train_batch_size=32,
+        per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=1,
         max_length=32,
         logging_steps=10,
