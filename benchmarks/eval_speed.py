@@ -25,7 +25,6 @@ import platform
 import random
 import re
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -115,24 +114,11 @@ def reference_lexical(texts: list[str]) -> float:
 
 
 def reference_syntactic(texts: list[str], nlp, iterations: int) -> float:
-    import networkx as nx
     import scipy.sparse
 
-    counts = []
-    for text in texts:
-        doc = nlp(text)
-        graph = nx.Graph()
-        for tok in doc:
-            if not tok.is_space:
-                # networkx hashes labels as ASCII
-                graph.add_node(tok.i, lemma=tok.lemma_.encode("unicode_escape").decode("ascii"))
-        for tok in doc:
-            if tok.i != tok.head.i and not tok.is_space and not tok.head.is_space:
-                graph.add_edge(tok.i, tok.head.i)
-        hashes = nx.weisfeiler_lehman_subgraph_hashes(
-            graph, node_attr="lemma", iterations=iterations, include_initial_labels=True
-        )
-        counts.append(Counter((t, h) for node_hashes in hashes.values() for t, h in enumerate(node_hashes)))
+    from qempo_lite.evaluate.reference import networkx_wl_counts
+
+    counts = networkx_wl_counts(texts, nlp, iterations)
     vocabulary: dict = {}
     rows, cols, vals = [], [], []
     for i, count in enumerate(counts):

