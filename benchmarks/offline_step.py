@@ -16,21 +16,16 @@ is an up-front cost, reported as set-up time and folded into an "epoch" figure (
 pass over the benchmark's pairs). Per step, ``qempo`` and ``dpo+pre`` do the same work (one
 policy forward and backward); ``qempo`` saves the precompute pass. Ratios print last.
 
-``--cuda``: each paper model's real shape (configs in ``qempo_lite.models.PAPER_MODELS``,
-random weights, no download) with LoRA (bf16) and QLoRA (NF4), 1024-token sequences, the
-recipes' per-device batch, gradient checkpointing: peak GPU memory, tokens/s, and the
-``memory_plan`` estimate beside it.
+The GPU counterpart, on the paper models' real shapes, is ``benchmarks/gpu_suite.py``.
 
     python benchmarks/offline_step.py [--steps 8] [--warmup 2]
-    python benchmarks/offline_step.py --cuda [--models Qwen/Qwen2.5-1.5B-Instruct ...]
 
-Results go to ``benchmarks/results/offline_step_{cpu,cuda}.json``.
+Results go to ``benchmarks/results/offline_step_cpu.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -171,78 +166,6 @@ def cpu_benchmark(args) -> dict:
     }
 
 
-def write_random_model(config, folder: str, tokenizer, device: str) -> None:
-    """Random weights of ``config``'s shape, saved (safetensors) so that QLoRA quantises them on load as usual."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device(device):  # initialising 8B parameters is minutes on CPU, seconds on GPU
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def time_adapter(folder: str, config, quantization: str | None, batch: int, pairs, args) -> dict:
-    """Median step, tokens/s and peak memory of QEMPOTrainer on the model in ``folder``."""
-    from qempo_lite.models import load_policy, memory_plan
-    from qempo_lite.offline import QEMPOConfig, QEMPOTrainer
-
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    policy, tokenizer, peft_config = load_policy(folder, quantization=quantization, dtype="bfloat16" if on_gpu else None,
-                                                 gradient_checkpointing=True, attn_implementation="sdpa")
-    train_config = QEMPOConfig(
-        output_dir=os.path.join(folder, "run"), loss_method=args.method, max_length=args.seq,
-        per_device_train_batch_size=batch, learning_rate=1e-5, lr_scheduler_type="constant", bf16=on_gpu,
-        use_cpu=not on_gpu, gradient_checkpointing=True, report_to=[], disable_tqdm=True, save_strategy="no", seed=0,
-        logging_steps=1_000_000)
-    start = time.perf_counter()
-    trainer = QEMPOTrainer(model=policy, args=train_config, train_dataset=pairs, processing_class=tokenizer,
-                           peft_config=peft_config)
-    stepper = Stepper(config.model_type, trainer, time.perf_counter() - start)
-    for i in range(args.warmup + args.steps):
-        stepper.step(record=i >= args.warmup)
-    row = {
-        "adapter": "QLoRA" if quantization else "LoRA", "method": args.method, "pairs_per_step": batch,
-        "seq_len": args.seq, "median_step_ms": _median_ms(stepper.times),
-        "tokens_per_s": 2 * batch * args.seq / statistics.median(stepper.times),
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3 if on_gpu else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3 if on_gpu else None,
-        "memory_plan_gib": memory_plan(config, quantization, 16, args.seq, batch).total,
-    }
-    del trainer, stepper, policy
-    gc.collect()
-    if on_gpu:
-        torch.cuda.empty_cache()
-    return row
-
-
-def cuda_benchmark(args) -> dict:
-    from qempo_lite.models import PAPER_MODELS, paper_model_config
-    from qempo_lite.tiny import train_tokenizer
-
-    if not torch.cuda.is_available():
-        raise SystemExit("--cuda needs a CUDA GPU; run without --cuda for the CPU benchmark")
-    tokenizer = train_tokenizer()
-    pairs = synthetic_pairs(args.pairs, prompt_words=200, answer_words=800)
-    rows = []
-    for name in args.models or list(PAPER_MODELS):
-        config = paper_model_config(name)
-        with tempfile.TemporaryDirectory(prefix="paper-shape-") as folder:
-            write_random_model(config, folder, tokenizer, "cuda")
-            for quantization in args.quantizations:
-                if quantization is None and ("7B" in name or "8B" in name) and not args.all_lora:
-                    continue  # the recipes run the 7-8B models in QLoRA only
-                batch = args.batch or (2 if quantization else 4)  # the recipes' per-device batch
-                rows.append({"model": name, **time_adapter(folder, config, quantization, batch, pairs, args)})
-                print(json.dumps(rows[-1]), flush=True)
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows}
-
-
 def print_cpu(result: dict) -> None:
     print(f"\nCPU, {result['threads']} threads: Llama {result['model']['layers']} layers x {result['model']['hidden']}, "
           f"vocabulary {result['model']['vocab']}, LoRA r=16, {result['pairs_per_step']} pairs x "
@@ -260,49 +183,25 @@ def print_cpu(result: dict) -> None:
               f"{result['epoch_ratios'][name]:>7.3f}   {('target (step) ' + target) if target else ''}")
 
 
-def print_cuda(result: dict) -> None:
-    print(f"\n{result['device']}")
-    print(f"{'model':<34}{'adapter':>8}{'pairs':>6}{'step (ms)':>11}{'tokens/s':>10}{'peak GiB':>10}{'plan GiB':>10}")
-    for row in result["results"]:
-        print(f"{row['model']:<34}{row['adapter']:>8}{row['pairs_per_step']:>6}{row['median_step_ms']:>11.0f}"
-              f"{row['tokens_per_s']:>10.0f}{row['peak_allocated_gib']:>10.1f}{row['memory_plan_gib']:>10.1f}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cuda", action="store_true", help="paper model shapes on a CUDA GPU")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 8 CPU, 5 GPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps dropped (default 2 CPU, 2 GPU)")
-    parser.add_argument("--batch", type=int, default=None, help="pairs per step (default 4 CPU; GPU: the recipes')")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256 CPU, 1024 GPU)")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps dropped")
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--models", nargs="*", default=None, help="GPU: paper model ids (default all four)")
-    parser.add_argument("--quantizations", nargs="*", default=None, help="GPU: none and/or 4bit (default both)")
-    parser.add_argument("--all-lora", action="store_true", help="GPU: also LoRA (bf16) on the 7-8B models")
-    parser.add_argument("--method", default="qempo", help="GPU: loss_method to time (default qempo)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-
-    if args.cuda:
-        args.steps, args.warmup = args.steps or 5, args.warmup if args.warmup is not None else 2
-        args.seq = args.seq or 1024
-        args.quantizations = [None if q == "none" else q for q in (args.quantizations or ["none", "4bit"])]
-        args.pairs = 64
-        result = cuda_benchmark(args)
-        output = args.output or RESULTS / "offline_step_cuda.json"
-    else:
-        args.steps, args.warmup = args.steps or 8, args.warmup if args.warmup is not None else 2
-        args.batch, args.seq = args.batch or 4, args.seq or 256
-        args.pairs = 8 * args.batch
-        result = cpu_benchmark(args)
-        output = args.output or RESULTS / "offline_step_cpu.json"
+    args.pairs = 8 * args.batch
+    result = cpu_benchmark(args)
+    output = args.output or RESULTS / "offline_step_cpu.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results written to {output}")
-    (print_cuda if args.cuda else print_cpu)(result)
+    print_cpu(result)
 
 
 if __name__ == "__main__":
