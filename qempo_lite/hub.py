@@ -62,26 +62,29 @@ METHOD_TEXT = {
 # ---------------------------------------------------------------- files inside the adapter
 
 
-def contained_file(folder: Path, name: str, root: Path | None = None) -> Path | None:
+def contained_file(folder: Path, name: str, root: Path | None = None, label: str | None = None) -> Path | None:
     """The real file behind ``folder/name`` (None when there is none).
 
     Refused with QempoError: a symlink whose target leaves ``root`` (default: ``folder``), a
-    broken or looping link, and anything that is not a regular file.
+    broken or looping link, and anything that is not a regular file. Messages name the
+    folder as ``label`` (default: the folder's path).
     """
     folder = Path(folder)
     root = Path(root or folder).resolve()
+    label = label or str(folder)
     path = folder / name
     if not path.is_symlink() and not path.exists():
         return None
     try:
         real = path.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise QempoError(f"{name} in {folder} is a broken or looping symlink; replace it with the file itself") from None
+        raise QempoError(f"{name} in {label} is a broken or looping symlink; replace it with the file itself") from None
     if not real.is_relative_to(root):
-        raise QempoError(f"{name} in {folder} is a symlink to a file outside the adapter directory; copy the file in "
-                         "instead of linking it (nothing outside the adapter directory is read or uploaded)")
+        where = "the adapter directory" if root == folder.resolve() else "the allowed directories"
+        raise QempoError(f"{name} in {label} is a symlink to a file outside {where}; copy the file in instead of "
+                         f"linking it (nothing outside {where} is read or uploaded)")
     if not real.is_file():
-        raise QempoError(f"{name} in {folder} is not a regular file; replace it with the file itself")
+        raise QempoError(f"{name} in {label} is not a regular file; replace it with the file itself")
     return real
 
 
@@ -105,27 +108,29 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
     return value
 
 
-def check_adapter_dir(adapter_dir: Path, root: Path | None = None) -> None:
+def check_adapter_dir(adapter_dir: Path, root: Path | None = None, label: str | None = None) -> None:
     """Refuse anything that is not a safetensors PEFT adapter directory whose files stay inside
     ``root`` (default: the directory itself; a Hub snapshot passes its repository's cache folder)."""
     adapter_dir = Path(adapter_dir)
+    label = label or str(adapter_dir)
     if not adapter_dir.is_dir():
-        raise QempoError(f"{adapter_dir} is not a directory; pass the output_dir of a training run")
-    if contained_file(adapter_dir, CONFIG_FILE, root) is None:
-        raise QempoError(f"{adapter_dir} has no {CONFIG_FILE}; pass a directory saved by a PEFT adapter")
+        raise QempoError(f"{label} is not a directory; pass the output_dir of a training run")
+    if contained_file(adapter_dir, CONFIG_FILE, root, label) is None:
+        raise QempoError(f"{label} has no {CONFIG_FILE}; pass a directory saved by a PEFT adapter")
     pickled = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
-        raise QempoError(f"{adapter_dir} holds pickled weights ({', '.join(pickled)}); only safetensors are pushed: "
+        raise QempoError(f"{label} holds pickled weights ({', '.join(pickled)}); only safetensors are used: "
                          "re-save the adapter with save_pretrained(..., safe_serialization=True) and remove them")
-    if contained_file(adapter_dir, WEIGHTS_FILE, root) is None:
-        raise QempoError(f"{adapter_dir} has no {WEIGHTS_FILE}; re-save the adapter with safetensors")
+    if contained_file(adapter_dir, WEIGHTS_FILE, root, label) is None:
+        raise QempoError(f"{label} has no {WEIGHTS_FILE}; re-save the adapter with safetensors")
 
 
-def adapter_config(adapter_dir: Path, root: Path | None = None) -> dict:
-    path = contained_file(adapter_dir, CONFIG_FILE, root)
+def adapter_config(adapter_dir: Path, root: Path | None = None, label: str | None = None) -> dict:
+    label = label or str(adapter_dir)
+    path = contained_file(adapter_dir, CONFIG_FILE, root, label)
     if path is None:
-        raise QempoError(f"{adapter_dir} has no {CONFIG_FILE}; pass a directory saved by a PEFT adapter")
-    return read_json_object(path, f"{adapter_dir}/{CONFIG_FILE}", "re-save the adapter with save_pretrained")
+        raise QempoError(f"{label} has no {CONFIG_FILE}; pass a directory saved by a PEFT adapter")
+    return read_json_object(path, f"{label}/{CONFIG_FILE}", "re-save the adapter with save_pretrained")
 
 
 # ---------------------------------------------------------------- the weights
