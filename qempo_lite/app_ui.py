@@ -597,11 +597,10 @@ class Comparison:
         start = time.perf_counter()
         result: dict[str, Any] = {"ok": False, "errors": [], "base_model": base_model, "prompt": prompt,
                                   "settings": {}, "columns": [], "missing": {}, "seconds": 0.0}
-        labels = {}
+        labels: dict[str, str] = {}  # resolved path -> what the user typed, for messages
         try:
             settings = self._check_request(adapters, prompt, samples, temperature, top_p, max_new_tokens, seed)
             result["settings"] = settings
-            labels: dict[str, str] = {}  # resolved path -> what the user typed, for messages
             result["columns"] = columns = self._columns(adapters, labels)
             progress(0.02, "loading the base model")
             with self.samplers.lock:
