@@ -248,8 +248,8 @@ def _under_roots(value: str, roots: list[Path], what: str) -> tuple[Path, Path]:
         raise QempoError(f"{what} {shown(value)} cannot be resolved (a symlink loop?); type a directory path") from None
     root = _root_of(path, roots)
     if root is None:
-        raise QempoError(f"{what} {shown(value)} is outside the allowed roots; move it under one of them or restart the "
-                         "app with --allowed-root DIR")
+        raise QempoError(f"{what} {shown(value)} is outside the allowed roots; move it under one of them or restart "
+                         "the app with --allowed-root DIR")
     try:
         path.stat()
     except FileNotFoundError:

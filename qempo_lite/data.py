@@ -123,7 +123,8 @@ def _damaged(name: str, line: int | None, err: BaseException) -> QempoError:
     return QempoError(f"{where}: the file is truncated or damaged ({reason}); download or compress it again")
 
 
-def read_json_lines(handle: BinaryIO, name: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, Row | BadRow]]:
+def read_json_lines(handle: BinaryIO, name: str,
+                    max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, Row | BadRow]]:
     """JSON Lines from a binary ``handle``: ``(line number, row or BadRow)`` for each non-blank line.
 
     Lines are split on ``\\n`` only (a U+2028 or a lone ``\\r`` inside a string is text, as in

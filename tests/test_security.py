@@ -393,7 +393,8 @@ class _Garbage(BaseHTTPRequestHandler):
     key_seen = ""
 
     def do_GET(self):  # noqa: N802
-        self._send(200, "application/json", json.dumps({"object": "list", "data": [{"id": "judge", "object": "model"}]}))
+        models = {"object": "list", "data": [{"id": "judge", "object": "model"}]}
+        self._send(200, "application/json", json.dumps(models))
 
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers["Content-Length"]))
