@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .app_ui import DEFAULT_DEMO_DIR, JudgeSettings, discover_settings, launch_app
+from .app_ui import DEFAULT_DEMO_DIR, JudgeSettings, choose_backend, discover_settings, launch_app
 from .errors import QempoError
 
 BACKENDS = ("auto", "vllm", "hf")
@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an adapter to offer (repeatable; the demo's adapters are added when found)")
     models.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR, help=f"demo output directory (default: ./{DEFAULT_DEMO_DIR})")
     models.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="sampling backend: vllm (one engine, multi-LoRA), hf (transformers), or auto: vllm "
-                             "when installed")
+                        help="sampling backend: vllm (one engine, multi-LoRA), hf (transformers), or auto: vllm on "
+                             "a GPU when installed, transformers on a CPU (the page says which serves)")
     models.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="vLLM's memory fraction (on the CPU backend: of CPU memory)")
     models.add_argument("--max-model-len", type=int, default=None,
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refuse Hub ids typed in the page: serve local directories only")
     safety.add_argument("--max-samples", type=int, default=32, help="most samples per adapter (default: 32)")
     safety.add_argument("--max-new-tokens", type=int, default=1024, help="most new tokens per sample (default: 1024)")
+    safety.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="most prompt tokens (chat template included), counted before sampling (default: the "
+                             "model's context)")
     safety.add_argument("--queue-size", type=int, default=16, help="most requests waiting in the queue (default: 16)")
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--questions", help="MT-Bench question.jsonl to pick prompts from")
@@ -54,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace):
-    if args.max_samples < 1 or args.max_new_tokens < 1 or args.queue_size < 1:
-        raise QempoError("--max-samples, --max-new-tokens and --queue-size must be positive; pass larger values")
+    if args.max_samples < 1 or args.max_new_tokens < 1 or args.queue_size < 1 or (
+            args.max_prompt_tokens is not None and args.max_prompt_tokens < 1):
+        raise QempoError("--max-samples, --max-new-tokens, --max-prompt-tokens and --queue-size must be positive; "
+                         "pass larger values")
     if bool(args.judge_url) != bool(args.judge_model):
         raise QempoError("--judge-url and --judge-model go together; pass both or neither")
     sampler_options = {}
@@ -68,7 +73,8 @@ def settings_from_args(args: argparse.Namespace):
         demo_dir=args.demo_dir, base_model=args.base_model, adapters=args.adapter, allowed_roots=args.allowed_root,
         questions=args.questions, backend=args.backend, sampler_options=sampler_options,
         spacy_model=args.spacy_model, encoder=args.encoder, judge=judge, max_samples=args.max_samples,
-        max_new_tokens=args.max_new_tokens, queue_size=args.queue_size, allow_hub=not args.no_hub,
+        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, queue_size=args.queue_size,
+        allow_hub=not args.no_hub,
     )
 
 
@@ -78,5 +84,6 @@ def cli(argv: list[str]) -> int:
     # Gradio's own banner suggests share=True, which this app never uses: print the address instead.
     page, url = launch_app(settings, host=args.host, port=args.port, prevent_thread_lock=True, quiet=True)
     print(f"qempo-lite app running at {url} (Ctrl+C to stop)", flush=True)
+    print(f"sampling backend: {choose_backend(settings.backend)[1]}", flush=True)
     page.block_thread()
     return 0

@@ -9,12 +9,20 @@ The base model is loaded once (a :class:`~qempo_lite.evaluate.sampling.Sampler`,
 base model) and serves every selected adapter: one vLLM engine with multi-LoRA when vLLM is
 installed, ``transformers`` generate otherwise.
 
-Safe by default: the server binds 127.0.0.1, never opens a share link, and queues requests
-one at a time. Local paths typed into the UI must lie under an allowed root (the working
-directory unless ``--allowed-root`` says otherwise; what the command line names is allowed
-too), adapters must be safetensors PEFT directories, and the sample count, token budget and
-prompt length are checked here, not only by the sliders. Errors reach the user as one line
-in the page, never as a stack trace.
+Safe by default: the server binds 127.0.0.1, never opens a share link, accepts no uploads
+(Gradio's ``max_file_size`` is 1 KB) and queues requests one at a time. Local paths typed into
+the UI must lie under an allowed root (the working directory unless ``--allowed-root`` says
+otherwise; what the command line names is allowed too), and so must every file inside the
+directory they name once symlinks are resolved; adapters must be safetensors PEFT
+directories whose weights are LoRA weights, base models must have safetensors weights. The
+sample count, token budget, prompt length and prompt tokens (``--max-prompt-tokens``,
+default: the model's context, counted with the chat template before anything is generated)
+are checked here, not only by the sliders. Errors reach the user as one line in the page,
+naming no server path beyond what the user typed, never as a stack trace.
+
+``--backend auto`` samples with vLLM on a GPU (when installed) and with transformers on a
+CPU, where vLLM's CPU backend would reserve most of the machine's memory up front; the page
+says which backend serves.
 
 The logic lives in the package (rather than in ``app/app.py``) so that ``qempo-lite app``
 works from a wheel as well as from a source checkout; ``app/app.py`` is a thin script.
@@ -35,6 +43,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import QempoError, missing_extra
+from .hub import HUB_ID, PICKLE_SUFFIXES, WEIGHTS_FILE, adapter_config, check_adapter_dir, check_lora_weights, \
+    contained_file, read_json_object, safetensors_header
 
 logger = logging.getLogger("qempo_lite")
 
@@ -44,8 +54,10 @@ MAX_COLUMNS = 4
 MAX_LOADED_ADAPTERS = 8  # adapters a Sampler keeps loaded between requests
 DEFAULT_DEMO_DIR = "qempo-demo"
 METADATA_FILE = "qempo_lite.json"
-# Hub ids look like owner/name; anything else that is not an existing directory is a bad path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAX_PATH_CHARS = 1024  # longer typed paths are refused before they reach the file system
+MAX_FILES_CHECKED = 10_000  # entries of a model directory checked against the allowed roots
+MAX_UPLOAD_BYTES = 1024  # the page has no upload control: Gradio's upload endpoint takes next to nothing
+_PATH_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The demo's adapters, in the order the paper's story reads: the RLHF baseline, then QEMPO.
 _DEMO_ORDER = ("dpo", "qempo", "qempo_kl", "spl")
 _CHART_METRICS = (("lexical", "lexical"), ("syntactic", "syntactic"), ("semantic", "semantic"),
@@ -87,6 +99,7 @@ class AppSettings:
     max_samples: int = 32
     max_new_tokens: int = 1024
     max_prompt_chars: int = 8000
+    max_prompt_tokens: int | None = None  # None: the model's context
     queue_size: int = 16
 
 
@@ -193,54 +206,137 @@ def discover_settings(*, demo_dir: str | Path = DEFAULT_DEMO_DIR, base_model: st
 # ---------------------------------------------------------------- paths
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """A typed value as messages show it: control characters escaped, long ones shortened."""
+    text = _PATH_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+    return text if len(text) <= limit else f"{text[: limit - 21]}…{text[-20:]} ({len(value):,} characters)"
+
+
+def _check_typed(value: Any, what: str) -> str:
+    """A typed path or id as a clean string; one-line refusals for what the file system would choke on."""
+    if not isinstance(value, str):
+        raise QempoError(f"{what} must be a directory path or a Hub id, got {type(value).__name__}")
+    value = value.strip()
+    if "\x00" in value:
+        raise QempoError(f"{what} {shown(value)} contains a NUL byte; type a directory path or a Hub id")
+    if _PATH_CONTROL.search(value):
+        raise QempoError(f"{what} {shown(value)} contains control characters; type a directory path or a Hub id")
+    if len(value) > MAX_PATH_CHARS or any(len(part.encode()) > 255 for part in value.split("/")):
+        raise QempoError(f"{what} {shown(value)} is too long for a path; type a directory path or a Hub id")
+    return value
+
+
 def _is_hub_id(value: str, allow_hub: bool, what: str) -> bool:
-    hub = bool(_HUB_ID.match(value)) and ".." not in value and not Path(value).expanduser().exists()
+    hub = bool(HUB_ID.match(value)) and ".." not in value and not os.path.lexists(os.path.expanduser(value))
     if hub and not allow_hub:
         raise QempoError(f"{what} {value} looks like a Hub id, and this app serves local directories only "
                          "(--no-hub); pass a directory under an allowed root")
     return hub
 
 
-def _under_roots(value: str, roots: list[Path], what: str) -> Path:
-    # resolve() follows symlinks, so a link under a root pointing elsewhere is refused too.
-    path = Path(value).expanduser().resolve()
-    if not any(path == root or path.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(r) for r in roots)
-        raise QempoError(f"{what} {value} is outside the allowed roots ({allowed}); move it under one of them "
-                         "or restart the app with --allowed-root DIR")
-    return path
+def _root_of(path: Path, roots: list[Path]) -> Path | None:
+    return next((root for root in roots if path == root or path.is_relative_to(root)), None)
+
+
+def _under_roots(value: str, roots: list[Path], what: str) -> tuple[Path, Path]:
+    """(the resolved directory, the allowed root holding it). Messages name only what was typed."""
+    # resolve() follows symlinks, so a link under a root pointing elsewhere is refused too. Whether
+    # something outside the roots exists is never told: "outside" comes before "not found".
+    try:
+        path = Path(value).expanduser().resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13), an unreadable parent
+        raise QempoError(f"{what} {shown(value)} cannot be resolved (a symlink loop?); type a directory path") from None
+    root = _root_of(path, roots)
+    if root is None:
+        raise QempoError(f"{what} {shown(value)} is outside the allowed roots; move it under one of them or restart "
+                         "the app with --allowed-root DIR")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise QempoError(f"{what} {shown(value)} does not exist; type an existing directory") from None
+    except (OSError, RuntimeError):
+        raise QempoError(f"{what} {shown(value)} cannot be read (a symlink loop?); type a directory path") from None
+    if not path.is_dir():
+        raise QempoError(f"{what} {shown(value)} is not a directory; pick a directory saved with save_pretrained")
+    return path, root
+
+
+def check_files_inside(directory: Path, roots: list[Path], what: str) -> None:
+    """Every file and folder in ``directory`` (recursively, links not followed) must resolve
+    under an allowed root: a weights file linked to one elsewhere is refused, as are broken
+    links and loops. ``what`` names the directory in messages (what the user typed)."""
+    checked = 0
+    for folder, dirs, files in os.walk(directory, followlinks=False):
+        for name in dirs + files:
+            checked += 1
+            if checked > MAX_FILES_CHECKED:
+                raise QempoError(f"{what} holds more than {MAX_FILES_CHECKED:,} files; pick a model or adapter "
+                                 "directory")
+            entry = Path(folder, name)
+            relative = entry.relative_to(directory)
+            try:
+                real = entry.resolve(strict=True)
+            except (OSError, RuntimeError):
+                raise QempoError(f"{what}: {shown(str(relative))} is a broken or looping symlink; remove it or "
+                                 "replace it with the file itself") from None
+            if _root_of(real, roots) is None:
+                raise QempoError(f"{what}: {shown(str(relative))} is a symlink to a file outside the allowed roots; "
+                                 "copy the file in instead of linking it")
+
+
+def _check_base_weights(path: Path, what: str) -> None:
+    """A local base model must bring safetensors weights whose headers parse (no pickles are loaded)."""
+    weights = sorted(p for p in path.iterdir() if p.name.endswith(".safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f"only pickled weights ({', '.join(pickled[:3])})" if pickled else "no .safetensors weights"
+        raise QempoError(f"{what} has {found}; the app loads safetensors only: re-save the model with "
+                         "save_pretrained(..., safe_serialization=True)")
+    for file in weights:
+        try:
+            safetensors_header(file, f"{what}: {file.name}")
+        except QempoError as err:
+            raise QempoError(str(err).replace("re-save the adapter", "re-save the model")) from None
 
 
 def resolve_base_model(value: str, roots: list[Path], allow_hub: bool = True) -> str:
-    """A local model directory under an allowed root, or a Hub model id (unless ``allow_hub`` is off)."""
-    value = (value or "").strip()
+    """A local model directory under an allowed root (every file in it too, safetensors
+    weights), or a Hub model id (unless ``allow_hub`` is off)."""
+    value = _check_typed(value or "", "base model")
     if not value:
         raise QempoError("no base model selected; pick one or type a model directory or Hub id")
     if _is_hub_id(value, allow_hub, "base model"):
         return value
-    path = _under_roots(value, roots, "base model")
+    path, _ = _under_roots(value, roots, "base model")
+    what = f"base model {shown(value)}"
+    check_files_inside(path, roots, what)
     if not (path / "config.json").is_file():
-        raise QempoError(f"base model {value} is not a model directory (no config.json); "
-                         "pick a directory saved with save_pretrained or a Hub model id")
+        raise QempoError(f"{what} is not a model directory (no config.json); pick a directory saved with "
+                         "save_pretrained or a Hub model id")
+    _check_base_weights(path, what)
     return str(path)
 
 
 def resolve_adapter(value: str, roots: list[Path], allow_hub: bool = True) -> Path:
-    """A safetensors PEFT adapter directory under an allowed root, or one fetched from the Hub."""
-    from .hub import check_adapter_dir
-
+    """A safetensors PEFT adapter directory under an allowed root (every file in it too), whose
+    weights are LoRA weights matching its adapter_config.json, or one fetched from the Hub."""
+    value = _check_typed(value, "adapter")
     if _is_hub_id(value, allow_hub, "adapter"):
         return _fetch_hub_adapter(value)
-    path = _under_roots(value, roots, "adapter")
-    if not path.is_dir():
-        raise QempoError(f"adapter {value} is not a directory; pick a training run's output directory")
-    check_adapter_dir(path)
+    path, root = _under_roots(value, roots, "adapter")
+    what = f"adapter {shown(value)}"
+    check_files_inside(path, roots, what)
+    _check_adapter(path, root, what)
     return path
 
 
-def _fetch_hub_adapter(repo_id: str) -> Path:
-    from .hub import check_adapter_dir
+def _check_adapter(path: Path, root: Path, what: str) -> None:
+    check_adapter_dir(path, root, label=what)
+    config = adapter_config(path, root, label=what)
+    check_lora_weights(contained_file(path, WEIGHTS_FILE, root, what), config, f"{what}: {WEIGHTS_FILE}")
 
+
+def _fetch_hub_adapter(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
@@ -249,17 +345,21 @@ def _fetch_hub_adapter(repo_id: str) -> Path:
     except Exception as err:  # noqa: BLE001 - any Hub failure is the user's to fix (id, token, network)
         raise QempoError(f"adapter {repo_id} could not be fetched from the Hub ({_first_line(err)}); "
                          "check the id, your access and the network, or pass a local directory") from None
-    check_adapter_dir(path)
+    # A snapshot's files are links into its repository's cache folder (models--owner--name): that is its root.
+    repository = path.resolve().parents[1]
+    check_files_inside(path, [repository], f"adapter {repo_id}")
+    _check_adapter(path, repository, f"adapter {repo_id}")
     return path
 
 
 def adapter_metadata(path: Path) -> dict:
     """``method`` and ``coefficients`` from the adapter's ``qempo_lite.json`` ({} when absent or unreadable)."""
-    try:
-        data = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    # Called on directories resolve_adapter has checked: every file in them stays under the roots.
+    if not (path / METADATA_FILE).is_file():
         return {}
-    if not isinstance(data, dict):
+    try:
+        data = read_json_object(path / METADATA_FILE, METADATA_FILE, "")
+    except QempoError:  # not UTF-8 JSON, not an object: the column is shown without the method
         return {}
     return {key: data[key] for key in ("method", "mode", "coefficients", "base_model") if key in data}
 
@@ -350,22 +450,61 @@ class ColumnScorer:
 # ---------------------------------------------------------------- sampling
 
 
+def _gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """(backend, why): what ``--backend`` means on this machine, and the line that tells the user.
+
+    ``auto`` is vLLM on a GPU when it is installed, and transformers on a CPU: vLLM's CPU
+    backend reserves a fixed share of the machine's memory when it starts (0.9 unless told
+    otherwise) and refuses to start when that much is not free, which a machine running
+    anything else rarely has. ``--backend vllm`` asks for it anyway.
+    """
+    import importlib.util
+
+    if requested == "vllm":
+        return "vllm", "vLLM (--backend vllm)"
+    if requested == "hf":
+        return "hf", "transformers (--backend hf)"
+    if requested != "auto":
+        raise QempoError(f"--backend {requested!r} is not one of auto, vllm, hf")
+    if not _gpu_available():
+        return "hf", ("transformers on the CPU (--backend auto: no GPU here, and vLLM's CPU backend would reserve most "
+                      "of this machine's memory; --backend vllm --gpu-memory-utilization F to use it anyway)")
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "transformers on the GPU (--backend auto: vLLM is not installed; pip install 'qempo-lite[vllm]')"
+    return "vllm", "vLLM on the GPU (--backend auto)"
+
+
 class SamplerCache:
     """One :class:`Sampler` (base model loaded once) reused across requests.
 
     A request for another base model closes the previous one first: two base models rarely
-    fit in memory together.
+    fit in memory together. ``backend`` is resolved once (:func:`choose_backend`);
+    ``backend_note`` says which one serves, for the page.
     """
 
     def __init__(self, backend: str = "auto", **options: Any):
-        self.backend = backend
+        self.backend, self.backend_note = choose_backend(backend)
         # vLLM's max_loras is how many adapters one batch may mix: all the columns at once.
         self.options = {"max_loras": MAX_COLUMNS, **options}
+        if self.backend == "vllm":
+            # Pickled (.bin) weights are never loaded, also when vLLM fetches a Hub model itself.
+            self.options.setdefault("load_format", "safetensors")
+        else:  # engine settings that only vLLM takes
+            for key in ("max_loras", "gpu_memory_utilization", "max_model_len"):
+                self.options.pop(key, None)
         self._key: str | None = None
         self._sampler = None
         self.lock = threading.Lock()
 
-    def get(self, base_model: str):
+    def get(self, base_model: str, label: str | None = None):
+        """The Sampler of ``base_model``; messages name it ``label`` (what the user typed)."""
+        label = label or base_model
         if self._key != base_model:
             self.close()
             try:
@@ -375,10 +514,9 @@ class SamplerCache:
             try:
                 self._sampler = Sampler(base_model, backend=self.backend, **self.options)
             except (OSError, ValueError) as err:
-                if isinstance(err, QempoError):
-                    raise
-                raise QempoError(f"base model {base_model} could not be loaded ({_first_line(err)}); pick a model "
-                                 "directory or a Hub id you have access to") from None
+                reason = _scrub(str(err) if isinstance(err, QempoError) else _first_line(err), {base_model: label})
+                raise QempoError(f"base model {label} could not be loaded ({reason}); pick a model directory or a "
+                                 "Hub id you have access to") from None
             self._key = base_model
         return self._sampler
 
@@ -386,6 +524,28 @@ class SamplerCache:
         if self._sampler is not None and hasattr(self._sampler, "close"):
             self._sampler.close()
         self._sampler, self._key = None, None
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"(),;:]+)")
+
+
+def _scrub(text: str, typed: dict[str, str] | None = None) -> str:
+    """``text`` with the server paths the user typed as they typed them, and any other absolute
+    path (a library's message may carry one) as ``<path>``."""
+    for real, label in sorted((typed or {}).items(), key=lambda kv: -len(kv[0])):
+        if real:
+            text = text.replace(real, label)
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
+def _model_context(sampler) -> int | None:
+    """The most tokens the served model takes: vLLM's max_model_len, else the config's positions."""
+    if getattr(sampler, "max_model_len", None):
+        return int(sampler.max_model_len)
+    config = getattr(getattr(sampler, "model", None), "config", None)
+    config = getattr(config, "text_config", None) or config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
@@ -437,16 +597,19 @@ class Comparison:
         start = time.perf_counter()
         result: dict[str, Any] = {"ok": False, "errors": [], "base_model": base_model, "prompt": prompt,
                                   "settings": {}, "columns": [], "missing": {}, "seconds": 0.0}
+        labels: dict[str, str] = {}  # resolved path -> what the user typed, for messages
         try:
             settings = self._check_request(adapters, prompt, samples, temperature, top_p, max_new_tokens, seed)
             result["settings"] = settings
-            result["columns"] = columns = self._columns(adapters)
+            result["columns"] = columns = self._columns(adapters, labels)
             progress(0.02, "loading the base model")
             with self.samplers.lock:
                 base = resolve_base_model(base_model, self.settings.allowed_roots, self.settings.allow_hub)
-                sampler = self.samplers.get(base)
+                labels[base] = shown(str(base_model).strip())
+                sampler = self.samplers.get(base, labels[base])
                 settings["backend"] = sampler.backend  # what "auto" chose
-                self._sample(sampler, [c for c in columns if c["error"] is None], prompt, settings, progress)
+                settings["prompt_tokens"] = self._check_prompt_tokens(sampler, prompt, settings["max_new_tokens"])
+                self._sample(sampler, [c for c in columns if c["error"] is None], prompt, settings, progress, labels)
             self._score(columns, progress)
             self._judge_columns(columns, prompt, progress, result["missing"])
         except QempoError as err:
@@ -458,7 +621,7 @@ class Comparison:
                                         "tokens, or select fewer adapters")
             else:
                 logger.exception("app request failed")
-                result["errors"].append(f"unexpected error ({type(err).__name__}: {_first_line(err)}); "
+                result["errors"].append(f"unexpected error ({type(err).__name__}: {_scrub(_first_line(err), labels)}); "
                                         "see the server log")
         result["errors"] += [f"{c['name']}: {c['error']}" for c in result["columns"] if c["error"]]
         result["missing"].update(self.scorer.missing)
@@ -506,9 +669,26 @@ class Comparison:
         if len(adapters) > MAX_COLUMNS:
             raise QempoError(f"{len(adapters)} adapters selected; select at most {MAX_COLUMNS}")
         return {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                "seed": seed, "backend": self.settings.backend}
+                "seed": seed, "backend": self.samplers.backend}
 
-    def _columns(self, adapters: list[str]) -> list[dict]:
+    def _check_prompt_tokens(self, sampler, prompt: str, max_new_tokens: int) -> int:
+        """The prompt's tokens (chat template applied), counted before anything is generated and
+        refused above ``--max-prompt-tokens`` or when prompt + max new tokens exceed the model's context."""
+        count = len(sampler.encode([{"role": "user", "content": prompt}]))
+        limit, context = self.settings.max_prompt_tokens, _model_context(sampler)
+        if limit is not None and count > limit:
+            raise QempoError(f"the prompt is {count:,} tokens, more than the {limit:,} allowed (--max-prompt-tokens); "
+                             "shorten it")
+        if context is not None and count >= context:
+            raise QempoError(f"the prompt is {count:,} tokens, more than this model's context of {context:,} tokens; "
+                             "shorten it")
+        if context is not None and count + max_new_tokens > context:
+            raise QempoError(f"the prompt ({count:,} tokens) and max new tokens ({max_new_tokens:,}) exceed this "
+                             f"model's context of {context:,} tokens; lower max new tokens to {context - count:,} "
+                             "or shorten the prompt")
+        return count
+
+    def _columns(self, adapters: list[str], labels: dict[str, str]) -> list[dict]:
         columns, names = [], set()
         for value in adapters:
             value = str(value).strip()
@@ -517,11 +697,12 @@ class Comparison:
             if value in (BASE, BASE_LABEL):
                 column["name"] = "base"
             else:
-                column["name"] = Path(value.rstrip("/")).name or value
+                column["name"] = shown(Path(value.rstrip("/")).name or value, 60)
                 try:
                     path = resolve_adapter(value, self.settings.allowed_roots, self.settings.allow_hub)
                     column["adapter"] = str(path)
                     column["metadata"] = adapter_metadata(path)
+                    labels[str(path)] = shown(value)
                 except QempoError as err:
                     column["error"] = str(err)
             name, i = column["name"], 2
@@ -531,7 +712,8 @@ class Comparison:
             columns.append(column)
         return columns
 
-    def _sample(self, sampler, columns: list[dict], prompt: str, settings: dict, progress: Progress) -> None:
+    def _sample(self, sampler, columns: list[dict], prompt: str, settings: dict, progress: Progress,
+                labels: dict[str, str]) -> None:
         """Fill each column's samples; an adapter the Sampler refuses marks its column only.
 
         Adapters are keyed by their directory in the Sampler, so a directory loaded by an
@@ -549,7 +731,7 @@ class Comparison:
                     # Checks it fits this base model (recorded base, weight shapes) before loading.
                     sampler.add_adapter(column["adapter"], column["adapter"])
                 except QempoError as err:
-                    column["error"] = str(err)
+                    column["error"] = _scrub(str(err), labels)
         ready = [c for c in columns if c["error"] is None]
         # A directory selected twice is sampled once and shown twice.
         wanted = {keys[c["name"]]: c["adapter"] for c in ready}
@@ -733,6 +915,7 @@ def build_app(settings: AppSettings, comparison: Comparison | None = None):
                     "diverse its answers are (lexical, syntactic and semantic diversity x100, as in the paper).")
         if settings.notice:
             gr.Markdown(settings.notice, elem_id="qempo-notice")
+        gr.Markdown(f"Sampling backend: {comparison.samplers.backend_note}.", elem_id="qempo-backend")
         with gr.Row():
             base_model = gr.Dropdown(settings.base_models, value=settings.base_models[0] if settings.base_models
                                      else None, label="Base model (directory or Hub id)", allow_custom_value=True,
@@ -775,9 +958,10 @@ def build_app(settings: AppSettings, comparison: Comparison | None = None):
 
 def launch_app(settings: AppSettings, *, host: str = "127.0.0.1", port: int | None = None,
                prevent_thread_lock: bool = False, quiet: bool = False):
-    """Build and serve the app; returns ``(blocks, local_url)``. Never opens a share link."""
+    """Build and serve the app; returns ``(blocks, local_url)``. Never opens a share link; uploads
+    are capped at ``MAX_UPLOAD_BYTES`` (the page has no upload control)."""
     page = build_app(settings)
     _, url, _ = page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=prevent_thread_lock,
                             quiet=quiet, show_error=False, enable_monitoring=False, mcp_server=False, ssr_mode=False,
-                            run_history=False, footer_links=["api"], css=CSS)
+                            run_history=False, footer_links=["api"], css=CSS, max_file_size=MAX_UPLOAD_BYTES)
     return page, url

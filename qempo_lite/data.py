@@ -10,20 +10,26 @@ Both loaders read a Hub dataset by name (``datasets.load_dataset``) or a local `
   ``solution`` for ``GRPOTrainer`` with :func:`qempo_lite.rewards.math_reward`.
 
 A bad row (missing field, wrong type, empty or identical responses, unparseable
-transcript) is an error naming its index (0-based, as in ``dataset[i]``) and field, or,
-with ``on_bad_rows="skip"``, is dropped and counted in a :class:`LoadReport`.
+transcript, not JSON, not UTF-8, over ``max_row_bytes``) is an error naming where it is and
+its field, or, with ``on_bad_rows="skip"``, is dropped and counted in a :class:`LoadReport`.
+Rows are named as an editor shows them: ``line 59`` is the 59th physical line of a JSON Lines
+file (blank lines count; lines split on ``\\n`` only), ``row 3`` the third row (1-based) of a
+JSON list, a parquet file or a Hub dataset. A truncated gzip file is an error naming the line
+it breaks off in.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tqdm.auto import tqdm
 
@@ -37,6 +43,9 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 PREFERENCE_SHAPES = ("messages", "hh", "plain")
 ON_BAD_ROWS = ("error", "skip")
+MAX_ROW_BYTES = 1_000_000
+"""Default cap on one row: a JSON Lines line of more bytes, or another source's row with more
+characters of text, is a bad row (one long row can take gigabytes once tokenized)."""
 
 Row = dict[str, Any]
 
@@ -49,9 +58,10 @@ class BadRow(Exception):
         self.field = field
         self.problem = problem
 
-    def describe(self, index: int) -> str:
-        where = f"field {self.field!r} " if self.field else ""
-        return f"row {index}: {where}{self.problem}"
+    def describe(self, where: str) -> str:
+        """``where`` is the row's place in its source: ``"line 59"`` or ``"row 3"`` (both 1-based)."""
+        field = f"field {self.field!r} " if self.field else ""
+        return f"{where}: {field}{self.problem}"
 
 
 @dataclass
@@ -73,6 +83,15 @@ class LoadReport:
 
 
 # ----------------------------------------------------------------------------- reading
+#
+# The reading layer turns a source into ``(where, row)`` pairs: ``where`` names the row for
+# error messages ("line 59", the 1-based physical line of a JSON Lines file; "row 3", the
+# 1-based position in a JSON list, a parquet file or a Hub dataset), ``row`` is a dict or a
+# BadRow for a line that cannot be a row (not JSON, not UTF-8, over the size cap). Problems
+# with the file as a whole (missing, truncated gzip, undecodable JSON document) raise
+# QempoError at once.
+
+Located = tuple[str, "Row | BadRow"]
 
 
 def _source_name(source: Any) -> str:
@@ -86,18 +105,90 @@ def _is_local(source: str | Path) -> bool:
     return path.exists() or str(source).endswith(LOCAL_SUFFIXES) or isinstance(source, Path)
 
 
-def _iter_json_lines(lines: Iterable[str]) -> Iterator[Row | BadRow]:
-    # Blank lines are not rows: a trailing newline must not shift the indices.
-    for line in lines:
-        if not line.strip():
+def _check_max_row_bytes(max_row_bytes: Any) -> int:
+    if isinstance(max_row_bytes, bool) or not isinstance(max_row_bytes, int) or max_row_bytes < 1:
+        raise QempoError(f"max_row_bytes must be a positive number of bytes, not {max_row_bytes!r}")
+    return max_row_bytes
+
+
+def _too_big(size: int, max_row_bytes: int, unit: str) -> BadRow:
+    return BadRow(None, f"holds {size:,} {unit}, more than the {max_row_bytes:,} allowed per row "
+                        "(max_row_bytes); shorten the row or raise the limit")
+
+
+def _damaged(name: str, line: int | None, err: BaseException) -> QempoError:
+    """A compressed stream that ends early or is corrupt, at ``line`` (the first one not read whole)."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = f"{name} line {line}" if line else name
+    return QempoError(f"{where}: the file is truncated or damaged ({reason}); download or compress it again")
+
+
+def read_json_lines(handle: BinaryIO, name: str,
+                    max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, Row | BadRow]]:
+    """JSON Lines from a binary ``handle``: ``(line number, row or BadRow)`` for each non-blank line.
+
+    Lines are split on ``\\n`` only (a U+2028 or a lone ``\\r`` inside a string is text, as in
+    JSON), numbered from 1 as an editor shows them, blank ones included in the count. A line
+    longer than ``max_row_bytes`` is never held in memory whole: it is read through and
+    reported as a BadRow, as is a line that is not UTF-8 or not JSON. A gzip stream that ends
+    early or is corrupt raises QempoError naming the line it breaks off in.
+    """
+    number = 0
+    while True:
+        try:
+            line = handle.readline(max_row_bytes + 1)
+        except (EOFError, OSError, zlib.error) as err:
+            raise _damaged(name, number + 1, err) from None
+        if not line:
+            return
+        number += 1
+        if len(line) > max_row_bytes and not line.endswith(b"\n"):
+            size = len(line)
+            try:
+                while not line.endswith(b"\n"):  # read the rest of the line through, keeping none of it
+                    line = handle.readline(1 << 20)
+                    if not line:
+                        break
+                    size += len(line)
+            except (EOFError, OSError, zlib.error) as err:
+                raise _damaged(name, number, err) from None
+            yield number, _too_big(size - line.endswith(b"\n"), max_row_bytes, "bytes")
             continue
         try:
-            yield json.loads(line)
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            yield number, BadRow(None, f"is not UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1} of the "
+                                       "line); re-encode the file as UTF-8")
+            continue
+        if not text.strip():  # blank lines are not rows, but they count as lines
+            continue
+        try:
+            yield number, json.loads(text)
         except json.JSONDecodeError as err:
-            yield BadRow(None, f"is not valid JSON ({err.msg} at column {err.colno})")
+            yield number, BadRow(None, f"is not valid JSON ({err.msg} at column {err.colno})")
 
 
-def _read_local(path: Path) -> Iterator[Row | BadRow]:
+def _text_size(value: Any, limit: int) -> int:
+    """Characters of text in a row (strings and bytes, nested), counted until ``limit`` is passed."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    total = 0
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        total += _text_size(item, limit - total)
+        if total > limit:
+            break
+    return total
+
+
+def _rows(rows: Iterable[Any], max_row_bytes: int) -> Iterator[Located]:
+    """Rows without line numbers (JSON list, parquet, Hub): ``"row N"``, 1-based, with the size cap."""
+    for number, row in enumerate(rows, start=1):
+        size = _text_size(row, max_row_bytes)
+        yield f"row {number}", _too_big(size, max_row_bytes, "characters of text") if size > max_row_bytes else row
+
+
+def _read_local(path: Path, max_row_bytes: int) -> Iterator[Located]:
     if not path.is_file():
         raise QempoError(f"data file not found: {path}; check the path")
     name = path.name.lower()
@@ -110,23 +201,33 @@ def _read_local(path: Path) -> Iterator[Row | BadRow]:
             parquet = pq.ParquetFile(path)
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise QempoError(f"cannot read parquet file {path}: {err}; re-export it") from err
-        for batch in parquet.iter_batches():
-            yield from batch.to_pylist()
+        yield from _rows((row for batch in parquet.iter_batches() for row in batch.to_pylist()), max_row_bytes)
         return
     opener = gzip.open if name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
+        with opener(path, "rb") as handle:
             if ".jsonl" in name:
-                yield from _iter_json_lines(handle)
+                for number, row in read_json_lines(handle, str(path), max_row_bytes):
+                    yield f"line {number}", row
                 return
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise QempoError(f"cannot read {path}: {err}; check the file is UTF-8 JSON") from err
+            try:
+                data = handle.read()
+            except (EOFError, OSError, zlib.error) as err:
+                raise _damaged(str(path), None, err) from None
+    except OSError as err:  # could not open it (permissions, a directory)
+        raise QempoError(f"cannot read {path}: {err.strerror or err}; check the file") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise QempoError(f"{path} line {line}: not UTF-8 (byte 0x{data[err.start]:02x}); re-encode the file as "
+                         "UTF-8") from None
     try:
         content = json.loads(text)
     except json.JSONDecodeError:
         # Many ".json" files are JSON Lines; datasets.load_dataset accepts both too.
-        yield from _iter_json_lines(text.splitlines())
+        for number, row in read_json_lines(io.BytesIO(data), str(path), max_row_bytes):
+            yield f"line {number}", row
         return
     if isinstance(content, dict) and len(content) == 1 and isinstance(next(iter(content.values())), list):
         content = next(iter(content.values()))  # {"data": [...]}
@@ -134,7 +235,7 @@ def _read_local(path: Path) -> Iterator[Row | BadRow]:
         raise QempoError(
             f"{path}: expected a JSON list of rows (or JSON Lines); got a JSON {type(content).__name__}"
         )
-    yield from content
+    yield from _rows(content, max_row_bytes)
 
 
 def _read_hub(name: str, split: str, config: str | None) -> Iterator[Row]:
@@ -151,19 +252,20 @@ def _read_hub(name: str, split: str, config: str | None) -> Iterator[Row]:
     yield from dataset
 
 
-def _read_rows(source: Any, split: str, config: str | None) -> Iterator[Row | BadRow]:
+def _read_rows(source: Any, split: str, config: str | None, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Located]:
+    """``(where, row)`` pairs of any source (see the comment above)."""
     import datasets
 
     if isinstance(source, datasets.Dataset):
-        return iter(source)
+        return _rows(source, max_row_bytes)
     if not isinstance(source, (str, Path)):
         raise QempoError(
             "data source must be a file path, a Hub dataset name or a datasets.Dataset, "
             f"not {type(source).__name__}"
         )
     if _is_local(source):
-        return _read_local(Path(source))
-    return _read_hub(str(source), split, config)
+        return _read_local(Path(source), max_row_bytes)
+    return _rows(_read_hub(str(source), split, config), max_row_bytes)
 
 
 def _load(
@@ -175,6 +277,7 @@ def _load(
     on_bad_rows: str,
     limit: int | None,
     expected: str,
+    max_row_bytes: int = MAX_ROW_BYTES,
 ) -> tuple[Any, LoadReport]:
     """Read rows, pick the converter from the first row that shows the shape, check them all.
 
@@ -188,13 +291,13 @@ def _load(
     if limit is not None and limit < 1:
         raise QempoError(f"limit must be a positive number of rows, not {limit!r}")
     name = _source_name(source)
-    rows = _read_rows(source, split, config)
+    rows = _read_rows(source, split, config, _check_max_row_bytes(max_row_bytes))
 
     # Rows read before the shape is known are converted afterwards, with the same rules.
-    pending: list[Row | BadRow] = []
+    pending: list[Located] = []
     picked = None
-    for row in rows:
-        pending.append(row)
+    for where, row in rows:
+        pending.append((where, row))
         if isinstance(row, dict):
             picked = pick_converter(row)
             if picked is not None:
@@ -202,6 +305,9 @@ def _load(
     if not pending:
         raise QempoError(f"{name} has no rows; check the file or the split name")
     if picked is None:
+        unreadable = next(((where, row) for where, row in pending if isinstance(row, BadRow)), None)
+        if unreadable:  # no row could be read at all: say why rather than "no expected columns"
+            raise QempoError(f"{name}: {unreadable[1].describe(unreadable[0])}; fix the row")
         raise QempoError(f"{name}: no row has the expected columns ({expected}); check the dataset")
     shape, convert = picked
 
@@ -209,7 +315,7 @@ def _load(
     out: list[Row] = []
     # A Hub-sized dataset (UltraFeedback: 60k rows) takes seconds; small files show no bar.
     progress = tqdm(_chain(pending, rows), desc=f"Checking {shape} rows", unit=" rows", delay=2.0)
-    for index, row in enumerate(progress):
+    for where, row in progress:
         report.rows_read += 1
         try:
             if isinstance(row, BadRow):
@@ -218,7 +324,7 @@ def _load(
                 raise BadRow(None, f"is a JSON {type(row).__name__}, not an object")
             out.append(convert(row))
         except BadRow as bad:
-            message = bad.describe(index)
+            message = bad.describe(where)
             if on_bad_rows == "error":
                 raise QempoError(f"{name}: {message}; fix the row or pass --on-bad-rows skip") from None
             report.bad_rows.append(message)
@@ -391,6 +497,7 @@ def load_preferences(
     limit: int | None = None,
     shape: str | None = None,
     return_report: bool = False,
+    max_row_bytes: int = MAX_ROW_BYTES,
 ):
     """Preference pairs in TRL ``DPOTrainer`` format.
 
@@ -399,7 +506,7 @@ def load_preferences(
             dataset name (``datasets.load_dataset(source, config, split=split)``), or a
             ``datasets.Dataset``.
         on_bad_rows: ``"error"`` (raise :class:`QempoError` at the first bad row, naming its
-            index and field) or ``"skip"`` (drop bad rows, log their count on the
+            line or row number and field) or ``"skip"`` (drop bad rows, log their count on the
             ``qempo_lite`` logger, and list them in the report).
         limit: stop once this many good rows are loaded.
         shape: force the input shape instead of detecting it from the first row:
@@ -407,6 +514,8 @@ def load_preferences(
             whose last message is the answer), ``"hh"`` (HH-RLHF: ``chosen``/``rejected``
             transcripts, no ``prompt``), ``"plain"`` (``prompt``/``chosen``/``rejected`` strings).
         return_report: also return the :class:`LoadReport`.
+        max_row_bytes: the most bytes one JSON Lines line may hold (characters of text for
+            other sources); a longer row is a bad row. Default 1,000,000.
 
     Returns:
         A Dataset with exactly the columns ``prompt``, ``chosen``, ``rejected``: message lists
@@ -423,6 +532,7 @@ def load_preferences(
         config=config,
         on_bad_rows=on_bad_rows,
         limit=limit,
+        max_row_bytes=max_row_bytes,
         expected="'chosen' and 'rejected', as strings or message lists",
     )
     return (dataset, report) if return_report else dataset
@@ -501,6 +611,7 @@ def load_math(
     limit: int | None = None,
     system_prompt: str | None = None,
     return_report: bool = False,
+    max_row_bytes: int = MAX_ROW_BYTES,
 ):
     """Math problems with verifiable gold answers, for online training and pass@k.
 
@@ -523,6 +634,7 @@ def load_math(
         config=config,
         on_bad_rows=on_bad_rows,
         limit=limit,
+        max_row_bytes=max_row_bytes,
         expected="'question'/'answer' (GSM8K) or 'problem'/'solution' (MATH)",
     )
     return (dataset, report) if return_report else dataset

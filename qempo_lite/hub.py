@@ -3,6 +3,19 @@
 Only the adapter (safetensors), the tokenizer files when they differ from the base model's,
 and the card are uploaded: never optimizer states, checkpoints, or pickled files. The token
 comes from ``HF_TOKEN`` or the login cache through ``huggingface_hub`` and is never printed.
+
+What is uploaded is checked first, and a push that fails a check is refused with one line:
+
+* nothing is read through a symlink that leaves the adapter directory (every file is
+  resolved; a link to a file elsewhere, a broken link or a loop is refused);
+* the weights must be a safetensors file whose header parses and whose tensors are LoRA
+  weights consistent with ``adapter_config.json`` (target modules, rank);
+* ``adapter_config.json``, ``qempo_lite.json`` and ``report.json`` must be UTF-8 JSON objects;
+* the card's ``base_model`` is a Hub id: an adapter trained on a local directory needs
+  ``--base-model-id OWNER/NAME`` (the Hub model it is a copy of), which is also written into
+  the uploaded ``adapter_config.json`` so that PEFT and vLLM find the base;
+* the tokenizer is uploaded only when it differs from the base model's; when the two cannot
+  be compared, ``--tokenizer upload`` or ``--tokenizer skip`` must say what to do.
 """
 
 from __future__ import annotations
@@ -10,21 +23,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import QempoError
 
 logger = logging.getLogger("qempo_lite")
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 METADATA_FILE = "qempo_lite.json"
+TOKENIZER_CHOICES = ("auto", "upload", "skip")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+MAX_JSON_BYTES = 10_000_000  # metadata files are small; anything bigger is not ours
 
-PAPER = ("Quality-constrained Entropy Maximization Policy Optimization for LLM Diversity (QEMPO)")
+PAPER = "Quality-constrained Entropy Maximization Policy Optimization for LLM Diversity"
+ARXIV_ID = "2602.15894"
 METHOD_TEXT = {
     "qempo": "QEMPO (Eq. 7): maximise entropy subject to a quality constraint; no reference model. "
              "Optimal policy π ∝ exp(r/β).",
@@ -36,119 +59,373 @@ METHOD_TEXT = {
 }
 
 
-def check_adapter_dir(adapter_dir: Path) -> None:
-    """Refuse anything that is not a safetensors PEFT adapter directory."""
+# ---------------------------------------------------------------- files inside the adapter
+
+
+def contained_file(folder: Path, name: str, root: Path | None = None, label: str | None = None) -> Path | None:
+    """The real file behind ``folder/name`` (None when there is none).
+
+    Refused with QempoError: a symlink whose target leaves ``root`` (default: ``folder``), a
+    broken or looping link, and anything that is not a regular file. Messages name the
+    folder as ``label`` (default: the folder's path).
+    """
+    folder = Path(folder)
+    root = Path(root or folder).resolve()
+    label = label or str(folder)
+    path = folder / name
+    if not path.is_symlink() and not path.exists():
+        return None
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise QempoError(f"{name} in {label} is a broken or looping symlink; replace it with the file itself") from None
+    if not real.is_relative_to(root):
+        where = "the adapter directory" if root == folder.resolve() else "the allowed directories"
+        raise QempoError(f"{name} in {label} is a symlink to a file outside {where}; copy the file in instead of "
+                         f"linking it (nothing outside {where} is read or uploaded)")
+    if not real.is_file():
+        raise QempoError(f"{name} in {label} is not a regular file; replace it with the file itself")
+    return real
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """A small UTF-8 JSON object from ``path``, or a one-line QempoError naming ``what`` and ``fix``."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_JSON_BYTES + 1)
+    except OSError as err:
+        raise QempoError(f"{what} cannot be read ({err.strerror or type(err).__name__}); {fix}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise QempoError(f"{what} is larger than {MAX_JSON_BYTES:,} bytes; {fix}")
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise QempoError(f"{what} is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); {fix}") from None
+    except json.JSONDecodeError as err:
+        raise QempoError(f"{what} is not valid JSON ({err.msg} at line {err.lineno}); {fix}") from None
+    if not isinstance(value, dict):
+        raise QempoError(f"{what} holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
+
+
+def check_adapter_dir(adapter_dir: Path, root: Path | None = None, label: str | None = None) -> None:
+    """Refuse anything that is not a safetensors PEFT adapter directory whose files stay inside
+    ``root`` (default: the directory itself; a Hub snapshot passes its repository's cache folder)."""
+    adapter_dir = Path(adapter_dir)
+    label = label or str(adapter_dir)
     if not adapter_dir.is_dir():
-        raise QempoError(f"{adapter_dir} is not a directory; pass the output_dir of a training run")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise QempoError(f"{adapter_dir} has no adapter_config.json; pass a directory saved by a PEFT adapter")
+        raise QempoError(f"{label} is not a directory; pass the output_dir of a training run")
+    if contained_file(adapter_dir, CONFIG_FILE, root, label) is None:
+        raise QempoError(f"{label} has no {CONFIG_FILE}; pass a directory saved by a PEFT adapter")
     pickled = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
-        raise QempoError(f"{adapter_dir} holds pickled weights ({', '.join(pickled)}); only safetensors are pushed: "
+        raise QempoError(f"{label} holds pickled weights ({', '.join(pickled)}); only safetensors are used: "
                          "re-save the adapter with save_pretrained(..., safe_serialization=True) and remove them")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise QempoError(f"{adapter_dir} has no adapter_model.safetensors; re-save the adapter with safetensors")
+    if contained_file(adapter_dir, WEIGHTS_FILE, root, label) is None:
+        raise QempoError(f"{label} has no {WEIGHTS_FILE}; re-save the adapter with safetensors")
+
+
+def adapter_config(adapter_dir: Path, root: Path | None = None, label: str | None = None) -> dict:
+    label = label or str(adapter_dir)
+    path = contained_file(adapter_dir, CONFIG_FILE, root, label)
+    if path is None:
+        raise QempoError(f"{label} has no {CONFIG_FILE}; pass a directory saved by a PEFT adapter")
+    return read_json_object(path, f"{label}/{CONFIG_FILE}", "re-save the adapter with save_pretrained")
+
+
+# ---------------------------------------------------------------- the weights
+
+
+def safetensors_header(path: Path, what: str) -> dict[str, dict]:
+    """The tensors a safetensors file declares (name -> dtype, shape, data_offsets), checked
+    against the file's size; QempoError when it is not a whole safetensors file."""
+    fix = "re-save the adapter with save_pretrained(..., safe_serialization=True)"
+    size = path.stat().st_size
+    if size < 8:
+        raise QempoError(f"{what} is not a safetensors file ({size} bytes); {fix}")
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise QempoError(f"{what} is not a safetensors file (its header length does not fit the file); {fix}")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise QempoError(f"{what} is not a safetensors file (its header is not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise QempoError(f"{what} is not a safetensors file (its header is not an object); {fix}")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        well_formed = (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                       and 0 <= offsets[0] <= offsets[1] and isinstance(shape, list)
+                       and all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(entry.get("dtype"), str))
+        if not well_formed:
+            raise QempoError(f"{what} is not a safetensors file (tensor {name[:80]!r} is malformed); {fix}")
+        end = max(end, offsets[1])
+    if 8 + length + end != size:
+        raise QempoError(f"{what} is truncated or padded ({size:,} bytes, its header describes {8 + length + end:,}); "
+                         f"{fix}")
+    return header
+
+
+_LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
+                  ".lora_magnitude_vector": None, ".lora_magnitude_vector.weight": None}
+
+
+def _targets(module: str, targets: Any) -> bool:
+    """PEFT's matching of ``target_modules``: a regex over the full name, or a list of name suffixes."""
+    if targets in (None, "all-linear"):
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in targets)
+
+
+def _rank(module: str, config: dict) -> int | None:
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            return rank
+    return config.get("r")
+
+
+def check_lora_weights(weights: Path, config: dict, what: str) -> list[str]:
+    """Refuse weights that are not LoRA weights of this ``adapter_config.json``; returns the tensor names.
+
+    Checks: the safetensors header parses and matches the file size; at least one LoRA A/B
+    pair; every LoRA module is one of ``target_modules`` and has the configured rank
+    (``r`` or its ``rank_pattern``); any other tensor belongs to ``modules_to_save``.
+    """
+    fix = "pass the directory written by the training run, unmodified"
+    if config.get("peft_type", "LORA") != "LORA":
+        raise QempoError(f"{what} is a {config.get('peft_type')} adapter; only LoRA adapters are pushed")
+    header = safetensors_header(weights, what)
+    kinds: dict[str, set] = {}
+    saved = list(config.get("modules_to_save") or [])
+    for name, entry in header.items():
+        key = name.removeprefix("base_model.model.")
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            if not any(f".{m}." in f".{key}" for m in saved) and "trainable_tokens" not in key:
+                raise QempoError(f"{what} holds tensor {name[:120]!r}, which is neither a LoRA weight nor in "
+                                 f"modules_to_save; {fix}")
+            continue
+        module, kind = key[: -len(suffix)], _LORA_SUFFIXES[suffix]
+        if not _targets(module, config.get("target_modules")):
+            raise QempoError(f"{what}: tensor {name[:120]!r} is on {module}, which is not in target_modules "
+                             f"{config.get('target_modules')!r} of {CONFIG_FILE}; {fix}")
+        shape, rank = entry["shape"], _rank(module, config)
+        rank_dim = 0 if kind == "A" else 1  # A: r x in (r x vocab), B: out x r (dim x r)
+        if kind and isinstance(rank, int) and len(shape) == 2 and shape[rank_dim] != rank:
+            raise QempoError(f"{what}: tensor {name[:120]!r} has rank {shape[rank_dim]}, but {CONFIG_FILE} says "
+                             f"r={rank}; {fix}")
+        if kind:
+            kinds.setdefault(module, set()).add(kind)
+    if not any(k == {"A", "B"} for k in kinds.values()):
+        raise QempoError(f"{what} holds no LoRA weights (no lora_A / lora_B pair); {fix}")
+    return list(header)
+
+
+# ---------------------------------------------------------------- metadata
 
 
 def read_metadata(adapter_dir: Path) -> dict:
     """The run's ``qempo_lite.json`` (method, coefficients, base model, data), or ``{}``."""
-    path = adapter_dir / METADATA_FILE
-    if not path.is_file():
+    path = contained_file(adapter_dir, METADATA_FILE)
+    if path is None:
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise QempoError(f"{path} is not valid JSON ({err}); fix or remove it") from None
+    return read_json_object(path, f"{adapter_dir}/{METADATA_FILE}", "fix or remove it")
 
 
-def base_model_of(adapter_dir: Path) -> str:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return read_metadata(adapter_dir).get("base_model") or config.get("base_model_name_or_path") or "unknown"
+def _recorded_base(adapter_dir: Path) -> str | None:
+    base = read_metadata(adapter_dir).get("base_model") or adapter_config(adapter_dir).get("base_model_name_or_path")
+    return base if isinstance(base, str) and base.strip() else None
+
+
+def _is_local_path(value: str, adapter_dir: Path) -> bool:
+    """Whether a recorded base model names a directory rather than a Hub id: an absolute or
+    ``./`` path, anything that is not shaped like OWNER/NAME, or a relative path that exists
+    here or next to the adapter (the demo records ``qempo-demo/base``)."""
+    if not HUB_ID.match(value) or ".." in value or value.startswith(("/", ".", "~")):
+        return True
+    return any((folder / value).is_dir() for folder in (Path.cwd(), *Path(adapter_dir).resolve().parents))
+
+
+def hub_base_model(adapter_dir: Path, base_model_id: str | None = None) -> str:
+    """The Hub id of the adapter's base model, for the card and the uploaded adapter_config.json."""
+    if base_model_id is not None:
+        if not HUB_ID.match(base_model_id) or ".." in base_model_id:
+            raise QempoError(f"--base-model-id {base_model_id!r} is not a Hub model id; pass OWNER/NAME")
+        return base_model_id
+    recorded = _recorded_base(adapter_dir)
+    if recorded is None:
+        raise QempoError(f"{adapter_dir} records no base model; pass --base-model-id OWNER/NAME (the Hub model it "
+                         "was trained on)")
+    if _is_local_path(recorded, adapter_dir):
+        raise QempoError(f"the adapter's base model {recorded} is a local directory, not a Hub id; pass "
+                         "--base-model-id OWNER/NAME (the Hub model that directory is a copy of)")
+    return recorded
 
 
 def find_evaluation(adapter_dir: Path) -> tuple[dict | None, Path | None]:
     """The evaluation row for this adapter from a ``report.json`` beside it (or one or two levels
     up, as the demo and ``qempo-lite eval report`` lay them out)."""
-    name = adapter_dir.resolve().name
+    row, path, _ = _find_report(adapter_dir)
+    return row, path
+
+
+def _find_report(adapter_dir: Path) -> tuple[dict | None, Path | None, dict]:
+    adapter_dir = Path(adapter_dir).resolve()
+    name = adapter_dir.name
     method = read_metadata(adapter_dir).get("method")
     for folder in (adapter_dir, adapter_dir.parent, adapter_dir.parent.parent):
-        path = folder / "report.json"
-        if not path.is_file():
+        path = contained_file(folder, "report.json")
+        if path is None:
             continue
-        try:
-            report = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            logger.warning("ignoring %s: not valid JSON", path)
-            continue
+        report = read_json_object(path, str(folder / "report.json"), "fix or move it (the card reads its results)")
         for table in ("adapters", "methods"):
             rows = report.get(table)
             if isinstance(rows, dict):
                 for key in (name, method):
-                    if key in rows and isinstance(rows[key], dict):
-                        return rows[key], path
-    return None, None
+                    if isinstance(key, str) and isinstance(rows.get(key), dict):
+                        return rows[key], folder / "report.json", report
+    return None, None, {}
+
+
+# ---------------------------------------------------------------- the card
 
 
 def _format_value(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def model_card(adapter_dir: Path, repo_id: str) -> str:
+def _source(value: Any) -> str:
+    """A data source for the card: a Hub dataset id as it is, a local file by its name only."""
+    value = str(value)
+    if HUB_ID.match(value) and not Path(value).exists() and not value.endswith((".jsonl", ".json", ".gz", ".parquet")):
+        return f"`{value}` (Hub dataset)"
+    return f"a local file `{Path(value).name}`" if "/" in value or Path(value).suffix else f"`{value}`"
+
+
+def _data_text(data: Any) -> str | None:
+    if isinstance(data, str):
+        return _source(data)
+    if not isinstance(data, dict):
+        return None
+    sources = data.get("datasets") if isinstance(data.get("datasets"), list) else [data.get("dataset")]
+    parts = [" + ".join(_source(s) for s in sources if s)] if any(sources) else []
+    if data.get("split"):
+        parts.append(f"split `{data['split']}`")
+    if isinstance(data.get("rows"), int):
+        parts.append(f"{data['rows']:,} rows used")
+    if isinstance(data.get("skipped"), int) and data["skipped"]:
+        parts.append(f"{data['skipped']:,} bad rows skipped")
+    return ", ".join(p for p in parts if p) or None
+
+
+def _lora_text(lora: Any) -> str | None:
+    if not isinstance(lora, dict):
+        return None
+    names = {"r": "rank", "alpha": "alpha", "dropout": "dropout", "target_modules": "target modules"}
+    parts = [f"{names.get(k, k)} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in lora.items()
+             if v not in (None, "")]
+    return ", ".join(parts) or None
+
+
+def _protocol_text(report: dict) -> str | None:
+    """The diversity protocol, parser and encoder of the report, where it records them."""
+    found = {}
+    for place in (report, report.get("diversity"), report.get("models")):
+        if isinstance(place, dict):
+            for key in ("protocol", "parser", "encoder"):
+                if isinstance(place.get(key), str) and key not in found:
+                    found[key] = place[key]
+    if not found:
+        return None
+    parts = [f"protocol `{found['protocol']}`"] if "protocol" in found else []
+    parts += [f"{key} `{found[key]}`" for key in ("parser", "encoder") if key in found]
+    return "Diversity measured with " + ", ".join(parts) + "."
+
+
+def _max_lora_rank(config: dict) -> int:
+    rank = max([int(config.get("r") or 8), *map(int, (config.get("rank_pattern") or {}).values())])
+    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
+
+
+def model_card(adapter_dir: Path, repo_id: str, *, base_model_id: str | None = None,
+               tokenizer_uploaded: bool = False) -> str:
     """The model card (README.md) of an adapter: metadata, method, data, results, usage."""
     from huggingface_hub import ModelCardData
 
     meta = read_metadata(adapter_dir)
-    base = base_model_of(adapter_dir)
-    method = meta.get("method", "unknown")
+    config = adapter_config(adapter_dir)
+    base = hub_base_model(adapter_dir, base_model_id)
+    method = meta.get("method") if isinstance(meta.get("method"), str) else "unknown"
     data = ModelCardData(
         base_model=base,
         library_name="peft",
         pipeline_tag="text-generation",
-        tags=["qempo-lite", "qempo", "lora", "peft", *([method] if method != "unknown" else [])],
+        tags=["qempo-lite", "qempo", "lora", "peft", f"arxiv:{ARXIV_ID}", *([method] if method != "unknown" else [])],
     )
-    coefs = meta.get("coefficients", {})
-    evaluation, report_path = find_evaluation(adapter_dir)
-    lines = ["---", data.to_yaml(), "---", "", f"# {repo_id.split('/')[-1]}", "",
-             f"A LoRA adapter for [`{base}`](https://huggingface.co/{base}) trained with **{method}** by "
-             "[qempo-lite](https://github.com/qempo-lite/qempo-lite).", "",
-             "## Method", "", METHOD_TEXT.get(method, "See the training metadata below."), ""]
+    coefs = meta.get("coefficients") if isinstance(meta.get("coefficients"), dict) else {}
+    evaluation, report_path, report = _find_report(adapter_dir)
+    name = repo_id.split("/")[-1]
+    lines = ["---", data.to_yaml(), "---", "", f"# {name}", "",
+             f"A LoRA adapter for [`{base}`](https://huggingface.co/{base}) trained with **{method}** by qempo-lite, "
+             f"an implementation of QEMPO ([arXiv:{ARXIV_ID}](https://arxiv.org/abs/{ARXIV_ID})).", "",
+             "## Method", "", METHOD_TEXT.get(method, "See the training details below."), ""]
     if coefs:
         lines += ["| coefficient | value |", "|---|---|"] + [f"| `{k}` | {v} |" for k, v in coefs.items()] + [""]
-    lines += [f"Paper: *{PAPER}*.", "", "## Training", ""]
+    lines += [f"Paper: *{PAPER}*, arXiv:{ARXIV_ID} (<https://arxiv.org/abs/{ARXIV_ID}>).", "", "## Training", ""]
+    steps = meta.get("steps")
     facts = {
-        "mode": meta.get("mode"),
-        "data": json.dumps(meta["data"]) if isinstance(meta.get("data"), dict) else meta.get("data"),
-        "steps": meta.get("steps"),
-        "quantization": meta.get("quantization"),
-        "LoRA": json.dumps(meta["lora"]) if isinstance(meta.get("lora"), dict) else meta.get("lora"),
-        "qempo-lite version": meta.get("qempo_lite_version"),
+        "mode": meta.get("mode") if isinstance(meta.get("mode"), str) else None,
+        "data": _data_text(meta.get("data")),
+        "steps": f"{steps:,} optimizer steps" if isinstance(steps, int) and not isinstance(steps, bool) else None,
+        "quantization": meta.get("quantization") if isinstance(meta.get("quantization"), str) else None,
+        "LoRA": _lora_text(meta.get("lora")),
+        "qempo-lite version": meta.get("qempo_lite_version") if isinstance(meta.get("qempo_lite_version"), str)
+        else None,
     }
-    facts = {k: v for k, v in facts.items() if v not in (None, "")}
+    facts = {k: v for k, v in facts.items() if v}
     if facts:
         lines += [f"- **{k}**: {v}" for k, v in facts.items()] + [""]
     else:
         lines += ["No `qempo_lite.json` was found next to the adapter, so the training details are unknown.", ""]
     lines += ["## Evaluation", ""]
-    if evaluation:
-        shown = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    shown = {k: v for k, v in (evaluation or {}).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if shown:
         lines += [f"From `{report_path.name}` (diversity ×100 as in the paper's Table 2 where applicable):", "",
                   "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown),
                   "| " + " | ".join(_format_value(v) for v in shown.values()) + " |", ""]
+        protocol = _protocol_text(report)
+        if protocol:
+            lines += [protocol, ""]
     else:
         lines += ["No evaluation results were found (run `qempo-lite eval report` and push again).", ""]
+    tokenizer_from = repo_id if tokenizer_uploaded else base
     lines += [
-        "## Usage", "", "With PEFT:", "", "```python",
+        "## Usage", "", "With PEFT (the base model is fetched from the Hub as recorded in `adapter_config.json`):", "",
+        "```python",
         "from peft import AutoPeftModelForCausalLM",
         "from transformers import AutoTokenizer", "",
         f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_from}")', "```", "",
+        ("This repository holds the adapter's own tokenizer (it differs from the base model's)." if tokenizer_uploaded
+         else "The adapter uses the base model's tokenizer, so it is loaded from the base model's repository."), "",
         "Served by vLLM next to the base model (no merging):", "", "```bash",
-        f"vllm serve {base} --enable-lora --lora-modules {repo_id.split('/')[-1]}={repo_id} --max-lora-rank 64",
+        f"vllm serve {base} --enable-lora --lora-modules {name}={repo_id} --max-lora-rank {_max_lora_rank(config)}",
         "```", ""]
     return "\n".join(lines)
 
 
-def _tokenizer_signature(path: Path):
+# ---------------------------------------------------------------- the tokenizer
+
+
+def _tokenizer_signature(path: str | Path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -156,47 +433,101 @@ def _tokenizer_signature(path: Path):
             tok.model_max_length, tok.padding_side)
 
 
-def tokenizer_changed(adapter_dir: Path, base: str) -> bool:
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] if text else type(err).__name__
+
+
+def tokenizer_changed(adapter_files: dict[str, Path], bases: list[str]) -> bool:
     """Whether the adapter's tokenizer differs from the base model's: vocabulary, special
     tokens, chat template, length and padding side are compared (file bytes differ between
-    library versions for the same tokenizer). A base that cannot be loaded counts as changed,
-    so that nothing needed is left out."""
-    if not any((adapter_dir / name).is_file() for name in TOKENIZER_FILES):
+    library versions for the same tokenizer).
+
+    ``adapter_files`` are the adapter's tokenizer files (already checked to stay inside it),
+    loaded from a private copy so that nothing else in the directory is read. ``bases`` are
+    where the base model's tokenizer may be loaded from, tried in order (the local directory
+    the adapter was trained on, then the Hub id). When the comparison cannot be made the push
+    is refused with one line: ``--tokenizer upload`` or ``--tokenizer skip`` decides.
+    """
+    if not adapter_files:
         return False
-    try:
-        return _tokenizer_signature(adapter_dir) != _tokenizer_signature(Path(base) if Path(base).is_dir() else base)
-    except Exception:  # offline, private, missing or unreadable base: keep the tokenizer files
-        return True
+    with tempfile.TemporaryDirectory() as copy:
+        for name, real in adapter_files.items():
+            shutil.copyfile(real, Path(copy) / name)
+        try:
+            mine = _tokenizer_signature(copy)
+        except Exception as err:  # noqa: BLE001 - any failure refuses the push (never uploads more)
+            raise QempoError(f"the adapter's tokenizer files cannot be loaded ({_first_line(err)}); fix or remove "
+                             "them, or pass --tokenizer skip") from None
+    reasons = []
+    for base in bases:
+        try:
+            return mine != _tokenizer_signature(base)
+        except Exception as err:  # noqa: BLE001 - offline, private, missing or broken: try the next, then refuse
+            reasons.append(f"{base}: {_first_line(err)}")
+    raise QempoError(f"cannot load the base model's tokenizer to compare it with the adapter's ({'; '.join(reasons)}); "
+                     "pass --tokenizer upload to upload the adapter's tokenizer, or --tokenizer skip to leave it out")
 
 
-def stage_upload(adapter_dir: Path, repo_id: str, destination: Path) -> list[Path]:
-    """Write exactly the files a push uploads into ``destination`` and return them."""
-    check_adapter_dir(adapter_dir)
-    destination.mkdir(parents=True, exist_ok=True)
-    names = list(ADAPTER_FILES)
-    if tokenizer_changed(adapter_dir, base_model_of(adapter_dir)):
-        names += [name for name in TOKENIZER_FILES if (adapter_dir / name).is_file()]
-    for name in names:
-        shutil.copy2(adapter_dir / name, destination / name)
+# ---------------------------------------------------------------- staging and pushing
+
+
+def stage_upload(adapter_dir: Path, repo_id: str, destination: Path, *, base_model_id: str | None = None,
+                 tokenizer: str = "auto") -> list[Path]:
+    """Write exactly the files a push uploads into ``destination`` and return them.
+
+    Everything is checked before anything is written (see the module docstring).
+    """
+    if tokenizer not in TOKENIZER_CHOICES:
+        raise QempoError(f"--tokenizer must be one of {', '.join(TOKENIZER_CHOICES)}, not {tokenizer!r}")
+    given = Path(adapter_dir)
+    check_adapter_dir(given)
+    adapter_dir = given.resolve()
+    config = adapter_config(adapter_dir)
+    weights = contained_file(adapter_dir, WEIGHTS_FILE)
+    check_lora_weights(weights, config, f"{given}/{WEIGHTS_FILE}")
+    base = hub_base_model(adapter_dir, base_model_id)
+    tokenizer_files = {name: real for name in TOKENIZER_FILES
+                       if (real := contained_file(adapter_dir, name)) is not None}
+    if tokenizer == "auto":
+        recorded = _recorded_base(adapter_dir)
+        local = [str((folder / recorded).resolve()) for folder in (Path.cwd(), *adapter_dir.parents)
+                 if recorded and (folder / recorded).is_dir()][:1]
+        upload_tokenizer = tokenizer_changed(tokenizer_files, local + [base])
+    else:
+        upload_tokenizer = tokenizer == "upload" and bool(tokenizer_files)
+    card = model_card(adapter_dir, repo_id, base_model_id=base, tokenizer_uploaded=upload_tokenizer)
     if find_evaluation(adapter_dir)[0] is None:
-        logger.warning("no evaluation results found next to %s: the card will say so", adapter_dir)
-    (destination / "README.md").write_text(model_card(adapter_dir, repo_id))
+        logger.warning("no evaluation results found next to %s: the card will say so", given)
+
+    destination.mkdir(parents=True, exist_ok=True)
+    # PEFT and vLLM load the base named here: the Hub id, never the local path it was trained from.
+    (destination / CONFIG_FILE).write_text(json.dumps({**config, "base_model_name_or_path": base}, indent=2) + "\n",
+                                           encoding="utf-8")
+    shutil.copyfile(weights, destination / WEIGHTS_FILE)
+    if upload_tokenizer:
+        for name, real in tokenizer_files.items():
+            shutil.copyfile(real, destination / name)
+    (destination / "README.md").write_text(card, encoding="utf-8")
     return sorted(destination.iterdir())
 
 
-def push_adapter(adapter_dir: str | Path, repo_id: str, *, private: bool = False, dry_run: str | Path | None = None) -> str:
+def push_adapter(adapter_dir: str | Path, repo_id: str, *, private: bool = False, dry_run: str | Path | None = None,
+                 base_model_id: str | None = None, tokenizer: str = "auto") -> str:
     """Push an adapter and its card to ``repo_id``; with ``dry_run`` write them to that folder instead.
 
-    Returns the repository URL, or the dry-run folder.
+    ``base_model_id`` is the Hub id of the base model, needed when the adapter was trained on a
+    local directory. ``tokenizer``: ``auto`` (upload it when it differs from the base's),
+    ``upload`` or ``skip``. Returns the repository URL, or the dry-run folder.
     """
     adapter_dir = Path(adapter_dir)
-    if "/" not in repo_id or repo_id.count("/") != 1:
+    if not HUB_ID.match(repo_id) or ".." in repo_id:
         raise QempoError(f"--repo-id {repo_id!r} must look like USER/NAME")
     if dry_run is not None:
         folder = Path(dry_run)
         if folder.exists() and any(folder.iterdir()):
             raise QempoError(f"dry-run folder {folder} is not empty; pass an empty or new folder")
-        stage_upload(adapter_dir, repo_id, folder)
+        stage_upload(adapter_dir, repo_id, folder, base_model_id=base_model_id, tokenizer=tokenizer)
         return str(folder)
     from huggingface_hub import HfApi
 
@@ -204,7 +535,7 @@ def push_adapter(adapter_dir: str | Path, repo_id: str, *, private: bool = False
     if api.token is None and not _has_cached_token():
         raise QempoError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     with tempfile.TemporaryDirectory() as staging:
-        stage_upload(adapter_dir, repo_id, Path(staging))
+        stage_upload(adapter_dir, repo_id, Path(staging), base_model_id=base_model_id, tokenizer=tokenizer)
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model",
                           commit_message="Upload adapter trained with qempo-lite")
@@ -228,16 +559,23 @@ def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="qempo-lite push", description="Push an adapter and its model card to the Hub.")
     parser.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
     parser.add_argument("--repo-id", required=True, help="USER/NAME on the Hugging Face Hub")
+    parser.add_argument("--base-model-id", default=None, metavar="OWNER/NAME",
+                        help="Hub id of the base model, required when the adapter was trained on a local directory "
+                             "(written into the card and the uploaded adapter_config.json)")
+    parser.add_argument("--tokenizer", choices=TOKENIZER_CHOICES, default="auto",
+                        help="auto: upload the adapter's tokenizer only when it differs from the base model's "
+                             "(default); upload; skip")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--dry-run", nargs="?", const="", metavar="DIR",
                         help="write what would be uploaded to DIR (default: <adapter_dir>-hub) and print its tree")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    options = {"private": args.private, "base_model_id": args.base_model_id, "tokenizer": args.tokenizer}
     if args.dry_run is not None:
         folder = Path(args.dry_run or f"{args.adapter_dir.rstrip('/')}-hub")
-        push_adapter(args.adapter_dir, args.repo_id, private=args.private, dry_run=folder)
+        push_adapter(args.adapter_dir, args.repo_id, dry_run=folder, **options)
         print(_tree(folder))
         return 0
-    url = push_adapter(args.adapter_dir, args.repo_id, private=args.private)
+    url = push_adapter(args.adapter_dir, args.repo_id, **options)
     print(f"pushed to {url}")
     return 0

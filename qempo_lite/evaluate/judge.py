@@ -7,15 +7,19 @@ categories that carry a reference answer use the ``single-math-v1*`` prompts wit
 MT-Bench does. The judge must end with ``[[rating]]``; the last such mark is read.
 
 Robustness: requests run on a bounded thread pool (``concurrency``); a connection error, a
-timeout, a rate limit, a server error or an answer without a rating is retried (at most
-``max_attempts`` requests per sample, with exponential back-off), then counted as a failure
-— never raised. A rejected key or an unknown model is the user's to fix and raises QempoError
-at once. Successful ratings are appended to a JSONL cache keyed by the hash of (judge model,
-system prompt, filled prompt — which holds the question and the answer), so a rerun only
-queries what is missing.
+timeout, a rate limit, a server error, a malformed reply (an HTTP 200 whose body is not a
+chat completion: truncated JSON, an HTML page, no choices, no text) or an answer without a
+rating is retried (at most ``max_attempts`` requests per sample, with exponential back-off),
+then counted as a failure — never raised. A rejected key or an unknown model is the user's
+to fix and raises QempoError at once. Successful ratings are appended to a JSONL cache keyed
+by the hash of (judge model, system prompt, filled prompt — which holds the question and the
+answer), so a rerun only queries what is missing.
 
 The API key comes from the ``api_key`` argument or the environment (``api_key_env``, else
-``QEMPO_JUDGE_API_KEY``, else ``OPENAI_API_KEY``); it is never printed, logged or cached.
+``QEMPO_JUDGE_API_KEY``, else ``OPENAI_API_KEY``); it is never printed, logged or cached. A
+server may echo it back in an error message: once a Judge holds a key (8 characters or
+more), every log record made in the process, by any logger, has it replaced by ``***``
+(:func:`redact_secret`), and so do the error texts of Judgements.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from .sampling import Sample
 logger = logging.getLogger("qempo_lite")
 
 KEY_ENVS = ("QEMPO_JUDGE_API_KEY", "OPENAI_API_KEY")
+MIN_SECRET_LENGTH = 8  # shorter strings are not redacted: they would garble ordinary log text
 SINGLE, SINGLE_MULTI = "single-v1", "single-v1-multi-turn"
 MATH, MATH_MULTI = "single-math-v1", "single-math-v1-multi-turn"
 NEED_REFERENCE = ("math", "reasoning", "coding")  # MT-Bench grades these against the reference answer
@@ -49,6 +54,57 @@ RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 RATING_REGEX = r"Rating: \[\[(10|[1-9])\]\]"
 """A regex a server with structured outputs can be held to, e.g. vLLM's
 ``extra_body={"structured_outputs": {"regex": RATING_REGEX}}``."""
+
+
+# ------------------------------------------------------------------------------ secrets
+
+_SECRETS: set[str] = set()
+_SECRETS_LOCK = threading.Lock()
+_FACTORY_INSTALLED = False
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***``."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _redacting_factory(previous):
+    def make_record(*args, **kwargs):
+        record = previous(*args, **kwargs)
+        if not _SECRETS:
+            return record
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed log call is logging's to report, not ours
+            return record
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            import traceback
+
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            if redact(text) != text:  # formatted now, so that no handler formats the raw one later
+                record.exc_text = redact(text)
+        return record
+
+    return make_record
+
+
+def redact_secret(secret: str | None) -> None:
+    """Keep ``secret`` out of every log record made from now on in this process (any logger:
+    ours, ``openai``, ``httpx``...), even when a server echoes it in an error."""
+    global _FACTORY_INSTALLED
+    if not secret or len(secret) < MIN_SECRET_LENGTH:
+        return
+    with _SECRETS_LOCK:
+        _SECRETS.add(secret)
+        if not _FACTORY_INSTALLED:
+            logging.setLogRecordFactory(_redacting_factory(logging.getLogRecordFactory()))
+            _FACTORY_INSTALLED = True
 
 
 def parse_rating(text: str | None) -> float | None:
@@ -79,19 +135,18 @@ class JudgeTemplate:
 
 def load_judge_prompts(source: str | os.PathLike = MTBENCH) -> dict[str, JudgeTemplate]:
     """MT-Bench's ``judge_prompts.jsonl`` (or a file of that shape): name -> template."""
+    from qempo_lite.data import BadRow, read_json_lines
+
     path = resolve_mtbench_file(source, "judge_prompts")
     templates = {}
-    for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QempoError(f"{path} row {index}: not JSON ({err.msg}); fix or remove the row") from None
-        for name in ("name", "system_prompt", "prompt_template"):
-            if not isinstance(row, dict) or not isinstance(row.get(name), str):
-                raise QempoError(f"{path} row {index}: field '{name}' must be a string; fix the row")
-        templates[row["name"]] = JudgeTemplate(row["name"], row["system_prompt"], row["prompt_template"])
+    with path.open("rb") as handle:
+        for number, row in read_json_lines(handle, str(path)):
+            if isinstance(row, BadRow):
+                raise QempoError(f"{path} line {number}: {row.problem}; fix or remove the line")
+            for name in ("name", "system_prompt", "prompt_template"):
+                if not isinstance(row, dict) or not isinstance(row.get(name), str):
+                    raise QempoError(f"{path} line {number}: field '{name}' must be a string; fix the line")
+            templates[row["name"]] = JudgeTemplate(row["name"], row["system_prompt"], row["prompt_template"])
     for needed in (SINGLE, SINGLE_MULTI):
         if needed not in templates:
             raise QempoError(f"{path} has no '{needed}' prompt; pass MT-Bench's judge_prompts.jsonl")
@@ -178,8 +233,22 @@ def build_items(samples: Sequence[Sample], templates: Mapping[str, JudgeTemplate
 # ------------------------------------------------------------------------------ the client
 
 
-class _Retry(Exception):
-    """A failure worth another request."""
+class _Malformed(Exception):
+    """An HTTP 200 whose body is not a usable chat completion: worth another request."""
+
+
+def _judgment_text(reply: Any) -> str:
+    """The text of a chat completion's first choice; _Malformed when the reply is anything else
+    (a server may answer 200 with an HTML page, a bare list, or a completion without text)."""
+    if not hasattr(reply, "choices"):
+        raise _Malformed(f"expected a chat completion, got {type(reply).__name__}")
+    choices = reply.choices
+    if not isinstance(choices, list) or not choices:
+        raise _Malformed("the completion has no choices")
+    content = getattr(getattr(choices[0], "message", None), "content", None)
+    if not isinstance(content, str):
+        raise _Malformed(f"the first choice has no text (content is {type(content).__name__})")
+    return content
 
 
 class Judge:
@@ -188,8 +257,9 @@ class Judge:
 
     ``extra_body`` is sent with every request (e.g. a server's structured-output options).
     ``cache_path`` is a JSONL file of past ratings; ``None`` disables caching. ``stats`` counts,
-    since the Judge was created, the requests sent, the items left without a rating, those
-    answered from the cache, and the most requests that were in flight at once.
+    since the Judge was created, the requests sent, the items left without a rating, the
+    replies that were not a chat completion (each retried like any failure), those answered
+    from the cache, and the most requests that were in flight at once.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, api_key_env: str | None = None,
@@ -211,6 +281,7 @@ class Judge:
                 raise QempoError(f"{name} must be an integer >= {low}, got {value!r}")
         envs = ([api_key_env] if api_key_env else []) + [e for e in KEY_ENVS if e != api_key_env]
         key = api_key or next((os.environ[e] for e in envs if os.environ.get(e)), None)
+        redact_secret(key)
         self.key_source = "the api_key argument" if api_key else next((f"${e}" for e in envs if os.environ.get(e)),
                                                                       "no key")
         self.base_url, self.model = base_url.rstrip("/"), model
@@ -224,7 +295,7 @@ class Judge:
         self.cache_path = Path(cache_path) if cache_path else None
         self._cache = self._read_cache()
         self._lock = threading.Lock()
-        self.stats = {"requests": 0, "failures": 0, "cached": 0, "max_in_flight": 0}
+        self.stats = {"requests": 0, "failures": 0, "malformed": 0, "cached": 0, "max_in_flight": 0}
         self._in_flight = 0
         self._checked = False
 
@@ -236,7 +307,10 @@ class Judge:
         cache: dict[str, dict] = {}
         if self.cache_path is None or not self.cache_path.is_file():
             return cache
-        for number, line in enumerate(self.cache_path.read_text(encoding="utf-8").splitlines(), start=1):
+        # split on "\n" only: a judgment may hold U+2028 and the like, which splitlines() breaks on
+        for number, line in enumerate(self.cache_path.read_text(encoding="utf-8").split("\n"), start=1):
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
                 if parse_rating(f"[[{row['rating']}]]") is not None:
@@ -294,27 +368,36 @@ class Judge:
                     model=self.model, temperature=self.temperature, max_tokens=self.max_tokens,
                     messages=[{"role": "system", "content": item.system}, {"role": "user", "content": item.user}],
                     extra_body=self.extra_body)
-                judgment = reply.choices[0].message.content if reply.choices else None
+                judgment = _judgment_text(reply)
                 rating = parse_rating(judgment)
                 if rating is not None:
                     return Judgement(item, rating, judgment, attempts=attempt)
                 error = "no [[rating]] between 1 and 10 in the judgment"
+            except _Malformed as err:
+                judgment, error = None, f"malformed reply: {err}"
+                with self._lock:
+                    self.stats["malformed"] += 1
             except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
                 raise self._key_error(err) from None
             except openai.NotFoundError:
                 raise QempoError(f"judge model {self.model!r} not found at {self.base_url}; fix --judge-model "
                                  "or --judge-url") from None
             except openai.BadRequestError as err:  # e.g. a conversation longer than the judge's context
-                return Judgement(item, None, None, error=f"request refused: {_first_line(err)}", attempts=attempt)
+                return Judgement(item, None, None, error=redact(f"request refused: {_first_line(err)}"),
+                                 attempts=attempt)
             except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
                     openai.InternalServerError, openai.APIStatusError) as err:
                 error = f"{type(err).__name__}: {_first_line(err)}"
+            except ValueError as err:  # a 200 whose body the client cannot parse (truncated JSON, bad UTF-8)
+                judgment, error = None, f"malformed reply: {type(err).__name__}: {_first_line(err)}"
+                with self._lock:
+                    self.stats["malformed"] += 1
             finally:
                 with self._lock:
                     self._in_flight -= 1
             if attempt < self.max_attempts:
                 time.sleep(self.retry_wait * 2 ** (attempt - 1))
-        return Judgement(item, None, judgment, error=error, attempts=self.max_attempts)
+        return Judgement(item, None, judgment, error=redact(error or ""), attempts=self.max_attempts)
 
     def judge(self, items: Sequence[JudgeItem], *, progress: bool = True) -> list[Judgement]:
         """A Judgement per item, in order: cached ones first looked up, the rest asked concurrently."""
@@ -392,4 +475,4 @@ def summarize(judgements: Sequence[Judgement]) -> dict[str, dict[str, Any]]:
 
 
 __all__ = ["Judge", "JudgeItem", "JudgeTemplate", "Judgement", "build_items", "load_judge_prompts", "parse_rating",
-           "summarize", "RATING_REGEX"]
+           "redact", "redact_secret", "summarize", "RATING_REGEX"]
