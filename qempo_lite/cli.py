@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 import warnings
 
+from .console import debug_enabled, hold_output, release_output
 from .errors import QempoError
 
 COMMANDS = {
@@ -50,15 +52,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # TRL warns on import about vLLM releases newer than it has seen; the rollout code pins its own range.
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
+    hold_output()  # until the command has validated its input (console.release_output)
     try:
         module = importlib.import_module(module_name)
-        return int(module.cli(rest) or 0)
-    except QempoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        code = int(module.cli(rest) or 0)
+        release_output()
+        return code
+    except SystemExit as exit_:  # --help and --version exit through argparse
+        release_output()
+        return int(exit_.code or 0) if isinstance(exit_.code, (int, type(None))) else 2
     except KeyboardInterrupt:
+        release_output(show=False)
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # every failure is one line; QEMPO_LITE_DEBUG=1 shows the traceback
+        release_output(show=False)
+        if debug_enabled():
+            traceback.print_exc()
+        if isinstance(err, QempoError):
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+        else:
+            print(f"error: {type(err).__name__}: {_one_line(err)} (unexpected; rerun with QEMPO_LITE_DEBUG=1 for "
+                  "the traceback)", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -100,9 +100,11 @@ def _source_name(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _is_local(source: str | Path) -> bool:
+def is_local_source(source: str | Path) -> bool:
+    """True for a path to a local data file (it exists, or it has a data file's suffix); False for a Hub name."""
     path = Path(source)
     return path.exists() or str(source).endswith(LOCAL_SUFFIXES) or isinstance(source, Path)
+
 
 
 def _check_max_row_bytes(max_row_bytes: Any) -> int:
@@ -263,7 +265,7 @@ def _read_rows(source: Any, split: str, config: str | None, max_row_bytes: int =
             "data source must be a file path, a Hub dataset name or a datasets.Dataset, "
             f"not {type(source).__name__}"
         )
-    if _is_local(source):
+    if is_local_source(source):
         return _read_local(Path(source), max_row_bytes)
     return _rows(_read_hub(str(source), split, config), max_row_bytes)
 
@@ -391,7 +393,11 @@ def _convert_messages(row: Row) -> Row:
             raise BadRow(name, "is empty")
     if chosen[:-1] != rejected[:-1]:
         raise BadRow("rejected", "has different turns before the answer than 'chosen'")
-    prompt = chosen[:-1] or [{"role": "user", "content": _text(row, "prompt")}]
+    if isinstance(row.get("prompt"), list):
+        # TRL's explicit-prompt conversational format: the prompt's messages, then the two continuations.
+        prompt = _messages(row, "prompt") + chosen[:-1]
+    else:
+        prompt = chosen[:-1] or [{"role": "user", "content": _text(row, "prompt")}]
     if chosen[-1]["content"] == rejected[-1]["content"]:
         raise BadRow("rejected", "is identical to 'chosen'")
     return {"prompt": prompt, "chosen": _answer(chosen[-1]["content"]), "rejected": _answer(rejected[-1]["content"])}
@@ -625,7 +631,8 @@ def load_math(
         GSM8K ``"#### 1,800"`` -> ``"1800"``; MATH the last ``\\boxed{}`` content) and
         ``solution`` (the original worked solution).
     """
-    if config is None and isinstance(source, str) and source.rstrip("/").endswith("gsm8k") and not _is_local(source):
+    gsm8k_hub = isinstance(source, str) and source.rstrip("/").endswith("gsm8k") and not is_local_source(source)
+    if config is None and gsm8k_hub:
         config = "main"
     dataset, report = _load(
         source,

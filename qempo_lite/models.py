@@ -14,6 +14,7 @@ GPU (fp32 on CPU, where bitsandbytes' 4-bit kernels also run), then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import QempoError
@@ -162,7 +163,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, requir
     return tokenizer
 
 
-def lora_config(*, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05,
+def lora_config(*, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
                 target_modules: str | list[str] = "all-linear"):
     """The ``LoraConfig`` of a causal-LM adapter. ``"all-linear"`` adapts every linear layer but the LM head."""
     from peft import LoraConfig
@@ -182,13 +183,32 @@ def lora_config(*, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float =
                       bias="none", task_type="CAUSAL_LM")
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Fail fast, in one line, on a local model directory that cannot load: no config or no safetensors weights.
+
+    A name that is not a local path is taken for a Hub id and checked when it is loaded.
+    """
+    path = Path(name_or_path)
+    if not path.exists():
+        if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+            raise QempoError(f"model directory {name_or_path} does not exist; pass a local model directory or a Hub id")
+        return
+    if not path.is_dir():
+        raise QempoError(f"model_name_or_path {name_or_path} is a file; pass the model's directory")
+    if not (path / "config.json").is_file():
+        raise QempoError(f"{name_or_path} has no config.json; pass a transformers model directory")
+    if not any(path.glob("*.safetensors")):
+        raise QempoError(f"{name_or_path} has no .safetensors weights (qempo-lite loads no pickled weights); "
+                         "convert it with save_pretrained(..., safe_serialization=True)")
+
+
 def load_policy(
     name_or_path: str,
     *,
     quantization: str | None = None,
     lora_r: int = 16,
     lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     target_modules: str | list[str] = "all-linear",
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
@@ -345,6 +365,6 @@ def count_parameters(config) -> int:
     return int(L * per_layer + s["vocab"] * h * (1 if s["tied"] else 2) + h)
 
 
-__all__ = ["LoadedPolicy", "MemoryPlan", "PAPER_MODELS", "check_dtype", "count_parameters", "load_policy",
+__all__ = ["LoadedPolicy", "MemoryPlan", "PAPER_MODELS", "check_dtype", "check_model_source", "count_parameters", "load_policy",
            "load_tokenizer", "lora_config", "memory_plan", "normalise_quantization", "paper_model_config",
            "quantization_config"]

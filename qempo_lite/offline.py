@@ -35,8 +35,10 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from . import __version__
+from . import trl_fields
 from .errors import QempoError
 from .losses import OFFLINE_METHODS, offline_coefficients
+from .trl_fields import refuse_unlisted_fields
 
 # The TRL releases whose DPOTrainer internals this module was written against (see
 # check_trl_compatibility); outside this range QEMPOTrainer warns and the compatibility test fails.
@@ -48,6 +50,12 @@ DEFAULT_BETA1, DEFAULT_BETA2 = 4e-3, 1e-2
 DEFAULT_SPL_ALPHA = 2e-2
 
 METADATA_FILE = "qempo_lite.json"
+
+_COEFFICIENTS = {"qempo": ("beta",), "qempo_kl": ("beta1", "beta2"), "dpo": ("beta",), "spl": ("alpha", "beta")}
+_COEFFICIENTS_OF_OTHER_METHODS = {
+    method: tuple(name for name in ("beta", "beta1", "beta2", "alpha") if name not in own)
+    for method, own in _COEFFICIENTS.items()
+}
 
 
 @dataclass
@@ -93,6 +101,11 @@ class QEMPOConfig(DPOConfig):
     def __post_init__(self):
         if self.loss_method not in OFFLINE_METHODS:
             raise QempoError(f"loss_method must be one of {', '.join(OFFLINE_METHODS)}, got {self.loss_method!r}")
+        for name in _COEFFICIENTS_OF_OTHER_METHODS[self.loss_method]:
+            if getattr(self, name) is not None:
+                uses = ", ".join(_COEFFICIENTS[self.loss_method])
+                raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses {uses}); "
+                                 f"remove {name}")
         if self.loss_method == "qempo_kl":
             self.beta1 = DEFAULT_BETA1 if self.beta1 is None else self.beta1
             self.beta2 = DEFAULT_BETA2 if self.beta2 is None else self.beta2
@@ -117,16 +130,33 @@ class QEMPOConfig(DPOConfig):
             raise QempoError("use_weighting (WPO) is not part of the QEMPO family; set use_weighting: false")
         if self.ld_alpha is not None:
             raise QempoError("ld_alpha (LD-DPO) is not part of the QEMPO family; remove it")
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise QempoError(f"truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise QempoError(f"max_length must be a number of tokens >= 2 (or none), got {self.max_length!r}")
+        refuse_unlisted_fields(self, DPOConfig, trl_fields.DPO, "QEMPOConfig")
         super().__post_init__()
 
     def coefficients(self) -> dict[str, float]:
         """The method's coefficients as :func:`~qempo_lite.losses.offline_loss` names them."""
-        names = {"qempo": ("beta",), "qempo_kl": ("beta1", "beta2"), "dpo": ("beta",), "spl": ("alpha", "beta")}
-        return {name: getattr(self, name) for name in names[self.loss_method]}
+        return {name: getattr(self, name) for name in _COEFFICIENTS[self.loss_method]}
 
     def loss_coefficients(self) -> tuple[float, float]:
         """``(a, c)``: the policy and reference coefficients of the loss."""
         return offline_coefficients(self.loss_method, **self.coefficients())
+
+
+def _size(dataset) -> int | None:
+    """Rows of a map-style dataset (None for iterable ones, or a dict of several evaluation sets: summed)."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        sizes = [_size(d) for d in dataset.values()]
+        return None if None in sizes else sum(sizes)
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
 
 
 def _is_peft_model(model) -> bool:
@@ -139,15 +169,25 @@ class QEMPOTrainer(DPOTrainer):
     """``DPOTrainer`` training the QEMPO family; same constructor, with a :class:`QEMPOConfig`.
 
     ``QEMPOTrainer(model=..., args=QEMPOConfig(...), train_dataset=..., eval_dataset=...,
-    processing_class=..., peft_config=...)``. With ``peft_config`` (or a ``PeftModel``) the
-    reference of ``qempo_kl``/``dpo``/``spl`` is the base model with the adapter disabled;
-    ``precompute_ref_log_probs=True`` computes it once over the dataset before training.
+    processing_class=..., peft_config=...)``. The reference of ``qempo_kl``/``dpo``/``spl`` is,
+    as in TRL:
+
+    * a base model with ``peft_config``: that base model (the new adapter disabled);
+    * a ``PeftModel`` (an adapter that may already be trained): a frozen copy of the starting
+      adapter, which TRL keeps as a second adapter named ``"ref"``;
+    * a full model: a second, frozen copy of it (or its precomputed log-probs).
+
+    ``precompute_ref_log_probs=True`` computes the reference once over the dataset before
+    training. ``qempo`` uses no reference at all: no copy, no "ref" adapter, no forward pass.
+
+    Pairs whose prompt alone fills ``max_length`` are dropped by TRL; their number is
+    ``dropped_for_length`` (``{"train": n, "eval": m}``).
     """
 
     _tag_names = ["trl", "qempo-lite", "qempo"]
     _name = "QEMPO"
     _paper = {"title": "Quality-constrained Entropy Maximization Policy Optimization for LLM Diversity",
-              "id": None, "citation": None}
+              "id": "2602.15894", "citation": None}
 
     def __init__(self, model, ref_model=None, args: QEMPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
@@ -159,19 +199,39 @@ class QEMPOTrainer(DPOTrainer):
         if not isinstance(args, QEMPOConfig):
             raise QempoError(f"QEMPOTrainer needs a QEMPOConfig, got {type(args).__name__}; build QEMPOConfig(...)")
         self.policy_coef, self.ref_coef = args.loss_coefficients()
+        full_model_qempo = False
         if self.ref_coef == 0.0:
             if ref_model is not None:
                 raise QempoError("loss_method='qempo' uses no reference model; do not pass ref_model")
-            # TRL copies the model as a reference unless it is a PEFT model or the reference log-probs are
-            # "precomputed". qempo's are zeros made without a forward pass (compute_ref_log_probs), so a full
-            # model takes the precompute path, which then costs one pass of collation and no model call.
-            args.precompute_ref_log_probs = not (_is_peft_model(model) or peft_config is not None)
+            # TRL copies a full model as a reference unless the reference log-probs are "precomputed".
+            # qempo's are zeros made without a forward pass (compute_ref_log_probs), so a full model takes
+            # the precompute path, which then costs one pass of collation and no model call.
+            full_model_qempo = not (_is_peft_model(model) or peft_config is not None)
+            args.precompute_ref_log_probs = full_model_qempo
+        sizes = {"train": _size(train_dataset), "eval": _size(eval_dataset)}
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config)
         # TRL's sigmoid loss is -logsigmoid(self.beta * (Δlogπ - Δref)); compute_loss feeds it ref·c/a.
         self.beta = self.policy_coef
+        if self.ref_coef == 0.0:
+            # TRL copies a starting PeftModel's adapter into a frozen "ref" adapter; qempo never reads it.
+            policy = self.accelerator.unwrap_model(self.model)
+            if _is_peft_model(policy) and "ref" in policy.peft_config:
+                policy.delete_adapter("ref")
+            if full_model_qempo:
+                # The precompute flag only served to skip the reference copy; compute_loss supplies the zeros,
+                # so evaluate() on a new dataset needs no reference either.
+                self.precompute_ref_logps = False
+        self.dropped_for_length = {
+            name: before - after for name, before, after in
+            (("train", sizes["train"], _size(self.train_dataset)), ("eval", sizes["eval"], _size(self.eval_dataset)))
+            if before is not None and after is not None
+        }
+        if _size(self.train_dataset) == 0:
+            raise QempoError(f"every training pair's prompt fills max_length={args.max_length} tokens, so TRL dropped "
+                             "them all; raise max_length")
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of a batch (chosen, rejected); zeros for ``qempo``, with no forward pass."""
@@ -296,7 +356,8 @@ class ModelArgs:
     quantization: str | None = field(default=None, metadata={"help": "none (LoRA), 4bit (QLoRA, NF4) or 8bit."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (TRL disables dropout by default)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout; applies only with disable_dropout: "
+                                                               "false (TRL's default turns dropout off offline)."})
     target_modules: str | list[str] = field(default="all-linear",
                                             metadata={"help": "Modules that get an adapter; all-linear or a list."})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
@@ -323,25 +384,55 @@ class ModelArgs:
 
 @dataclass
 class OfflineRunArgs:
-    """What to train on, and whether to resume."""
+    """What to train and evaluate on, and whether to resume."""
 
     dataset: str = field(metadata={"help": "Hub dataset name or local .jsonl/.json/.parquet preference file."})
-    dataset_split: str = field(default="train", metadata={"help": "Training split (Hub datasets)."})
-    eval_split: str | None = field(default=None, metadata={"help": "Evaluation split of the same dataset."})
+    dataset_split: str | None = field(default=None, metadata={"help": "Training split of a Hub dataset (default "
+                                                                     "train); a local file has none."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Evaluation pairs: a local file or a Hub "
+                                                                     "dataset (default: the training dataset)."})
+    eval_split: str | None = field(default=None, metadata={"help": "Evaluation split of a Hub dataset."})
+    eval_fraction: float | None = field(default=None, metadata={"help": "Hold out this fraction of the training "
+                                                                        "pairs (seeded) for evaluation."})
     on_bad_rows: str = field(default="error", metadata={"help": "error or skip malformed rows."})
     limit: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     eval_limit: int | None = field(default=None, metadata={"help": "Use at most this many evaluation pairs."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+    max_row_bytes: int = field(default=1_000_000, metadata={"help": "Largest accepted row of a data file, bytes."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint in output_dir."})
 
     def __post_init__(self):
-        from .data import ON_BAD_ROWS
+        from .data import ON_BAD_ROWS, is_local_source
 
         if self.on_bad_rows not in ON_BAD_ROWS:
             raise QempoError(f"on_bad_rows must be one of {', '.join(ON_BAD_ROWS)}, got {self.on_bad_rows!r}")
-        for name in ("limit", "eval_limit"):
+        for name in ("limit", "eval_limit", "max_row_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise QempoError(f"{name} must be a positive number of pairs, got {value!r}")
+                raise QempoError(f"{name} must be a positive number, got {value!r}")
+        if self.eval_fraction is not None:
+            if not 0.0 < self.eval_fraction < 1.0:
+                raise QempoError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction!r}")
+            if self.eval_dataset is not None or self.eval_split is not None:
+                raise QempoError("eval_fraction holds out training pairs; do not combine it with eval_dataset or "
+                                 "eval_split")
+        if is_local_source(self.dataset) and self.dataset_split is not None:
+            raise QempoError(f"dataset_split={self.dataset_split!r} applies to Hub datasets; the local file "
+                             f"{self.dataset} has no splits: remove dataset_split")
+        eval_source = self.eval_dataset or self.dataset
+        if self.eval_split is not None and is_local_source(eval_source):
+            raise QempoError(f"eval_split={self.eval_split!r} applies to Hub datasets, but the evaluation data is the "
+                             f"local file {eval_source}; name an evaluation file with eval_dataset or hold out "
+                             "training pairs with eval_fraction")
+        if self.eval_dataset is not None and not is_local_source(self.eval_dataset) and self.eval_split is None:
+            raise QempoError(f"eval_dataset {self.eval_dataset!r} is a Hub dataset; name its split with eval_split")
+        if (self.eval_dataset is None and self.eval_split is not None and not is_local_source(self.dataset)
+                and self.eval_split == (self.dataset_split or "train")):
+            raise QempoError(f"eval_split={self.eval_split!r} is the training split; evaluate on another split or "
+                             "hold out training pairs with eval_fraction")
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_dataset is not None or self.eval_split is not None or self.eval_fraction is not None
 
 
 _CONFIG_TYPES = (QEMPOConfig, ModelArgs, OfflineRunArgs)
@@ -372,13 +463,13 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def write_run_metadata(output_dir: str | Path, args: QEMPOConfig, *, base_model: str, data: dict[str, Any],
+def write_run_metadata(output_dir: str | Path, args, *, base_model: str, data: dict[str, Any],
                        quantization: str | None = None, lora: dict[str, Any] | None = None,
-                       steps: int | None = None) -> Path:
+                       steps: int | None = None, mode: str = "offline", extra: dict[str, Any] | None = None) -> Path:
     """Write ``qempo_lite.json`` (read by the model card and the app) next to the adapter."""
     output_dir = Path(output_dir)
     metadata = {
-        "mode": "offline",
+        "mode": mode,
         "method": args.loss_method,
         "coefficients": args.coefficients(),
         "base_model": base_model,
@@ -387,11 +478,19 @@ def write_run_metadata(output_dir: str | Path, args: QEMPOConfig, *, base_model:
         "data": data,
         "steps": steps,
         "qempo_lite_version": __version__,
+        **(extra or {}),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / METADATA_FILE
     path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def lora_metadata(model_args: "ModelArgs", config) -> dict[str, Any]:
+    """The adapter's settings as trained: TRL's ``disable_dropout`` turns LoRA dropout off."""
+    dropout = 0.0 if config.disable_dropout else model_args.lora_dropout
+    return {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": dropout,
+            "target_modules": model_args.target_modules}
 
 
 def use_rich_progress(trainer) -> None:
@@ -429,44 +528,148 @@ def push_finished_adapter(config, repo_id: str | None) -> None:
         print(f"pushed to {push_adapter(config.output_dir, repo_id, private=bool(config.hub_private_repo))}")
 
 
-def checkpoint_to_resume(output_dir: str, resume: bool) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from (a save cut short), or None if it is complete.
 
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    if resume and last is None:
-        raise QempoError(f"no checkpoint to resume from in {output_dir}; drop --resume to start a new run")
-    if not resume and last is not None:
-        raise QempoError(f"{output_dir} already holds checkpoints ({Path(last).name}); pass --resume to continue "
-                         "that run or choose another output_dir")
-    return last if resume else None
+    Complete means: ``trainer_state.json`` parses, the weights' safetensors header parses, and
+    (unless ``save_only_model``) the optimizer and scheduler states are readable archives.
+    """
+    import zipfile
+
+    state = path / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is missing or unreadable"
+    weights = [path / name for name in ("adapter_model.safetensors", "model.safetensors") if (path / name).is_file()]
+    weights += sorted(path.glob("model-*.safetensors"))
+    if not weights:
+        return "it holds no weights"
+    for file in weights:
+        try:
+            total = file.stat().st_size
+            with file.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                if size > total - 8:
+                    return f"{file.name} is truncated"
+                header = json.loads(handle.read(size))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if total < 8 + size + end:
+                return f"{file.name} is truncated"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{file.name} is unreadable"
+    if needs_optimizer:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            file = path / name
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    if archive.testzip() is not None:
+                        return f"{name} is corrupt"
+            except (OSError, zipfile.BadZipFile):
+                return f"{name} is missing or unreadable"
+    return None
+
+
+def checkpoint_to_resume(output_dir: str, resume: bool, *, needs_optimizer: bool = True) -> str | None:
+    """The newest complete ``checkpoint-N`` of ``output_dir`` when resuming; refuse to overwrite one otherwise.
+
+    A checkpoint whose save was cut short (a kill during ``save``) is skipped, and said so on stderr.
+    """
+    import re
+    import sys
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise QempoError(f"output_dir {output_dir} is a file; choose a directory")
+    found = sorted((int(m.group(1)), p) for p in (out.iterdir() if out.is_dir() else [])
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    if not resume:
+        if found:
+            raise QempoError(f"{output_dir} already holds checkpoints ({found[-1][1].name}); pass --resume to "
+                             "continue that run or choose another output_dir")
+        return None
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path, needs_optimizer=needs_optimizer)
+        if problem is None:
+            return str(path)
+        print(f"skipping {path.name}: {problem} (its save was cut short)", file=sys.stderr)
+    if found:
+        raise QempoError(f"no complete checkpoint to resume from in {output_dir} (all {len(found)} were cut short); "
+                         "drop --resume to start again")
+    raise QempoError(f"no checkpoint to resume from in {output_dir}; drop --resume to start a new run")
+
+
+def load_eval_pairs(run_args: OfflineRunArgs, train, seed: int):
+    """``(train, evaluation, description)``: evaluation pairs from their own file/split, or held out of ``train``.
+
+    Never the training rows themselves: a local file has no splits, so its evaluation pairs come
+    from ``eval_dataset`` or a seeded ``eval_fraction`` of the training pairs.
+    """
+    from .data import is_local_source, load_preferences
+
+    if run_args.eval_fraction is not None:
+        if len(train) < 2:
+            raise QempoError("eval_fraction needs at least 2 training pairs")
+        parts = train.train_test_split(test_size=run_args.eval_fraction, seed=seed)
+        evaluation = parts["test"]
+        if run_args.eval_limit is not None:
+            evaluation = evaluation.select(range(min(run_args.eval_limit, len(evaluation))))
+        return parts["train"], evaluation, {"held_out_fraction": run_args.eval_fraction, "seed": seed,
+                                            "rows": len(evaluation)}
+    if not run_args.has_eval:
+        return train, None, None
+    source = run_args.eval_dataset or run_args.dataset
+    split = None if is_local_source(source) else run_args.eval_split
+    evaluation, report = load_preferences(source, split=split or "train", on_bad_rows=run_args.on_bad_rows,
+                                          limit=run_args.eval_limit, max_row_bytes=run_args.max_row_bytes,
+                                          return_report=True)
+    return train, evaluation, {"dataset": source, "split": split, "rows": len(evaluation), "skipped": report.skipped}
+
+
+def check_evaluation(config, has_eval: bool) -> None:
+    """One-line refusals for evaluation settings that have no evaluation data to run on."""
+    strategy = getattr(config.eval_strategy, "value", config.eval_strategy)
+    if not has_eval and strategy != "no":
+        raise QempoError(f"eval_strategy={strategy!r} needs evaluation data; set eval_dataset, eval_split or "
+                         "eval_fraction, or set eval_strategy: 'no'")
+    if not has_eval and config.load_best_model_at_end:
+        raise QempoError("load_best_model_at_end needs evaluation data; set eval_dataset, eval_split or "
+                         "eval_fraction, or remove load_best_model_at_end")
 
 
 def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineRunArgs) -> Path:
     """Load data and model, train, save the adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
-    from .data import load_preferences
+    from .console import release_output
+    from .data import is_local_source, load_preferences
+    from .models import check_model_source
 
-    checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume)
-    train, report = load_preferences(run_args.dataset, split=run_args.dataset_split,
-                                     on_bad_rows=run_args.on_bad_rows, limit=run_args.limit, return_report=True)
-    evaluation = None
-    if run_args.eval_split is not None:
-        evaluation = load_preferences(run_args.dataset, split=run_args.eval_split, on_bad_rows=run_args.on_bad_rows,
-                                      limit=run_args.eval_limit)
+    check_evaluation(config, run_args.has_eval)
+    checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume, needs_optimizer=not config.save_only_model)
+    split = None if is_local_source(run_args.dataset) else (run_args.dataset_split or "train")
+    train, report = load_preferences(run_args.dataset, split=split or "train", on_bad_rows=run_args.on_bad_rows,
+                                     limit=run_args.limit, max_row_bytes=run_args.max_row_bytes, return_report=True)
+    train, evaluation, eval_data = load_eval_pairs(run_args, train, config.seed)
     repo_id = take_over_hub_push(config)
+    check_model_source(model_args.model_name_or_path)
+    release_output()  # the input is validated: what libraries printed meanwhile may show now
     model, tokenizer, peft_config = model_args.load(config)
     trainer = QEMPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, peft_config=peft_config)
+    dropped = trainer.dropped_for_length
+    if dropped.get("train") or dropped.get("eval"):
+        print(f"dropped for length (prompt alone >= max_length={config.max_length} tokens): "
+              f"{dropped.get('train', 0)} training and {dropped.get('eval', 0)} evaluation pairs")
+    if eval_data is not None:
+        eval_data["dropped_for_length"] = dropped.get("eval", 0)
     use_rich_progress(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer
     trainer.save_state()
     write_run_metadata(
         config.output_dir, config, base_model=model_args.model_name_or_path,
-        quantization=model_args.quantization,
-        lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
-              "target_modules": model_args.target_modules},
-        data={"dataset": run_args.dataset, "split": run_args.dataset_split, "rows": len(train),
-              "skipped": report.skipped},
+        quantization=model_args.quantization, lora=lora_metadata(model_args, config),
+        data={"dataset": run_args.dataset, "split": split, "rows": len(train) - dropped.get("train", 0),
+              "skipped": report.skipped, "dropped_for_length": dropped.get("train", 0), "eval": eval_data},
         steps=trainer.state.global_step,
     )
     push_finished_adapter(config, repo_id)

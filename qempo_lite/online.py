@@ -29,8 +29,10 @@ every optimizer step then follows the group-mean objective whatever the accumula
 the ``grad / gradient_accumulation_steps`` rescaling of ``Trainer`` is off
 (``loss_is_scaled_for_ga``, inherited from GRPO). With several processes the weights are
 computed on the gathered batch and DDP averages gradients, so the loss is also multiplied
-by the number of processes. With ``num_iterations > 1`` a batch is reused and its weights
-stay those computed at rollout time (their variance term uses the rollout-time ℓ).
+by the number of processes. Settings that would train on a batch after the policy has moved
+(``num_iterations > 1``, a generation batch spanning several optimizer steps) are refused:
+the weights hold the log-probs ℓ of the policy that sampled the batch, and ℓ is computed with
+dropout off.
 
 Coefficients. ``beta`` of :class:`QEMPOOnlineConfig` is QEMPO's β = 1/λ (``qempo``) or GVPO's
 β (``gvpo``), and ``beta1`` / ``beta2`` are QEMPO-KL's 1/λ1 and λ2/λ1: the meanings of
@@ -54,13 +56,21 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from . import trl_fields
 from .errors import QempoError
+from .trl_fields import refuse_unlisted_fields
 from .losses import ADVANTAGES, GATES, ONLINE_METHODS, online_coefficients, online_objective, online_weights
 
 TRL_VERSION_RANGE = ">=1.16,<1.17"  # the GRPOTrainer internals overridden here; see tests/test_online.py
 ROLLOUTS = ("hf", "vllm")
 # The paper's coefficients (§4.2, reused online in §4.4).
 DEFAULT_BETA = {"qempo": 4e-3, "gvpo": 1e-2}
+DEFAULT_BETA1, DEFAULT_BETA2 = 4e-3, 1e-2
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 @dataclass
@@ -82,8 +92,8 @@ class QEMPOOnlineConfig(GRPOConfig):
         default=None,
         metadata={"help": "qempo: β = 1/λ (default 4e-3); gvpo: β (default 1e-2). Not GRPO's KL coefficient."},
     )
-    beta1: float = field(default=4e-3, metadata={"help": "qempo_kl: β1 = 1/λ1."})
-    beta2: float = field(default=1e-2, metadata={"help": "qempo_kl: β2 = λ2/λ1."})
+    beta1: float | None = field(default=None, metadata={"help": "qempo_kl: β1 = 1/λ1 (default 4e-3)."})
+    beta2: float | None = field(default=None, metadata={"help": "qempo_kl: β2 = λ2/λ1 (default 1e-2)."})
     gate: str = field(
         default="correct",
         metadata={"help": "Quality gate of the variance term: correct (default), group or none."},
@@ -114,17 +124,44 @@ class QEMPOOnlineConfig(GRPOConfig):
                 "use_vllm selects TRL's vLLM path, which merges the adapter into the base; "
                 "set rollout: vllm instead (adapter-only sync)"
             )
-        if self.beta is None:
-            self.beta = DEFAULT_BETA.get(self.loss_method, 0.0)
+        own = ("beta1", "beta2") if self.loss_method == "qempo_kl" else ("beta",)
+        for name in ("beta", "beta1", "beta2"):
+            if name not in own and getattr(self, name) is not None:
+                raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses "
+                                 f"{', '.join(own)}); remove {name}")
+        if self.loss_method == "qempo_kl":
+            self.beta1 = DEFAULT_BETA1 if self.beta1 is None else self.beta1
+            self.beta2 = DEFAULT_BETA2 if self.beta2 is None else self.beta2
+        elif self.beta is None:
+            self.beta = DEFAULT_BETA[self.loss_method]
         if (self.top_k or 0) > 0 or self.min_p is not None or self.repetition_penalty != 1.0:
             raise QempoError("top_k, min_p and repetition_penalty are not supported by the rollout engines; remove them")
+        if self.top_p != 1.0:
+            # ℓ in the weights is the log-prob of the full distribution; a truncated sampler is another policy.
+            raise QempoError(f"top_p={self.top_p} samples from a truncated distribution while the weights use the "
+                             "policy's own log-probs; remove top_p (1.0)")
+        if self.num_iterations != 1:
+            raise QempoError(f"num_iterations={self.num_iterations} reuses rollouts after the policy has moved, but the "
+                             "weights (Eq. 8/9) hold the log-probs of the policy that sampled them; remove num_iterations")
+        if self.num_generations_eval is not None and self.num_generations_eval < 2:
+            raise QempoError(f"num_generations_eval must be at least 2 (a group needs two completions to centre "
+                             f"rewards), got {self.num_generations_eval}")
         for key, value in self._ignored_grpo_options().items():
             raise QempoError(f"{key}={value!r} shapes GRPO's loss, which QEMPO replaces (Eq. 8/9); remove {key}")
+        refuse_unlisted_fields(self, GRPOConfig, trl_fields.GRPO, "QEMPOOnlineConfig")
         try:
             online_coefficients(self.loss_method, beta=self.beta, beta1=self.beta1, beta2=self.beta2)
         except ValueError as err:
             raise QempoError(f"{err}; fix the coefficient in the config") from err
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as err:  # GRPOConfig's own checks (batch sizes vs num_generations, ...)
+            raise QempoError(_first_line(err)) from err
+        if self.steps_per_generation > self.gradient_accumulation_steps:
+            raise QempoError(
+                f"steps_per_generation={self.steps_per_generation} spans several optimizer steps, so later steps would "
+                f"train on log-probs of an older policy; set it (or generation_batch_size) to at most "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
 
     def _ignored_grpo_options(self) -> dict[str, Any]:
         """GRPO options set away from their defaults that the QEMPO objective would silently ignore."""
@@ -225,6 +262,10 @@ class QEMPOOnlineTrainer(GRPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         if self.args.rollout == "hf":
             return HFRollout(policy, self._tokenizer)
+        if self.accelerator.num_processes > 1:
+            # One in-process engine per training process would share a seed and land on the first GPU.
+            raise QempoError(f"rollout: vllm runs one in-process engine and supports one training process, found "
+                             f"{self.accelerator.num_processes}; use rollout: hf with several processes")
         if not _is_peft(policy):
             raise QempoError("rollout: vllm serves a LoRA adapter on the base model; train a LoRA (pass peft_config)")
         return VLLMLoRARollout(
@@ -291,16 +332,21 @@ class QEMPOOnlineTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _sequence_logps(self, output: dict[str, Any]) -> torch.Tensor:
-        """Summed completion log-probs ℓ under the current policy (no grad), one per row."""
+        """Summed completion log-probs ℓ under the current policy (no grad, dropout off), one per row."""
         from trl.models.utils import disable_gradient_checkpointing
 
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        batch_size = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            per_token, _, _ = self._get_per_token_logps_and_entropies(
-                self.model, ids, mask, output["completion_ids"].size(1), batch_size=batch_size
-            )
+        training = self.model.training
+        batch_size = self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
+        self.model.eval()  # ℓ of the policy itself: LoRA dropout would make it a random draw
+        try:
+            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                per_token, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, ids, mask, output["completion_ids"].size(1), batch_size=batch_size
+                )
+        finally:
+            self.model.train(training)
         return (per_token * output["completion_mask"]).sum(dim=1)
 
     @torch.no_grad()
@@ -368,13 +414,16 @@ class QEMPOOnlineTrainer(GRPOTrainer):
         distinct = [len(set(completions[i:i + k])) / k for i in range(0, len(completions), k)]
         metrics["qempo/distinct_ratio"].append(sum(distinct) / max(len(distinct), 1))
         sampled = output.get("sampling_per_token_logps")
-        # The engines report temperature-1 log-probs; TRL's ℓ is that of logits / temperature.
+        # The engines report temperature-1 log-probs; TRL's ℓ is that of logits / temperature. Every process
+        # takes the same branch (settings only) and always joins the reduction, whatever its rows hold.
         if sampled is not None and self.temperature == 1.0:
             # How far the engine's log-probs are from the trainer's (vLLM kernels, precision).
             gap = ((sampled * output["completion_mask"]).sum(dim=1) - local_logps).abs()
-            gap = gap[~torch.isnan(gap)]
-            if gap.numel():
-                metrics["rollout/logp_abs_diff"].append(self.accelerator.gather(gap.mean()).mean().item())
+            finite = ~torch.isnan(gap)
+            totals = self.accelerator.reduce(
+                torch.stack([gap[finite].sum(), finite.sum().to(gap.dtype)]).float(), reduction="sum")
+            if totals[1] > 0:
+                metrics["rollout/logp_abs_diff"].append((totals[0] / totals[1]).item())
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
@@ -489,33 +538,31 @@ def load_problems(run_args: OnlineRunArgs, seed: int):
 
 
 def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs, rows: int, steps: int) -> Path:
-    from .offline import write_run_metadata
+    from .offline import lora_metadata, write_run_metadata
 
-    path = write_run_metadata(
+    return write_run_metadata(
         config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
-        lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
-              "target_modules": model_args.target_modules},
+        lora=lora_metadata(model_args, config),
         data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows},
-        steps=steps,
-    )
-    # Same file and keys as offline runs, plus what only an online run has.
-    metadata = json.loads(path.read_text(encoding="utf-8"))
-    metadata["mode"] = "online"
-    metadata["online"] = {"rollout": config.rollout, "num_generations": config.num_generations,
+        steps=steps, mode="online",
+        extra={"online": {"rollout": config.rollout, "num_generations": config.num_generations,
                           "temperature": config.temperature, "gate": config.gate, "advantage": config.advantage,
-                          "reward": "math_reward"}
-    path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    return path
+                          "reward": "math_reward"}},
+    )
 
 
 def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
     """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
+    from .console import release_output
+    from .models import check_model_source
     from .offline import checkpoint_to_resume, push_finished_adapter, take_over_hub_push, use_rich_progress
     from .rewards import math_reward
 
-    checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume)
+    checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume, needs_optimizer=not config.save_only_model)
     problems = load_problems(run_args, config.seed)
     repo_id = take_over_hub_push(config)
+    check_model_source(model_args.model_name_or_path)
+    release_output()  # the input is validated: what libraries printed meanwhile may show now
     model, tokenizer, peft_config = model_args.load(config)
     trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
                                  processing_class=tokenizer, peft_config=peft_config)

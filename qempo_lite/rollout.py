@@ -303,11 +303,12 @@ def temporary_env(**values: str):
                 os.environ[key] = value
 
 
-def shutdown_vllm(llm) -> None:
+def shutdown_vllm(llm, *, owns_process_group: bool = True) -> None:
     """Shut an in-process vLLM engine down so that another (or a trainer) can start cleanly.
 
-    The in-process engine initialised torch.distributed and vLLM's parallel groups; they are
-    torn down too. Errors are ignored: this runs on the way out.
+    vLLM's parallel groups are torn down; the torch.distributed process group only when the
+    engine created it (``owns_process_group``), never one a launcher set up for training.
+    Errors are ignored: this runs on the way out.
     """
     with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()
@@ -316,7 +317,13 @@ def shutdown_vllm(llm) -> None:
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
         destroy_model_parallel()
-        destroy_distributed_environment()
+        if owns_process_group:
+            destroy_distributed_environment()
+
+
+def process_group_exists() -> bool:
+    """Whether torch.distributed already has a process group (one the engine must leave alone)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class VLLMLoRARollout:
@@ -364,6 +371,7 @@ class VLLMLoRARollout:
         threads = torch.get_num_threads()
         saved_env = {key: os.environ.get(key) for key in ("LD_PRELOAD", "LD_LIBRARY_PATH")}
         offline = {"HF_HUB_OFFLINE": "1"} if local else {}
+        self._owns_process_group = not process_group_exists()
         with temporary_env(**offline):
             self.llm = LLM(
                 model=self.base_model,
@@ -516,7 +524,7 @@ class VLLMLoRARollout:
             return
         with contextlib.suppress(Exception):
             self._drop_current()
-        shutdown_vllm(self.llm)
+        shutdown_vllm(self.llm, owns_process_group=getattr(self, "_owns_process_group", True))
         self.llm = None
         gc.collect()
         if torch.cuda.is_available():

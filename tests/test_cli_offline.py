@@ -45,8 +45,8 @@ def test_recipe_trains_end_to_end_and_resumes_to_the_same_adapter(tiny_model_dir
     assert meta["method"] == "qempo" and meta["coefficients"] == {"beta": 0.1}
     assert meta["base_model"] == str(tiny_model_dir) and meta["quantization"] is None
     assert meta["lora"] == {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
-    assert meta["data"] == {"dataset": "tests/data/offline_tiny_prefs.jsonl", "split": "train", "rows": 12,
-                            "skipped": 0}
+    assert meta["data"] == {"dataset": "tests/data/offline_tiny_prefs.jsonl", "split": None, "rows": 12,
+                            "skipped": 0, "dropped_for_length": 0, "eval": None}
     assert meta["steps"] == 4 and meta["mode"] == "offline" and meta["qempo_lite_version"]
     log = json.loads((straight / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in log if "loss" in entry]

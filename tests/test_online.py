@@ -39,9 +39,13 @@ def _config(tmp_path, **overrides):
         output_dir=str(tmp_path / "out"), num_generations=K, per_device_train_batch_size=K,
         gradient_accumulation_steps=2, max_completion_length=8, max_steps=2, learning_rate=2e-2, bf16=False,
         report_to=[], save_strategy="no", gradient_checkpointing=False, logging_steps=1, max_grad_norm=0.0,
-        beta=0.05, beta1=0.05, beta2=0.05, seed=0,
+        seed=0,
     )
     settings.update(overrides)
+    # Each method takes its own coefficients only (another method's are refused).
+    own = ("beta1", "beta2") if settings.get("loss_method") == "qempo_kl" else ("beta",)
+    for name in own:
+        settings.setdefault(name, 0.05)
     return QEMPOOnlineConfig(**settings)
 
 
