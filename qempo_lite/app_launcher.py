@@ -8,15 +8,17 @@ written by ``qempo-lite demo``), or says how to make them. It binds 127.0.0.1 un
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .app_ui import DEFAULT_DEMO_DIR, JudgeSettings, choose_backend, discover_settings, launch_app
+from .console import ArgumentParser, input_read
 from .errors import QempoError
 
 BACKENDS = ("auto", "vllm", "hf")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qempo-lite app", description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="qempo-lite app", description=__doc__.split("\n\n")[0])
     models = parser.add_argument_group("models")
     models.add_argument("--base-model", help="base model directory or Hub id (default: the demo's)")
     models.add_argument("--adapter", action="append", default=[], metavar="DIR_OR_HUB_ID",
@@ -63,6 +65,9 @@ def settings_from_args(args: argparse.Namespace):
                          "pass larger values")
     if bool(args.judge_url) != bool(args.judge_model):
         raise QempoError("--judge-url and --judge-model go together; pass both or neither")
+    for option, named in [("--base-model", args.base_model)] + [("--adapter", a) for a in args.adapter]:
+        if named and not Path(named).expanduser().exists() and _looks_like_a_path(named):
+            raise QempoError(f"{option} {named} does not exist; pass an existing directory or a Hub id (OWNER/NAME)")
     sampler_options = {}
     if args.gpu_memory_utilization is not None:
         sampler_options["gpu_memory_utilization"] = args.gpu_memory_utilization
@@ -78,8 +83,14 @@ def settings_from_args(args: argparse.Namespace):
     )
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """A Hub id is OWNER/NAME; anything else (absolute, relative with ./ or ~, deeper) names a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
 def cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    input_read()
     settings = settings_from_args(args)
     # Gradio's own banner suggests share=True, which this app never uses: print the address instead.
     page, url = launch_app(settings, host=args.host, port=args.port, prevent_thread_lock=True, quiet=True)

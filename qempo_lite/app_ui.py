@@ -31,7 +31,6 @@ works from a wheel as well as from a source checkout; ``app/app.py`` is a thin s
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 import os

@@ -52,15 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # TRL warns on import about vLLM releases newer than it has seen; the rollout code pins its own range.
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
-    hold_output()  # until the command has validated its input (console.release_output)
+    hold_output()  # until the command has read its arguments (console.input_read)
     try:
         module = importlib.import_module(module_name)
-        code = int(module.cli(rest) or 0)
-        release_output()
-        return code
-    except SystemExit as exit_:  # --help and --version exit through argparse
-        release_output()
-        return int(exit_.code or 0) if isinstance(exit_.code, (int, type(None))) else 2
+        return _ended_while_reading(int(module.cli(rest) or 0))
+    except SystemExit as exit_:  # argparse: --help (0), or a usage error (2) after printing a usage block
+        if isinstance(exit_.code, str):
+            release_output(show=debug_enabled())
+            print(f"error: {exit_.code}", file=sys.stderr)
+            return 2
+        return _ended_while_reading(int(exit_.code or 0))
     except KeyboardInterrupt:
         release_output(show=False)
         print("interrupted", file=sys.stderr)
@@ -75,6 +76,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {type(err).__name__}: {_one_line(err)} (unexpected; rerun with QEMPO_LITE_DEBUG=1 for "
                   "the traceback)", file=sys.stderr)
         return 2
+
+
+def _ended_while_reading(code: int) -> int:
+    """Exit status of a command; one that stops with output still held (argparse's --help or usage error)
+    shows its help, or its usage error as one line."""
+    if code == 0:
+        release_output()
+        return 0
+    held = release_output(show=debug_enabled())
+    usage_error = [line for line in held.splitlines() if ": error: " in line]
+    if usage_error:
+        prog, _, message = usage_error[-1].partition(": error: ")
+        print(f"error: {message}; see '{prog} --help'", file=sys.stderr)
+    return code
 
 
 def _one_line(err: BaseException) -> str:

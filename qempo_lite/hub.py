@@ -20,7 +20,6 @@ What is uploaded is checked first, and a push that fails a check is refused with
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -30,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .console import ArgumentParser, input_read
 from .errors import QempoError
 
 logger = logging.getLogger("qempo_lite")
@@ -556,7 +556,7 @@ def _tree(folder: Path) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="qempo-lite push", description="Push an adapter and its model card to the Hub.")
+    parser = ArgumentParser(prog="qempo-lite push", description="Push an adapter and its model card to the Hub.")
     parser.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
     parser.add_argument("--repo-id", required=True, help="USER/NAME on the Hugging Face Hub")
     parser.add_argument("--base-model-id", default=None, metavar="OWNER/NAME",
@@ -569,6 +569,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--dry-run", nargs="?", const="", metavar="DIR",
                         help="write what would be uploaded to DIR (default: <adapter_dir>-hub) and print its tree")
     args = parser.parse_args(argv)
+    input_read()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     options = {"private": args.private, "base_model_id": args.base_model_id, "tokenizer": args.tokenizer}
     if args.dry_run is not None:

@@ -639,22 +639,25 @@ def check_evaluation(config, has_eval: bool) -> None:
 
 def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineRunArgs) -> Path:
     """Load data and model, train, save the adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
-    from .console import release_output
+    from .console import quiet_setup
     from .data import is_local_source, load_preferences
     from .models import check_model_source
 
     check_evaluation(config, run_args.has_eval)
     checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume, needs_optimizer=not config.save_only_model)
     split = None if is_local_source(run_args.dataset) else (run_args.dataset_split or "train")
-    train, report = load_preferences(run_args.dataset, split=split or "train", on_bad_rows=run_args.on_bad_rows,
-                                     limit=run_args.limit, max_row_bytes=run_args.max_row_bytes, return_report=True)
-    train, evaluation, eval_data = load_eval_pairs(run_args, train, config.seed)
-    repo_id = take_over_hub_push(config)
-    check_model_source(model_args.model_name_or_path)
-    release_output()  # the input is validated: what libraries printed meanwhile may show now
-    model, tokenizer, peft_config = model_args.load(config)
-    trainer = QEMPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
-                           processing_class=tokenizer, peft_config=peft_config)
+    with quiet_setup():
+        print(f"loading preference pairs from {run_args.dataset}", flush=True)
+        train, report = load_preferences(run_args.dataset, split=split or "train", on_bad_rows=run_args.on_bad_rows,
+                                         limit=run_args.limit, max_row_bytes=run_args.max_row_bytes,
+                                         return_report=True)
+        train, evaluation, eval_data = load_eval_pairs(run_args, train, config.seed)
+        repo_id = take_over_hub_push(config)
+        check_model_source(model_args.model_name_or_path)
+        print(f"loading {model_args.model_name_or_path} and preparing the trainer", flush=True)
+        model, tokenizer, peft_config = model_args.load(config)
+        trainer = QEMPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
+                               processing_class=tokenizer, peft_config=peft_config)
     dropped = trainer.dropped_for_length
     if dropped.get("train") or dropped.get("eval"):
         print(f"dropped for length (prompt alone >= max_length={config.max_length} tokens): "
@@ -678,12 +681,14 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
 
 def cli(argv: list[str]) -> int:
     """``qempo-lite train offline --config recipe.yaml [--key value ...] [--resume]``."""
+    from .console import input_read
     from .recipe import parse_recipe
 
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
     config, model_args, run_args = parse_recipe(argv, _CONFIG_TYPES, help_hint=_HELP_HINT)
+    input_read()
     output_dir = train_offline(config, model_args, run_args)
     print(f"adapter, tokenizer and {METADATA_FILE} saved to {output_dir}")
     return 0

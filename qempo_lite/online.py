@@ -48,7 +48,6 @@ coefficient, sign and log-probs (see ``docs/math.md``).
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -553,19 +552,21 @@ def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunAr
 
 def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
     """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
-    from .console import release_output
+    from .console import quiet_setup
     from .models import check_model_source
     from .offline import checkpoint_to_resume, push_finished_adapter, take_over_hub_push, use_rich_progress
     from .rewards import math_reward
 
     checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume, needs_optimizer=not config.save_only_model)
-    problems = load_problems(run_args, config.seed)
-    repo_id = take_over_hub_push(config)
-    check_model_source(model_args.model_name_or_path)
-    release_output()  # the input is validated: what libraries printed meanwhile may show now
-    model, tokenizer, peft_config = model_args.load(config)
-    trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
-                                 processing_class=tokenizer, peft_config=peft_config)
+    with quiet_setup():
+        print(f"loading problems from {', '.join(run_args.datasets)}", flush=True)
+        problems = load_problems(run_args, config.seed)
+        repo_id = take_over_hub_push(config)
+        check_model_source(model_args.model_name_or_path)
+        print(f"loading {model_args.model_name_or_path} and preparing the trainer", flush=True)
+        model, tokenizer, peft_config = model_args.load(config)
+        trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
+                                     processing_class=tokenizer, peft_config=peft_config)
     use_rich_progress(trainer)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -580,12 +581,14 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
 
 def cli(argv: list[str]) -> int:
     """``qempo-lite train online --config recipe.yaml [--key value ...] [--resume]``."""
+    from .console import input_read
     from .recipe import parse_recipe
 
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
     config, model_args, run_args = parse_recipe(argv, _config_types(), help_hint=_HELP_HINT)
+    input_read()
     output_dir = train_online(config, model_args, run_args)
     print(f"adapter, tokenizer and qempo_lite.json saved to {output_dir}")
     return 0
