@@ -341,9 +341,9 @@ def gold_answer(gold: str | int | float) -> str | None:
 
 _W = r"(?<![\\A-Za-z])"  # a word, not the tail of a LaTeX command or of another word
 _HEDGE_CATEGORIES = {
-    "or": re.compile(rf"{_W}(?:or|either|nor)\b|\\lor\b|\\vee\b|∨", re.IGNORECASE),
+    "or": re.compile(rf"{_W}(?:or|either|nor)\b|\\lor\b|\\vee\b|∨|\||\\mid\b|\\vert\b", re.IGNORECASE),
     "and": re.compile(rf"{_W}and\b|&|\\land\b|∧", re.IGNORECASE),
-    "list": re.compile(r"[,;]"),
+    "list": re.compile(r"[,;]|\\\\"),  # a comma, a semicolon or a LaTeX line break
     "range": re.compile(rf"{_W}(?:to|through|from|between)\b|\d\s*(?:--|–|—)\s*-?\d", re.IGNORECASE),
     "bound": re.compile(
         rf"{_W}(?:at\s+(?:least|most|minimum|maximum)|(?:more|less|fewer|greater|larger|smaller|higher|lower)\s+than"
@@ -410,7 +410,7 @@ TRAIL_HEDGE = re.compile(
     r"|approx|approximately|roughly|about|around|max|maximum|minimum|plus|ish|upwards"
     r"|and\s+(?:up|above|below|over|more|less)"
     r"|if|unless|assuming|maybe|perhaps|possibly|probably)\b"
-    r"|-ish\b|\+(?!\s*\d)|±|\\pm\b|\+/-|\?"
+    r"|-ish\b|\+(?!\s*\d)|\^\s*\{?\s*\+|±|\\pm\b|\+/-|\?"
     r"|(?:,|;|/|&|\band\b|\bto\b|–|—|--)\s*(?:\$|\\\(|\\boxed|\\fbox|-?\d))",
     re.IGNORECASE,
 )
@@ -430,6 +430,7 @@ SENTENCE_HEDGE = re.compile(
     r"|more\s+or\s+less|or\s+thereabouts|(?:could|might)\s+(?:also\s+)?be|either(?!\s+way))\b|≈|\\approx\b",
     re.IGNORECASE,
 )
+_SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|\$")
 _SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
 
 
@@ -460,12 +461,12 @@ def _hedge(text: str, statement: _Statement, reference: str) -> str | None:
         found = text.rfind(end, zone_start, statement.start)
         if found >= 0:
             sentence_start = max(sentence_start, found + len(end))
-    lead = _TEXT_WRAPPER.sub(r" \1 ", text[sentence_start:statement.value_start]).replace("$", " ")
+    lead = _SPACING.sub(" ", _TEXT_WRAPPER.sub(r" \1 ", text[sentence_start:statement.value_start]))
     if _lead_hedged(lead):
         return "hedge or another candidate before the answer"
     trail = text[statement.value_end:statement.value_end + _ZONE]
     line_end = trail.find("\n")
-    trail = _TEXT_WRAPPER.sub(r" \1 ", trail if line_end < 0 else trail[:line_end])
+    trail = _SPACING.sub(" ", _TEXT_WRAPPER.sub(r" \1 ", trail if line_end < 0 else trail[:line_end]))
     if TRAIL_HEDGE.match(trail) or NEXT_SENTENCE_HEDGE.match(trail):
         return "hedge or another candidate after the answer"
     # The rest of the sentence: skip the closing markup, then stop at the first sentence end.
@@ -482,7 +483,7 @@ def _hedge(text: str, statement: _Statement, reference: str) -> str | None:
 # ---------------------------------------------------------------------- comparison
 
 _LATEX_NOISE = re.compile(
-    r"\\[,;:! ]|\\left\b|\\right\b|\\displaystyle\b|\{,\}|\*\*|\\\$|\$|\\[()\[\]]|\\%"
+    r"(?<!\\)\\[,;:! ]|\\left\b|\\right\b|\\displaystyle\b|\{,\}|\*\*|\\\$|\$|\\[()\[\]]|\\%"
 )
 _TEXT_WRAPPER = re.compile(
     r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mbox|mathbf|mathit|operatorname)\s*\{([^{}]*)\}"
