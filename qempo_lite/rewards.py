@@ -72,8 +72,8 @@ reward function. The grading rules, exactly as implemented (``docs/rewards.md`` 
    ``\\sqrt{2}``, intervals, sets, expressions). When the gold is a number, math-verify is
    only asked if every word of the answer (two letters or more, outside LaTeX commands) is a
    unit in ``_UNIT_WORDS`` or a word of the gold, and every LaTeX command is in
-   ``_VERIFY_COMMANDS`` (frac, sqrt, cdot, times, pi, ...): math-verify drops ``\\text{...}``
-   and would read ``\\text{beyond } 7`` as 7.
+   ``_VERIFY_COMMANDS`` (frac, sqrt, cdot, times, pi, ...): math-verify drops a trailing
+   ``\\text{...}`` and would read ``7 \\text{ onwards}`` as 7.
 
 Malformed completions (None, not text, empty, over ``MAX_COMPLETION_CHARS``, no answer
 found, a cut-off ``\\boxed{``, an answer over ``MAX_ANSWER_CHARS``, a checker error or
@@ -516,11 +516,11 @@ _UNITS = re.compile(rf"^(?:\s*{_UNIT})*\s*\.?$")
 _WORD = re.compile(r"[A-Za-z][A-Za-z']*")
 # Words that are never a unit: with one of them after it, an answer is not one number.
 _NOT_UNITS = frozenset(
-    "or nor either and to through from between than least most at up upwards over under above below beyond "
-    "exceeding max maximum minimum plus minus ish approximately approx about around roughly nearly almost circa "
-    "ca close some maybe perhaps possibly probably likely guess estimate estimated unsure uncertain if unless "
-    "assuming not no never isn't aren't wrong incorrect except excluding neither but so give take thereabouts "
-    "etc".split()
+    "or nor either and to through from between than least most at up upwards upward onwards onward over under "
+    "above below beyond exceeding max maximum minimum plus minus ish approximately approx about around roughly "
+    "nearly almost circa ca close some maybe perhaps possibly probably likely guess estimate estimated unsure "
+    "uncertain if unless assuming not no never isn't aren't wrong incorrect except excluding neither but so give "
+    "take thereabouts etc".split()
 )
 # With a numeric gold, math-verify only sees answers whose words are these units or the gold's own words.
 _UNIT_WORDS = frozenset(
@@ -672,7 +672,7 @@ def answers_match(gold: str, pred: str) -> bool:
     if _normalise(gold).replace(" ", "").lower() == _normalise(pred).replace(" ", "").lower():
         return True
     if gold_number is not None:
-        # math-verify drops \text{...}: "\text{beyond } 7" would be 7. Words and commands must be known.
+        # math-verify drops a trailing \text{...}: "7 \text{ onwards}" would be 7. Words, commands must be known.
         if _words(pred) - _UNIT_WORDS - _words(gold):
             return False
         if set(_COMMAND.findall(_normalise(pred))) - _VERIFY_COMMANDS:
