@@ -38,7 +38,8 @@ from .errors import QempoError
 logger = logging.getLogger("qempo_lite")
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-"""Appended to every math question: the answer checker reads the last ``\\boxed{}``."""
+"""Appended to every math question: the answer checker grades the last answer the completion states
+(a ``\\boxed{}`` among them; see :mod:`qempo_lite.rewards`)."""
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 PREFERENCE_SHAPES = ("messages", "hh", "plain")
