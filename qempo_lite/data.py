@@ -518,7 +518,8 @@ def load_preferences(
         limit: stop once this many good rows are loaded.
         shape: force the input shape instead of detecting it from the first row:
             ``"messages"`` (UltraFeedback-binarized: ``chosen``/``rejected`` are conversations
-            whose last message is the answer), ``"hh"`` (HH-RLHF: ``chosen``/``rejected``
+            whose last message is the answer; or TRL's explicit-prompt conversational rows, a
+            ``prompt`` message list and ``chosen``/``rejected`` continuations, the loader's own output), ``"hh"`` (HH-RLHF: ``chosen``/``rejected``
             transcripts, no ``prompt``), ``"plain"`` (``prompt``/``chosen``/``rejected`` strings).
         return_report: also return the :class:`LoadReport`.
         max_row_bytes: the most bytes one JSON Lines line may hold (characters of text for
