@@ -13,11 +13,14 @@ import warnings
 
 from .console import debug_enabled, hold_output, release_output
 from .errors import QempoError
+from .methods import method_names
 
 COMMANDS = {
     ("demo",): ("qempo_lite.demo", "offline CPU demo: QEMPO vs DPO on a task with many valid answers"),
-    ("train", "offline"): ("qempo_lite.offline", "train an adapter on preference pairs (qempo, qempo_kl, dpo, spl)"),
-    ("train", "online"): ("qempo_lite.online", "train an adapter online with verifiable rewards (qempo, qempo_kl, gvpo)"),
+    ("train", "offline"): ("qempo_lite.offline",
+                           f"train an adapter on preference pairs ({', '.join(method_names('offline'))})"),
+    ("train", "online"): ("qempo_lite.online",
+                          f"train an adapter online with verifiable rewards ({', '.join(method_names('online'))})"),
     ("eval",): ("qempo_lite.evaluate.cli", "sample, diversity, judge, passk, report"),
     ("push",): ("qempo_lite.hub", "push an adapter with its model card to the Hugging Face Hub"),
     ("app",): ("qempo_lite.app_launcher", "open the Gradio app comparing adapters side by side"),

@@ -48,18 +48,16 @@ MAX_JSON_BYTES = 10_000_000  # metadata files are small; anything bigger is not 
 
 PAPER = "Quality-constrained Entropy Maximization Policy Optimization for LLM Diversity"
 ARXIV_ID = "2602.15894"
-METHOD_TEXT = {
-    "qempo": "QEMPO (Eq. 7): maximise entropy subject to a quality constraint; no reference model. "
-             "Optimal policy π ∝ exp(r/β).",
-    "qempo_kl": "QEMPO-KL (Eq. 6): maximise entropy subject to quality and KL constraints. "
-                "Optimal policy π ∝ π_ref^{β2/(β1+β2)} exp(r/(β1+β2)).",
-    "dpo": "DPO (the paper's RLHF baseline). Optimal policy π ∝ π_ref exp(r/β).",
-    "spl": "Soft Preference Learning (baseline). Optimal policy π ∝ π_ref^{β/α} exp(r/α).",
-    "gvpo": "GVPO (the paper's online RLHF baseline). Optimal policy π ∝ π_ref exp(r/β).",
-}
-
-
 # ---------------------------------------------------------------- files inside the adapter
+
+
+def _method_text(method) -> str:
+    from .methods import get_method
+
+    try:
+        return get_method(method).card_text
+    except ValueError:
+        return "See the training details below."
 
 
 def contained_file(folder: Path, name: str, root: Path | None = None, label: str | None = None) -> Path | None:
@@ -375,7 +373,7 @@ def model_card(adapter_dir: Path, repo_id: str, *, base_model_id: str | None = N
     lines = ["---", data.to_yaml(), "---", "", f"# {name}", "",
              f"A LoRA adapter for [`{base}`](https://huggingface.co/{base}) trained with **{method}** by qempo-lite, "
              f"an implementation of QEMPO ([arXiv:{ARXIV_ID}](https://arxiv.org/abs/{ARXIV_ID})).", "",
-             "## Method", "", METHOD_TEXT.get(method, "See the training details below."), ""]
+             "## Method", "", _method_text(method), ""]
     if coefs:
         lines += ["| coefficient | value |", "|---|---|"] + [f"| `{k}` | {v} |" for k, v in coefs.items()] + [""]
     lines += [f"Paper: *{PAPER}*, arXiv:{ARXIV_ID} (<https://arxiv.org/abs/{ARXIV_ID}>).", "", "## Training", ""]

@@ -1,8 +1,9 @@
 """The QEMPO objectives, offline (Eq. 6-7) and online (Eq. 8-9), in pure torch.
 
 Notation: ``logps`` are *summed* log-probabilities of whole completions (sum over the
-completion's tokens, not the mean). This module imports nothing else from qempo_lite and
-nothing from trl / transformers / peft, so the math can be read and tested on its own.
+completion's tokens, not the mean). This module imports only the method registry
+(:mod:`qempo_lite.methods`, pure Python) from qempo_lite, and nothing from trl / transformers /
+peft, so the math can be read and tested on its own.
 
 Offline, every method is one member of a two-coefficient family (see ``docs/math.md``)::
 
@@ -20,22 +21,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OFFLINE_METHODS = ("qempo", "qempo_kl", "dpo", "spl")
-ONLINE_METHODS = ("qempo", "qempo_kl", "gvpo")
+from .methods import loss_coefficients, method_names
+
+OFFLINE_METHODS = method_names("offline")
+ONLINE_METHODS = method_names("online")
 GATES = ("correct", "group", "none")
 ADVANTAGES = ("center", "grpo")
 
 # GRPO's std normalisation guard (same value TRL uses).
 _GRPO_STD_EPS = 1e-4
-
-
-def _require(method: str, **coefs: float | None) -> None:
-    missing = [name for name, value in coefs.items() if value is None]
-    if missing:
-        raise ValueError(f"method {method!r} needs {', '.join(missing)}; pass it as a keyword argument")
-    for name, value in coefs.items():
-        if not (float(value) > 0.0 and float(value) < float("inf")):
-            raise ValueError(f"{name} must be a positive finite number for method {method!r}, got {value!r}")
 
 
 def offline_coefficients(
@@ -46,30 +40,18 @@ def offline_coefficients(
     beta2: float | None = None,
     alpha: float | None = None,
 ) -> tuple[float, float]:
-    """Return ``(a, c)``, the policy and reference coefficients of an offline method.
+    """Return ``(a, c)``, the policy and reference coefficients of an offline method (:mod:`qempo_lite.methods`).
 
-    ============  =================  ==========================================
-    method        (a, c)             coefficients
-    ============  =================  ==========================================
-    ``qempo``     (beta, 0)          Eq. 7, beta = 1/λ
-    ``qempo_kl``  (beta1+beta2, beta2)  Eq. 6, beta1 = 1/λ1, beta2 = λ2/λ1
-    ``dpo``       (beta, beta)       Eq. 4 (the paper's "RLHF")
-    ``spl``       (alpha, beta)      Soft Preference Learning
-    ============  =================  ==========================================
+    ============  ===================  ==========================================
+    method        (a, c)               coefficients
+    ============  ===================  ==========================================
+    ``qempo``     (beta, 0)            Eq. 7, beta = 1/λ
+    ``qempo_kl``  (beta1+beta2, beta2) Eq. 6, beta1 = 1/λ1, beta2 = λ2/λ1
+    ``dpo``       (beta, beta)         Eq. 4 (the paper's "RLHF")
+    ``spl``       (alpha, beta)        Soft Preference Learning
+    ============  ===================  ==========================================
     """
-    if method == "qempo":
-        _require(method, beta=beta)
-        return float(beta), 0.0
-    if method == "qempo_kl":
-        _require(method, beta1=beta1, beta2=beta2)
-        return float(beta1) + float(beta2), float(beta2)
-    if method == "dpo":
-        _require(method, beta=beta)
-        return float(beta), float(beta)
-    if method == "spl":
-        _require(method, alpha=alpha, beta=beta)
-        return float(alpha), float(beta)
-    raise ValueError(f"unknown offline method {method!r}; choose one of {', '.join(OFFLINE_METHODS)}")
+    return loss_coefficients(method, {"beta": beta, "beta1": beta1, "beta2": beta2, "alpha": alpha}, "offline")
 
 
 def _check_tensor(name: str, value, shape: torch.Size | None = None) -> torch.Tensor:
@@ -125,16 +107,7 @@ def online_coefficients(
     method: str, *, beta: float | None = None, beta1: float | None = None, beta2: float | None = None
 ) -> tuple[float, float]:
     """Return ``(a, c)`` of an online method: ``qempo`` (β, 0), ``qempo_kl`` (β1+β2, β2), ``gvpo`` (β, β)."""
-    if method == "qempo":
-        _require(method, beta=beta)
-        return float(beta), 0.0
-    if method == "qempo_kl":
-        _require(method, beta1=beta1, beta2=beta2)
-        return float(beta1) + float(beta2), float(beta2)
-    if method == "gvpo":
-        _require(method, beta=beta)
-        return float(beta), float(beta)
-    raise ValueError(f"unknown online method {method!r}; choose one of {', '.join(ONLINE_METHODS)}")
+    return loss_coefficients(method, {"beta": beta, "beta1": beta1, "beta2": beta2}, "online")
 
 
 def _grouped_inputs(method, logps, rewards, group_size, ref_logps, correct, gate, advantage, beta, beta1, beta2):

@@ -37,25 +37,16 @@ from trl import DPOConfig, DPOTrainer
 from . import __version__
 from . import trl_fields
 from .errors import QempoError
-from .losses import OFFLINE_METHODS, offline_coefficients
+from .losses import OFFLINE_METHODS
+from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
 from .trl_fields import refuse_unlisted_fields
 
 # The TRL releases whose DPOTrainer internals this module was written against (see
 # check_trl_compatibility); outside this range QEMPOTrainer warns and the compatibility test fails.
 TRL_VERSION_RANGE = ">=1.16,<1.17"
 
-# Paper defaults (Section 5, "Implementation details in offline mode"); SPL is our choice, see QEMPOConfig.
-DEFAULT_BETA = {"qempo": 4e-3, "dpo": 1e-2, "spl": 1e-2}
-DEFAULT_BETA1, DEFAULT_BETA2 = 4e-3, 1e-2
-DEFAULT_SPL_ALPHA = 2e-2
-
 METADATA_FILE = "qempo_lite.json"
-
-_COEFFICIENTS = {"qempo": ("beta",), "qempo_kl": ("beta1", "beta2"), "dpo": ("beta",), "spl": ("alpha", "beta")}
-_COEFFICIENTS_OF_OTHER_METHODS = {
-    method: tuple(name for name in ("beta", "beta1", "beta2", "alpha") if name not in own)
-    for method, own in _COEFFICIENTS.items()
-}
+COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields; each method takes some
 
 
 @dataclass
@@ -86,36 +77,26 @@ class QEMPOConfig(DPOConfig):
 
     loss_method: str = field(
         default="qempo",
-        metadata={"help": "Offline objective: qempo (Eq. 7), qempo_kl (Eq. 6), dpo, spl.",
-                  "choices": list(OFFLINE_METHODS)},
+        metadata={"help": "Offline objective. " + method_help("offline"), "choices": list(OFFLINE_METHODS)},
     )
-    beta: float | None = field(
-        default=None,
-        metadata={"help": "qempo: 1/λ (default 4e-3); dpo: β (1e-2); spl: reference coefficient (1e-2). "
-                          "Unused by qempo_kl."},
-    )
-    beta1: float | None = field(default=None, metadata={"help": "qempo_kl: 1/λ1 (default 4e-3)."})
-    beta2: float | None = field(default=None, metadata={"help": "qempo_kl: λ2/λ1 (default 1e-2)."})
-    alpha: float | None = field(default=None, metadata={"help": "spl: policy coefficient (default 2e-2)."})
+    beta: float | None = field(default=None, metadata={"help": coefficient_help("beta", "offline")})
+    beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "offline")})
+    beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "offline")})
+    alpha: float | None = field(default=None, metadata={"help": coefficient_help("alpha", "offline")})
 
     def __post_init__(self):
-        if self.loss_method not in OFFLINE_METHODS:
-            raise QempoError(f"loss_method must be one of {', '.join(OFFLINE_METHODS)}, got {self.loss_method!r}")
-        for name in _COEFFICIENTS_OF_OTHER_METHODS[self.loss_method]:
-            if getattr(self, name) is not None:
-                uses = ", ".join(_COEFFICIENTS[self.loss_method])
-                raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses {uses}); "
-                                 f"remove {name}")
-        if self.loss_method == "qempo_kl":
-            self.beta1 = DEFAULT_BETA1 if self.beta1 is None else self.beta1
-            self.beta2 = DEFAULT_BETA2 if self.beta2 is None else self.beta2
-        else:
-            if self.beta is None:
-                self.beta = DEFAULT_BETA[self.loss_method]
-            if self.loss_method == "spl" and self.alpha is None:
-                self.alpha = DEFAULT_SPL_ALPHA
+        if self.loss_method not in method_names("offline"):
+            raise QempoError(f"loss_method must be one of {', '.join(method_names('offline'))}, got "
+                             f"{self.loss_method!r}")
+        method = get_method(self.loss_method)
+        for name in COEFFICIENT_NAMES:
+            if name not in method.defaults and getattr(self, name) is not None:
+                raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses "
+                                 f"{', '.join(method.coefficient_names)}); remove {name}")
+        for name, value in with_defaults(self.loss_method, self.coefficients()).items():
+            setattr(self, name, value)
         try:
-            offline_coefficients(self.loss_method, **self.coefficients())
+            loss_coefficients(self.loss_method, self.coefficients())
         except ValueError as err:
             raise QempoError(f"{err}; fix the coefficient in the config") from None
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
@@ -139,11 +120,7 @@ class QEMPOConfig(DPOConfig):
 
     def coefficients(self) -> dict[str, float]:
         """The method's coefficients as :func:`~qempo_lite.losses.offline_loss` names them."""
-        return {name: getattr(self, name) for name in _COEFFICIENTS[self.loss_method]}
-
-    def loss_coefficients(self) -> tuple[float, float]:
-        """``(a, c)``: the policy and reference coefficients of the loss."""
-        return offline_coefficients(self.loss_method, **self.coefficients())
+        return {name: getattr(self, name) for name in get_method(self.loss_method).coefficient_names}
 
 
 def _size(dataset) -> int | None:
@@ -198,7 +175,7 @@ class QEMPOTrainer(DPOTrainer):
             args = QEMPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-QEMPO")
         if not isinstance(args, QEMPOConfig):
             raise QempoError(f"QEMPOTrainer needs a QEMPOConfig, got {type(args).__name__}; build QEMPOConfig(...)")
-        self.policy_coef, self.ref_coef = args.loss_coefficients()
+        self.policy_coef, self.ref_coef = loss_coefficients(args.loss_method, args.coefficients())
         full_model_qempo = False
         if self.ref_coef == 0.0:
             if ref_model is not None:
@@ -454,9 +431,10 @@ def usage() -> str:
         "",
         "objective keys:",
         *[line for line in describe_keys(QEMPOConfig)
-          if line.split("(")[0].strip() in ("loss_method", "beta", "beta1", "beta2", "alpha")],
+          if line.split("(")[0].strip() in ("loss_method",) + COEFFICIENT_NAMES],
         "",
-        "training keys: every field of trl.DPOConfig / transformers.TrainingArguments, e.g. output_dir,",
+        "training keys: the fields of trl.DPOConfig / transformers.TrainingArguments that leave the objective",
+        "  alone (listed in qempo_lite/trl_fields.py; any other is refused), e.g. output_dir,",
         "  learning_rate, num_train_epochs, max_steps, per_device_train_batch_size, gradient_accumulation_steps,",
         "  max_length, gradient_checkpointing, bf16, save_steps, logging_steps, precompute_ref_log_probs, seed.",
     ]
@@ -694,5 +672,5 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_BETA", "METADATA_FILE", "ModelArgs", "OfflineRunArgs", "QEMPOConfig", "QEMPOTrainer",
+__all__ = ["METADATA_FILE", "ModelArgs", "OfflineRunArgs", "QEMPOConfig", "QEMPOTrainer",
            "TRL_VERSION_RANGE", "check_trl_compatibility", "cli", "train_offline", "usage", "write_run_metadata"]

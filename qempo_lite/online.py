@@ -58,13 +58,12 @@ from trl import GRPOConfig, GRPOTrainer
 from . import trl_fields
 from .errors import QempoError
 from .trl_fields import refuse_unlisted_fields
-from .losses import ADVANTAGES, GATES, ONLINE_METHODS, online_coefficients, online_objective, online_weights
+from .losses import ADVANTAGES, GATES, online_objective, online_weights
+from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
 
 TRL_VERSION_RANGE = ">=1.16,<1.17"  # the GRPOTrainer internals overridden here; see tests/test_online.py
 ROLLOUTS = ("hf", "vllm")
 # The paper's coefficients (§4.2, reused online in §4.4).
-DEFAULT_BETA = {"qempo": 4e-3, "gvpo": 1e-2}
-DEFAULT_BETA1, DEFAULT_BETA2 = 4e-3, 1e-2
 
 
 def _first_line(err: BaseException) -> str:
@@ -86,13 +85,11 @@ class QEMPOOnlineConfig(GRPOConfig):
     a QLoRA run). They apply when ``rollout="vllm"``.
     """
 
-    loss_method: str = field(default="qempo", metadata={"help": "qempo (Eq. 9), qempo_kl (Eq. 8) or gvpo."})
+    loss_method: str = field(default="qempo", metadata={"help": "Online objective. " + method_help("online")})
     beta: float | None = field(
-        default=None,
-        metadata={"help": "qempo: β = 1/λ (default 4e-3); gvpo: β (default 1e-2). Not GRPO's KL coefficient."},
-    )
-    beta1: float | None = field(default=None, metadata={"help": "qempo_kl: β1 = 1/λ1 (default 4e-3)."})
-    beta2: float | None = field(default=None, metadata={"help": "qempo_kl: β2 = λ2/λ1 (default 1e-2)."})
+        default=None, metadata={"help": coefficient_help("beta", "online") + ". Not GRPO's KL coefficient."})
+    beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "online")})
+    beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "online")})
     gate: str = field(
         default="correct",
         metadata={"help": "Quality gate of the variance term: correct (default), group or none."},
@@ -110,8 +107,9 @@ class QEMPOOnlineConfig(GRPOConfig):
     lr_scheduler_type: str = field(default="constant", metadata={"help": "The paper trains with a constant rate."})
 
     def __post_init__(self):
-        if self.loss_method not in ONLINE_METHODS:
-            raise QempoError(f"loss_method {self.loss_method!r} is unknown; use one of {', '.join(ONLINE_METHODS)}")
+        if self.loss_method not in method_names("online"):
+            raise QempoError(f"loss_method {self.loss_method!r} is unknown; use one of "
+                             f"{', '.join(method_names('online'))}")
         if self.gate not in GATES:
             raise QempoError(f"gate {self.gate!r} is unknown; use one of {', '.join(GATES)}")
         if self.advantage not in ADVANTAGES:
@@ -123,16 +121,13 @@ class QEMPOOnlineConfig(GRPOConfig):
                 "use_vllm selects TRL's vLLM path, which merges the adapter into the base; "
                 "set rollout: vllm instead (adapter-only sync)"
             )
-        own = ("beta1", "beta2") if self.loss_method == "qempo_kl" else ("beta",)
+        method = get_method(self.loss_method, "online")
         for name in ("beta", "beta1", "beta2"):
-            if name not in own and getattr(self, name) is not None:
+            if name not in method.defaults and getattr(self, name) is not None:
                 raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses "
-                                 f"{', '.join(own)}); remove {name}")
-        if self.loss_method == "qempo_kl":
-            self.beta1 = DEFAULT_BETA1 if self.beta1 is None else self.beta1
-            self.beta2 = DEFAULT_BETA2 if self.beta2 is None else self.beta2
-        elif self.beta is None:
-            self.beta = DEFAULT_BETA[self.loss_method]
+                                 f"{', '.join(method.coefficient_names)}); remove {name}")
+        for name, value in with_defaults(self.loss_method, self.coefficients(), "online").items():
+            setattr(self, name, value)
         if (self.top_k or 0) > 0 or self.min_p is not None or self.repetition_penalty != 1.0:
             raise QempoError("top_k, min_p and repetition_penalty are not supported by the rollout engines; remove them")
         if self.top_p != 1.0:
@@ -149,7 +144,7 @@ class QEMPOOnlineConfig(GRPOConfig):
             raise QempoError(f"{key}={value!r} shapes GRPO's loss, which QEMPO replaces (Eq. 8/9); remove {key}")
         refuse_unlisted_fields(self, GRPOConfig, trl_fields.GRPO, "QEMPOOnlineConfig")
         try:
-            online_coefficients(self.loss_method, beta=self.beta, beta1=self.beta1, beta2=self.beta2)
+            loss_coefficients(self.loss_method, self.coefficients(), "online")
         except ValueError as err:
             raise QempoError(f"{err}; fix the coefficient in the config") from err
         try:
@@ -178,9 +173,7 @@ class QEMPOOnlineConfig(GRPOConfig):
 
     def coefficients(self) -> dict[str, float]:
         """The coefficients the method uses, as recorded in ``qempo_lite.json``."""
-        if self.loss_method == "qempo_kl":
-            return {"beta1": self.beta1, "beta2": self.beta2}
-        return {"beta": self.beta}
+        return {name: getattr(self, name) for name in get_method(self.loss_method, "online").coefficient_names}
 
 
 @contextlib.contextmanager
@@ -240,9 +233,9 @@ class QEMPOOnlineTrainer(GRPOTrainer):
                 quantization_config=quantization_config, peft_config=peft_config,
             )
         self.beta = 0.0  # TRL's KL coefficient; QEMPO's β lives in args.beta
-        self.qempo_a, self.qempo_c = online_coefficients(args.loss_method, beta=args.beta, beta1=args.beta1, beta2=args.beta2)
+        self.policy_coef, self.ref_coef = loss_coefficients(args.loss_method, args.coefficients(), "online")
         policy = self.accelerator.unwrap_model(self.model)
-        if self.qempo_c != 0.0 and not _is_peft(policy):
+        if self.ref_coef != 0.0 and not _is_peft(policy):
             raise QempoError(
                 f"loss_method {args.loss_method} needs reference log-probs, taken from the base model with the "
                 "adapter disabled; train a LoRA adapter (pass peft_config or a PEFT model)"
@@ -369,7 +362,7 @@ class QEMPOOnlineTrainer(GRPOTrainer):
         local_logps = (old * output["completion_mask"]).sum(dim=1) if old is not None else self._sequence_logps(output)
         logps = self.accelerator.gather(local_logps.float())
         ref_logps = None
-        if self.qempo_c != 0.0:
+        if self.ref_coef != 0.0:
             ref_logps = self.accelerator.gather(self._reference_logps(output).float())
 
         coefs = dict(beta=self.args.beta, beta1=self.args.beta1, beta2=self.args.beta2,
@@ -517,7 +510,8 @@ def usage() -> str:
         "objective and rollout keys:",
         *[line for line in describe_keys(QEMPOOnlineConfig) if line.split("(")[0].strip() in objective],
         "",
-        "training keys: every field of trl.GRPOConfig / transformers.TrainingArguments, e.g. output_dir,",
+        "training keys: the fields of trl.GRPOConfig / transformers.TrainingArguments that leave the objective",
+        "  alone (listed in qempo_lite/trl_fields.py; any other is refused), e.g. output_dir,",
         "  learning_rate, max_steps, num_train_epochs, num_generations, per_device_train_batch_size,",
         "  gradient_accumulation_steps, max_completion_length, temperature, bf16, save_steps, logging_steps, seed.",
     ]
@@ -594,5 +588,5 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_BETA", "TRL_VERSION_RANGE", "OnlineRunArgs", "QEMPOOnlineConfig", "QEMPOOnlineTrainer", "cli", "load_problems",
+__all__ = ["TRL_VERSION_RANGE", "OnlineRunArgs", "QEMPOOnlineConfig", "QEMPOOnlineTrainer", "cli", "load_problems",
            "train_online", "usage"]

@@ -2,8 +2,8 @@
 
 Over a discrete output set with rewards ``r`` and reference probabilities ``π_ref``, every
 method the package trains has the optimum ``π ∝ π_ref^(c/a) · exp(r / a)``, with ``(a, c)``
-its policy / reference coefficients (see :mod:`qempo_lite.losses`). Pure torch; imports
-nothing else from qempo_lite.
+its policy / reference coefficients (the registry, :mod:`qempo_lite.methods`). Pure torch;
+imports nothing else from qempo_lite.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import math
 
 import torch
 
-_METHODS = ("qempo", "qempo_kl", "dpo", "rlhf", "spl")
-
+from .methods import loss_coefficients
 
 def _as_tensor(name: str, value) -> torch.Tensor:
     tensor = torch.as_tensor(value, dtype=torch.float64)
@@ -25,32 +24,8 @@ def _as_tensor(name: str, value) -> torch.Tensor:
 
 
 def _coefficients(method: str, coefs: dict) -> tuple[float, float]:
-    """(a, c) of a method, with coefficients named as in ``offline_loss``."""
-    allowed = {
-        "qempo": ("beta",),
-        "qempo_kl": ("beta1", "beta2"),
-        "dpo": ("beta",),
-        "rlhf": ("beta",),
-        "spl": ("alpha", "beta"),
-    }
-    if method not in allowed:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_METHODS)}")
-    unexpected = sorted(set(coefs) - set(allowed[method]))
-    if unexpected:
-        raise ValueError(f"method {method!r} takes {', '.join(allowed[method])}, not {', '.join(unexpected)}")
-    missing = [name for name in allowed[method] if coefs.get(name) is None]
-    if missing:
-        raise ValueError(f"method {method!r} needs {', '.join(missing)}")
-    for name in allowed[method]:
-        if not float(coefs[name]) > 0:
-            raise ValueError(f"{name} must be positive, got {coefs[name]!r}")
-    if method == "qempo":
-        return float(coefs["beta"]), 0.0
-    if method == "qempo_kl":
-        return float(coefs["beta1"]) + float(coefs["beta2"]), float(coefs["beta2"])
-    if method == "spl":
-        return float(coefs["alpha"]), float(coefs["beta"])
-    return float(coefs["beta"]), float(coefs["beta"])
+    """(a, c) of a method (``rlhf`` is ``dpo``), with coefficients named as in ``offline_loss``."""
+    return loss_coefficients(method, coefs)
 
 
 def tempered_policy(rewards, ref_probs=None, *, reward_scale: float, ref_exponent: float = 0.0) -> torch.Tensor:

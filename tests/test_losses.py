@@ -236,3 +236,41 @@ def test_math_core_imports_no_frameworks():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_method_registry_is_the_one_table_every_layer_reads(tmp_path):
+    """A method registered once is known to the losses, the theory, both configs and the model card."""
+    from qempo_lite import methods
+    from qempo_lite.hub import _method_text
+    from qempo_lite.losses import offline_coefficients
+    from qempo_lite.offline import QEMPOConfig
+    from qempo_lite.theory import optimal_policy
+
+    toy = methods.Method("toy", ("offline",), {"beta": 0.5}, policy_coef=lambda k: 2 * k["beta"],
+                         ref_coef=lambda k: k["beta"], title="a test method", card_text="Toy card text.")
+    methods.register_method(toy)
+    try:
+        assert "toy" in methods.method_names("offline") and "toy" not in methods.method_names("online")
+        assert offline_coefficients("toy", beta=0.5) == (1.0, 0.5)
+        rewards, ref = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])
+        expected = torch.softmax(rewards / 1.0 + 0.5 * torch.log(ref.double()), 0)
+        torch.testing.assert_close(optimal_policy("toy", rewards, ref, beta=0.5), expected.double())
+        assert _method_text("toy") == "Toy card text."
+        with pytest.raises(ValueError, match="takes beta, not beta1"):
+            methods.loss_coefficients("toy", {"beta": 0.5, "beta1": 1.0})
+        # The trainers' configs validate against the registry, not a list of their own.
+        config = QEMPOConfig(output_dir=str(tmp_path), loss_method="toy", use_cpu=True, bf16=False)
+        assert config.coefficients() == {"beta": 0.5}
+        with pytest.raises(ValueError, match="alpha is not a coefficient of loss_method toy"):
+            QEMPOConfig(output_dir=str(tmp_path), loss_method="toy", alpha=1.0, use_cpu=True, bf16=False)
+        with pytest.raises(ValueError, match="already registered"):
+            methods.register_method(toy)
+    finally:
+        methods._REGISTRY.pop("toy")
+
+
+def test_math_core_imports_only_the_registry_from_the_package():
+    code = ("import sys, qempo_lite.losses, qempo_lite.theory; "
+            "print(sorted(m for m in sys.modules if m.startswith('qempo_lite')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "['qempo_lite', 'qempo_lite.losses', 'qempo_lite.methods', 'qempo_lite.theory']"

@@ -1,0 +1,150 @@
+"""The method registry: every objective qempo-lite trains, in one place.
+
+Each method is one member of the two-coefficient family of ``docs/math.md``: a policy
+coefficient ``a`` and a reference coefficient ``c``, computed from the method's named
+coefficients. Offline the loss is ``-log σ(a·Δlog π − c·Δlog π_ref)``; online the weights of
+Eq. 8 use the same ``(a, c)``; the optimum is ``π ∝ π_ref^(c/a) · exp(r/a)``. The losses, both
+trainers, the theory module, the model card and the command-line help all read this table,
+so adding a method is one :func:`register_method` call plus its tests and recipes.
+
+Pure Python: imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+MODES = ("offline", "online")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One objective: its name, the modes it trains in, its coefficients (with defaults) and its (a, c)."""
+
+    name: str
+    modes: tuple[str, ...]
+    defaults: Mapping[str, float]
+    policy_coef: Callable[[Mapping[str, float]], float]
+    ref_coef: Callable[[Mapping[str, float]], float]
+    title: str
+    card_text: str
+    meanings: Mapping[str, str] = None  # what each coefficient is, for help texts
+
+    @property
+    def coefficient_names(self) -> tuple[str, ...]:
+        return tuple(self.defaults)
+
+
+_REGISTRY: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_method(method: Method, *, aliases: tuple[str, ...] = ()) -> Method:
+    """Add ``method`` (and names that mean it, e.g. the paper's ``rlhf`` for ``dpo``) to the registry."""
+    if method.name in _REGISTRY or method.name in _ALIASES:
+        raise ValueError(f"method {method.name!r} is already registered")
+    unknown = set(method.modes) - set(MODES)
+    if unknown or not method.modes:
+        raise ValueError(f"method {method.name!r}: modes must be among {MODES}, got {method.modes}")
+    _REGISTRY[method.name] = method
+    for alias in aliases:
+        _ALIASES[alias] = method.name
+    return method
+
+
+def get_method(name: str, mode: str | None = None) -> Method:
+    """The registered method called ``name`` (or an alias of it); ValueError naming the choices otherwise."""
+    method = _REGISTRY.get(_ALIASES.get(name, name))
+    if method is None or (mode is not None and mode not in method.modes):
+        raise ValueError(f"unknown {mode + ' ' if mode else ''}method {name!r}; choose one of "
+                         f"{', '.join(method_names(mode))}")
+    return method
+
+
+def method_names(mode: str | None = None) -> tuple[str, ...]:
+    """Registered method names, in registration order (those training in ``mode`` only, when given)."""
+    return tuple(name for name, method in _REGISTRY.items() if mode is None or mode in method.modes)
+
+
+def loss_coefficients(name: str, coefficients: Mapping[str, float | None], mode: str | None = None
+                      ) -> tuple[float, float]:
+    """``(a, c)`` of method ``name`` from its named coefficients, each required, positive and finite.
+
+    Names the method does not take are refused, so that a coefficient meant for another method
+    never passes silently.
+    """
+    method = get_method(name, mode)
+    unexpected = sorted(k for k, v in coefficients.items() if k not in method.defaults and v is not None)
+    if unexpected:
+        raise ValueError(f"method {method.name!r} takes {', '.join(method.coefficient_names)}, not "
+                         f"{', '.join(unexpected)}")
+    missing = [k for k in method.defaults if coefficients.get(k) is None]
+    if missing:
+        raise ValueError(f"method {method.name!r} needs {', '.join(missing)}; pass it as a keyword argument")
+    values = {}
+    for key in method.defaults:
+        value = coefficients[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < math.inf):
+            raise ValueError(f"{key} must be a positive finite number for method {method.name!r}, got {value!r}")
+        values[key] = float(value)
+    return method.policy_coef(values), method.ref_coef(values)
+
+
+def method_help(mode: str) -> str:
+    """One line naming the methods of ``mode`` (for ``loss_method``'s help)."""
+    return "; ".join(f"{name}: {get_method(name).title}" for name in method_names(mode))
+
+
+def coefficient_help(coefficient: str, mode: str) -> str:
+    """What ``coefficient`` means for each method of ``mode`` that takes it, with the default."""
+    parts = []
+    for name in method_names(mode):
+        method = get_method(name)
+        if coefficient in method.defaults:
+            meaning = (method.meanings or {}).get(coefficient, "")
+            parts.append(f"{name}: {meaning + ' ' if meaning else ''}(default {method.defaults[coefficient]:g})")
+    return "; ".join(parts)
+
+
+def with_defaults(name: str, coefficients: Mapping[str, float | None], mode: str | None = None) -> dict[str, float]:
+    """The method's coefficients, the paper's defaults filling those left unset (None)."""
+    method = get_method(name, mode)
+    return {key: default if coefficients.get(key) is None else coefficients[key]
+            for key, default in method.defaults.items()}
+
+
+# The paper's coefficients (Section 5) where it gives them; SPL's are ours (see QEMPOConfig).
+register_method(Method(
+    "qempo", ("offline", "online"), {"beta": 4e-3},
+    policy_coef=lambda k: k["beta"], ref_coef=lambda k: 0.0,
+    title="QEMPO (Eq. 7 offline, Eq. 9 online)", meanings={"beta": "1/λ"},
+    card_text="QEMPO (Eq. 7 / Eq. 9): maximise entropy subject to a quality constraint; no reference model. "
+              "Optimal policy π ∝ exp(r/β)."))
+register_method(Method(
+    "qempo_kl", ("offline", "online"), {"beta1": 4e-3, "beta2": 1e-2},
+    policy_coef=lambda k: k["beta1"] + k["beta2"], ref_coef=lambda k: k["beta2"],
+    title="QEMPO-KL (Eq. 6 offline, Eq. 8 online)", meanings={"beta1": "1/λ1", "beta2": "λ2/λ1"},
+    card_text="QEMPO-KL (Eq. 6 / Eq. 8): maximise entropy subject to quality and KL constraints. "
+              "Optimal policy π ∝ π_ref^{β2/(β1+β2)} exp(r/(β1+β2))."))
+register_method(Method(
+    "dpo", ("offline",), {"beta": 1e-2},
+    policy_coef=lambda k: k["beta"], ref_coef=lambda k: k["beta"],
+    title="DPO (Eq. 4, the paper's RLHF baseline)", meanings={"beta": "β"},
+    card_text="DPO (the paper's RLHF baseline). Optimal policy π ∝ π_ref exp(r/β)."), aliases=("rlhf",))
+register_method(Method(
+    "spl", ("offline",), {"alpha": 2e-2, "beta": 1e-2},
+    policy_coef=lambda k: k["alpha"], ref_coef=lambda k: k["beta"],
+    title="Soft Preference Learning (baseline)",
+    meanings={"alpha": "policy coefficient", "beta": "reference coefficient"},
+    card_text="Soft Preference Learning (baseline). Optimal policy π ∝ π_ref^{β/α} exp(r/α)."))
+register_method(Method(
+    "gvpo", ("online",), {"beta": 1e-2},
+    policy_coef=lambda k: k["beta"], ref_coef=lambda k: k["beta"],
+    title="GVPO (Eq. 8 with a = c = β, the paper's online RLHF baseline)", meanings={"beta": "β"},
+    card_text="GVPO (the paper's online RLHF baseline). Optimal policy π ∝ π_ref exp(r/β)."))
+
+
+__all__ = ["MODES", "Method", "coefficient_help", "get_method", "loss_coefficients", "method_help", "method_names",
+           "register_method", "with_defaults"]
