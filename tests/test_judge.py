@@ -253,7 +253,8 @@ def test_cli_judge_then_report(server, key_env, questions, shared_data, tmp_path
     assert key_env not in printed.out + printed.err
 
     diversity = tmp_path / "diversity.json"
-    diversity.write_text(json.dumps({"kind": "diversity", "models": {"spacy": "s", "encoder": "e"}, "adapters": {
+    diversity.write_text(json.dumps({"kind": "diversity", "protocol": "guo2024", "parser": "s", "encoder": "e",
+                                     "adapters": {
         "a": {"lexical": 40.0, "semantic": 30.0, "syntactic": 50.0, "average": 40.0},
         "b": {"lexical": 44.0, "semantic": 31.0, "syntactic": 52.0, "average": 42.33}}}))
     assert main(["eval", "report", "--inputs", str(diversity), str(out), "--output-dir", str(tmp_path / "r")]) == 0
