@@ -144,7 +144,7 @@ def judge_stage(args, files: dict[str, Path], out: Path) -> Path | None:
     cache = out / "judge_cache.jsonl"
     judge = Judge(args.judge_url, args.judge_model, api_key_env=args.api_key_env, templates=templates,
                   concurrency=args.concurrency, temperature=args.judge_temperature, max_tokens=args.judge_max_tokens,
-                  cache_path=cache)
+                  extra_body=args.extra_body, cache_path=cache)
     print(f"[3/4] judge: {len(items)} samples with {args.judge_model}")
     verdicts = judge.judge(items)
     result = {"kind": "judge", "samples": str(out / "samples"), "cache": str(cache),
