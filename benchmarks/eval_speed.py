@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{e2e_cpu:.1f} / {ref_cpu_total:.1f}", "", "", "")
     result = {
         "protocol": diversity.PROTOCOL,
-        "data": str(args.data),
+        "data": os.path.relpath(args.data, Path(__file__).resolve().parents[1]),  # from the repository root
         "n_texts": len(texts),
         "n_sentences": len(sentences),
         "words_mean": float(np.mean(words)),
