@@ -347,7 +347,7 @@ class ColumnScorer:
             except QempoError as err:  # e.g. empty samples: fewer than 2 sentences
                 notes.append(f"{metric} diversity not computed: {err}")
         if self.used:
-            notes.append(f"diversity protocol guo2024 (Guo et al. 2024): "
+            notes.append("diversity protocol guo2024 (Guo et al. 2024): "
                          + ", ".join(f"{'parser' if m == 'syntactic' else 'encoder'} {n}" for m, n in self.used.items()))
         metrics["distinct_1"] = distinct_n(texts, 1)
         metrics["distinct_2"] = distinct_n(texts, 2)
