@@ -377,8 +377,8 @@ def distinct_n(texts: list[str], n: int) -> float | None:
 
         distinct-n = |{n-grams}| / Σ_texts (#n-grams in text)
 
-    Tokens are lexical diversity's (lower-cased words, punctuation dropped); ``None`` when no
-    text has n words.
+    Tokens are lexical diversity's (lower-cased word-punct tokens, single punctuation marks
+    dropped); ``None`` when no text has n words.
     """
     from .evaluate.diversity import word_tokens
 
@@ -402,6 +402,7 @@ class ColumnScorer:
         self.spacy_model = spacy_model
         self.encoder_name = encoder
         self._models: dict[str, Any] = {}
+        self.used: dict[str, str] = {}  # metric -> the model name loaded for it
         self.missing: dict[str, str] = {}
 
     def _model(self, metric: str):
@@ -411,8 +412,9 @@ class ColumnScorer:
             from .evaluate import diversity
 
             try:
-                self._models[metric] = (diversity.load_nlp(self.spacy_model) if metric == "syntactic"
-                                        else diversity.load_encoder(self.encoder_name))
+                self._models[metric], self.used[metric] = (
+                    (diversity.load_nlp(self.spacy_model), diversity.spacy_model_name(self.spacy_model))
+                    if metric == "syntactic" else diversity.resolve_encoder(self.encoder_name))
             except QempoError as err:
                 flag = "--spacy-model" if metric == "syntactic" else "--encoder"
                 self.missing[metric] = f"{metric} diversity not computed: {err} (app option {flag})"
@@ -439,7 +441,13 @@ class ColumnScorer:
             if model is None:
                 notes.append(self.missing[metric])
                 continue
-            metrics[metric] = fn(texts, model, sample_size=None)
+            try:
+                metrics[metric] = fn(texts, model, sample_size=None)
+            except QempoError as err:  # e.g. empty samples: fewer than 2 sentences
+                notes.append(f"{metric} diversity not computed: {err}")
+        if self.used:
+            notes.append("diversity protocol guo2024 (Guo et al. 2024): "
+                         + ", ".join(f"{'parser' if m == 'syntactic' else 'encoder'} {n}" for m, n in self.used.items()))
         metrics["distinct_1"] = distinct_n(texts, 1)
         metrics["distinct_2"] = distinct_n(texts, 2)
         metrics["mean_tokens"] = sum(num_tokens) / len(num_tokens) if num_tokens else None
@@ -911,7 +919,8 @@ def build_app(settings: AppSettings, comparison: Comparison | None = None):
 
     with gr.Blocks(title="qempo-lite: adapters side by side", analytics_enabled=False) as page:
         gr.Markdown("# qempo-lite: adapters side by side\nSample each adapter on the same prompt and compare how "
-                    "diverse its answers are (lexical, syntactic and semantic diversity x100, as in the paper).")
+                    "diverse its answers are (lexical, syntactic and semantic diversity x100 by Guo et al. "
+                    "2024's protocol, `guo2024`, as in the paper; each column names the parser and encoder used).")
         if settings.notice:
             gr.Markdown(settings.notice, elem_id="qempo-notice")
         gr.Markdown(f"Sampling backend: {comparison.samplers.backend_note}.", elem_id="qempo-backend")

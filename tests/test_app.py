@@ -113,6 +113,7 @@ def test_two_adapters_and_the_base_give_the_requested_samples_and_finite_metrics
         for key in ("distinct_1", "distinct_2"):
             assert 0 < metrics[key] <= 1, (key, metrics)
         assert metrics["mean_tokens"] == pytest.approx(sum(s["num_tokens"] for s in column["samples"]) / 3)
+        assert f"diversity protocol guo2024 (Guo et al. 2024): parser {SPACY_MODEL}, encoder {ENCODER}" in column["notes"]
     qempo = result["columns"][1]
     assert qempo["metadata"]["method"] == "qempo" and qempo["metadata"]["coefficients"] == {"beta": 0.004}
     assert qempo["adapter"] == str(adapters["qempo"].resolve())

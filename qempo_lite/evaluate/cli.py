@@ -12,7 +12,8 @@ A full MT-Bench + GSM8K evaluation of two adapters and the base model::
     qempo-lite eval report --inputs eval/diversity.json eval/judge.json eval/passk.json --output-dir eval
 
 Each step writes a file the next one reads, so any step can be rerun alone (the judge also
-keeps a cache of its ratings).
+keeps a cache of its ratings). ``qempo-lite eval table2`` runs sample (MT-Bench), diversity,
+judge and report in one resumable command (see :mod:`qempo_lite.evaluate.table2`).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _base_model(args, adapters: dict[str, str | None]) -> str:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and adapters")
-    group.add_argument("--base-model",
+    group.add_argument("--base-model", "--base",
                        help="base model directory or Hub id (default: the one the first adapter records)")
     group.add_argument("--adapter", action="append", metavar="NAME=PATH",
                        help="a LoRA adapter directory, repeatable; NAME defaults to the directory name, which is "
@@ -193,37 +194,72 @@ def _cmd_sample(args) -> int:
 # ------------------------------------------------------------------------------ diversity
 
 
+def _scorer(args):
+    from .diversity import PROTOCOL_SAMPLES, DiversityScorer
+
+    sizes = {k: None for k in PROTOCOL_SAMPLES} if args.sample_size == "all" else None
+    return DiversityScorer(args.spacy_model, args.encoder, sample_sizes=sizes, seed=args.diversity_seed, device=args.device,
+                           encoder_dtype=args.encoder_dtype)
+
+
+def _diversity_result(scorer, scores: dict, samples: str) -> dict:
+    """The JSON of 'eval diversity': the protocol and the models named at the top, for reports and model cards."""
+    return {"kind": "diversity", **scorer.models(), "encoder_dtype": str(scorer.encoder.dtype).removeprefix("torch."),
+            "samples": samples, "sample_sizes": scorer.sample_sizes, "seed": scorer.seed, "adapters": scores}
+
+
+def _say_models(result: dict) -> None:
+    print(f"diversity by protocol {result['protocol']} (Guo et al. 2024) with spaCy '{result['parser']}' and "
+          f"encoder '{result['encoder']}' ({result['encoder_dtype']})")
+
+
 def _cmd_diversity(args) -> int:
-    from .diversity import DiversityScorer
     from .mtbench import diversity_scores
     from .sampling import load_samples
 
     samples = load_samples(args.samples)
-    sample_size = None if args.sample_size == "all" else _positive_int(args.sample_size, "--sample-size")
-    scorer = DiversityScorer(args.spacy_model, args.encoder, sample_size=sample_size, seed=args.seed,
-                             device=args.device)
+    scorer = _scorer(args)
     scores = diversity_scores(samples, scorer, per_question=not args.no_per_question)
-    result = {"kind": "diversity", "samples": str(args.samples), "sample_size": sample_size, "seed": args.seed,
-              "models": {"spacy": scorer.spacy_model, "encoder": scorer.encoder_name}, "adapters": scores}
+    result = _diversity_result(scorer, scores, str(args.samples))
     _write_json(args.output, result)
-    _print_table(["adapter", "lexical", "semantic", "syntactic", "average", "texts"],
-                 [[n, r["lexical"], r["semantic"], r["syntactic"], r["average"], r["n_texts"]]
+    _print_table(["adapter", "lexical", "semantic", "syntactic", "average", "texts", "sentences"],
+                 [[n, r["lexical"], r["semantic"], r["syntactic"], r["average"], r["n_texts"], r["n_sentences"]]
                   for n, r in scores.items()])
+    _say_models(result)
     print(f"diversity written to {args.output}")
     return 0
 
 
-def _positive_int(value: str, name: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise QempoError(f"{name} must be a positive integer or 'all', got {value!r}") from None
-    if number < 1:
-        raise QempoError(f"{name} must be a positive integer or 'all', got {value!r}")
-    return number
+def _add_diversity_options(parser: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
+    group = parser.add_argument_group("diversity (Guo et al. 2024's protocol, guo2024)")
+    group.add_argument("--spacy-model", help="installed spaCy pipeline with a parser (default: en_core_web_sm, else "
+                                             "an installed English one; $QEMPO_SPACY_MODEL)")
+    group.add_argument("--encoder", help="sentence-transformers model id or directory (default: all-mpnet-base-v2, "
+                                         "else an installed stand-in when it cannot be had; $QEMPO_ENCODER)")
+    group.add_argument("--encoder-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                       help="encoder precision; auto: bfloat16 where the device computes it natively (auto)")
+    group.add_argument("--sample-size", choices=("protocol", "all"), default="protocol",
+                       help="protocol: 40,000 n-grams per order, 3,000 sentences (syntactic), 2,000 (semantic), "
+                            "seeded, as Guo et al.; all: every n-gram and sentence (protocol)")
+    group.add_argument("--device", help="device of the sentence encoder (default: automatic)")
+    group.add_argument(seed_flag, dest="diversity_seed", type=int, default=42,
+                       help="seed of the protocol's samples (42, as Guo et al.'s scripts)")
 
 
 # ------------------------------------------------------------------------------ judge
+
+
+def _extra_body(args) -> dict | None:
+    if not args.extra_body:
+        return None
+    try:
+        extra_body = json.loads(args.extra_body)
+    except json.JSONDecodeError as err:
+        raise QempoError(f"--extra-body is not JSON ({err.msg}); pass an object such as "
+                         "'{\"structured_outputs\": {\"regex\": \"...\"}}'") from None
+    if not isinstance(extra_body, dict):
+        raise QempoError("--extra-body must be a JSON object")
+    return extra_body
 
 
 def _cmd_judge(args) -> int:
@@ -231,15 +267,7 @@ def _cmd_judge(args) -> int:
     from .mtbench import load_questions
     from .sampling import load_samples
 
-    extra_body = None
-    if args.extra_body:
-        try:
-            extra_body = json.loads(args.extra_body)
-        except json.JSONDecodeError as err:
-            raise QempoError(f"--extra-body is not JSON ({err.msg}); pass an object such as "
-                             "'{\"structured_outputs\": {\"regex\": \"...\"}}'") from None
-        if not isinstance(extra_body, dict):
-            raise QempoError("--extra-body must be a JSON object")
+    extra_body = _extra_body(args)
     samples = load_samples(args.samples)
     templates = load_judge_prompts(args.judge_prompts)
     questions = load_questions(args.questions) if args.questions else None
@@ -308,6 +336,16 @@ def _cmd_report(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ table2
+
+
+def _cmd_table2(args) -> int:
+    from .table2 import run
+
+    args.extra_body = _extra_body(args)
+    return run(args)
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -337,20 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     diversity = commands.add_parser(
         "diversity", help="lexical, semantic and syntactic diversity of samples",
-        description="Score the diversity (x100, Guo et al. 2024) of each adapter's samples, pooled over all its "
-                    "samples (the paper's Table 2) and per question turn (mean over the sets). Models: spaCy "
-                    "en_core_web_sm and all-mpnet-base-v2 unless --spacy-model/--encoder or $QEMPO_SPACY_MODEL/"
-                    "$QEMPO_ENCODER name others; the result records which.")
+        description="Score the diversity (x100) of each adapter's samples by Guo et al. (2024)'s released protocol "
+                    "(guo2024), pooled over all its samples (the paper's Table 2) and per question turn (mean over "
+                    "the sets). The result names the protocol, the spaCy parser and the sentence encoder used.")
     diversity.add_argument("--samples", required=True, help="samples JSONL from 'qempo-lite eval sample'")
     diversity.add_argument("--output", required=True, help="the diversity JSON file to write")
-    diversity.add_argument("--spacy-model", help="installed spaCy pipeline with a parser (en_core_web_sm)")
-    diversity.add_argument("--encoder", help="sentence-transformers model id or directory (all-mpnet-base-v2)")
-    diversity.add_argument("--sample-size", default="2000",
-                           help="score a seeded subset of this many texts per set, or 'all' (2000); compare "
-                                "adapters on sets of equal size")
     diversity.add_argument("--no-per-question", action="store_true", help="skip the per-question scores")
-    diversity.add_argument("--device", help="device of the sentence encoder (default: automatic)")
-    diversity.add_argument("--seed", type=int, default=0, help="seed of the subset (0)")
+    _add_diversity_options(diversity)
     diversity.set_defaults(run=_cmd_diversity)
 
     judge = commands.add_parser(
@@ -394,6 +425,43 @@ def build_parser() -> argparse.ArgumentParser:
     passk.add_argument("--output", required=True, help="the pass@k JSON file to write")
     passk.add_argument("--samples-output", help="also save the answers as samples JSONL")
     passk.set_defaults(run=_cmd_passk)
+
+    table2 = commands.add_parser(
+        "table2", help="one command for Table 2: MT-Bench sampling, diversity, judge and report, resumable",
+        description="Run the paper's Table 2 evaluation for every model in one go: the MT-Bench protocol (n "
+                    "first-turn samples per question, then n second-turn ones), the three diversity scores "
+                    "(guo2024), the judge's MT-Bench rating when --judge-url and --judge-model are given, and the "
+                    "report. Every stage keeps its results in --output-dir (samples per model, diversity.json, "
+                    "judge_cache.jsonl), so a rerun continues where the last one stopped and redoes only what "
+                    "changed. Without a judge the report has diversity only, and says so.",
+        epilog="example:\n  qempo-lite eval table2 --base Qwen/Qwen2.5-1.5B-Instruct --include-base \\\n"
+               "      --adapter qempo=runs/qempo --adapter dpo=runs/dpo \\\n"
+               "      --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-08-06 --output-dir eval/table2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(table2)
+    table2.add_argument("--output-dir", required=True, help="folder for samples/, diversity.json, judge.json, "
+                                                            "judge_cache.jsonl and the report")
+    table2.add_argument("--questions", default="mtbench", help="'mtbench' (default) or an MT-Bench-shaped file")
+    table2.add_argument("--limit", type=_count, help="use only the first LIMIT questions")
+    table2.add_argument("--n", type=_count, default=16, help="samples per question and turn (16, as the paper)")
+    table2.add_argument("--max-new-tokens", type=_count, default=1024, help="longest answer in tokens (1024)")
+    table2.add_argument("--per-question", action="store_true",
+                        help="also score each question turn's samples as a set (not in Table 2; slower)")
+    _add_diversity_options(table2, seed_flag="--diversity-seed")
+    judging = table2.add_argument_group("judge (optional: without it the report has diversity only)")
+    judging.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    judging.add_argument("--judge-model", help="judge model name, e.g. gpt-4o-2024-08-06 (the paper's)")
+    judging.add_argument("--api-key-env", help="environment variable holding the key (default: QEMPO_JUDGE_API_KEY, "
+                                               "then OPENAI_API_KEY); the key is never printed")
+    judging.add_argument("--judge-prompts", default="mtbench", help="MT-Bench judge_prompts.jsonl ('mtbench')")
+    judging.add_argument("--judge-per-prompt", type=_count,
+                         help="judge only the first K samples of each question and turn (default: all)")
+    judging.add_argument("--concurrency", type=_count, default=8, help="requests in flight at once (8)")
+    judging.add_argument("--judge-max-tokens", type=_count, default=1024, help="longest judgment in tokens (1024)")
+    judging.add_argument("--judge-temperature", type=float, default=0.0, help="judge sampling temperature (0)")
+    judging.add_argument("--extra-body", help="JSON object sent with every request, e.g. a server's "
+                                              "structured-output options")
+    table2.set_defaults(run=_cmd_table2)
 
     report = commands.add_parser(
         "report", help="merge results into report.json, report.md and figures",

@@ -1,8 +1,8 @@
 """The paper's MT-Bench diversity protocol (Table 2) and diversity scores of sample sets.
 
 Protocol, per adapter: 16 samples of each question's first turn; then 16 second-turn samples,
-each answering the second question after a first-turn sample drawn at random (seeded) as the
-context. Diversity is then scored
+each answering the second question after a first-turn sample drawn at random (seeded per
+adapter) as the context. Diversity is then scored
 
 * pooled: one set of every sample of the adapter (both turns, all questions), as Table 2;
 * per question: one set per (question, turn) — the answers to the same request — averaged
@@ -121,10 +121,11 @@ def sample_mtbench(sampler: Sampler, adapters: Mapping[str, Any] | Sequence[str]
     first = sampler.sample(adapters, [[{"role": "user", "content": q.turns[0]}] for q in questions], n=n, seed=seed,
                            prompt_ids=[q.question_id for q in questions], **options)
     by_key = {(s.adapter, s.prompt_id, s.sample_index): s for s in first}
-    rng = random.Random(seed)
     prompts, plan = defaultdict(list), defaultdict(list)  # per adapter: the chats and (question, j, context)
     names = list(dict.fromkeys(s.adapter for s in first))
     for name in names:
+        # Seeded per adapter: its contexts do not depend on which other adapters are sampled alongside.
+        rng = random.Random(f"{seed}:{name}")
         for q in questions:
             if len(q.turns) < 2:
                 continue
@@ -163,11 +164,13 @@ def diversity_scores(samples: Sequence[Sample], scorer, *, per_question: bool = 
     """Per adapter: diversity of the pooled samples (Table 2) and, averaged, of each (question, turn) set.
 
     ``scorer`` is a :class:`~qempo_lite.evaluate.diversity.DiversityScorer`. Returns
-    ``{adapter: {lexical, semantic, syntactic, average, n_texts, n_available,
+    ``{adapter: {lexical, semantic, syntactic, average, n_texts, n_sentences,
     "per_question": {lexical, semantic, syntactic, average, n_sets}}}``; sets of fewer than two
-    texts are skipped in the per-question mean.
+    sentences are skipped in the per-question mean.
     """
     from rich.progress import Progress
+
+    from .diversity import split_sentences
 
     groups = group_texts(samples)
     results: dict[str, dict[str, Any]] = {}
@@ -177,19 +180,19 @@ def diversity_scores(samples: Sequence[Sample], scorer, *, per_question: bool = 
         for adapter, sets in groups.items():
             bar.update(task, description=f"diversity of {adapter}")
             pooled = [t for texts in sets.values() for t in texts]
-            if len(pooled) < 2:
-                raise QempoError(f"adapter {adapter!r} has {len(pooled)} sample; diversity needs at least 2: "
-                                 "sample with n >= 2")
+            if len(split_sentences(pooled)) < 2:
+                raise QempoError(f"adapter {adapter!r}: its {len(pooled)} sample(s) hold fewer than 2 sentences; "
+                                 "diversity needs at least 2: sample more (n >= 2, longer answers)")
             scored = scorer.score(pooled)
             row = {k: scored[k] for k in METRICS}
-            row.update(n_texts=scored["n_texts"], n_available=scored["n_available"])
+            row.update(n_texts=scored["n_texts"], n_sentences=scored["n_sentences"])
             bar.advance(task)
             if per_question:
                 means = {k: 0.0 for k in METRICS}
                 count = 0
                 for texts in sets.values():
                     bar.advance(task)
-                    if len(texts) < 2:
+                    if len(split_sentences(texts)) < 2:
                         continue
                     one = scorer.score(texts)
                     for k in METRICS:

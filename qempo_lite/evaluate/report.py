@@ -5,9 +5,12 @@
 
     report.json = {"adapters": {name: {"lexical", "semantic", "syntactic", "average", "judge",
                                        "pass@1", "pass@k": {k: value}, "details": {...}}},
-                   "models": {"spacy", "encoder"}, "judge": {...}, "passk": {...}, "inputs": [...]}
+                   "protocol": "guo2024", "parser": spaCy pipeline, "encoder": sentence encoder,
+                   "encoder_dtype", "diversity": {...}, "judge": {...}, "passk": {...}, "inputs": [...]}
 
-Diversity is x100 as in the paper. Missing values are ``null`` (and "–" in the table). Name
+Diversity is x100 as in the paper, by Guo et al. (2024)'s protocol (``"protocol": "guo2024"``,
+see :mod:`qempo_lite.evaluate.diversity`); ``parser`` and ``encoder`` name the models it used
+(``null`` without a diversity input). Missing values are ``null`` (and "–" in the table). Name
 each adapter after its directory: the model card of ``qempo-lite push`` finds its row by that
 name in a ``report.json`` next to (or one or two levels above) the adapter.
 
@@ -27,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from qempo_lite.errors import QempoError
+
+from .diversity import PROTOCOL
 
 logger = logging.getLogger("qempo_lite")
 
@@ -60,7 +65,12 @@ def load_inputs(paths: Sequence[str | os.PathLike]) -> list[dict]:
 
 def build_report(inputs: Sequence[dict]) -> dict[str, Any]:
     """Merge result files by adapter into the report.json structure (see the module docstring)."""
-    report: dict[str, Any] = {"adapters": {}, "models": {}, "inputs": []}
+    report: dict[str, Any] = {"adapters": {}, "protocol": None, "parser": None, "encoder": None, "inputs": []}
+    for data in inputs:
+        if data["kind"] == "diversity" and data.get("protocol") != PROTOCOL:
+            raise QempoError(f"report input {data.get('_path')} was scored by another diversity protocol "
+                             f"({data.get('protocol')!r}, not {PROTOCOL!r}); score the samples again with "
+                             "'qempo-lite eval diversity'")
 
     def row(name: str) -> dict:
         return report["adapters"].setdefault(name, {**{k: None for k in DIVERSITY}, "judge": None, "pass@1": None,
@@ -74,7 +84,7 @@ def build_report(inputs: Sequence[dict]) -> dict[str, Any]:
             if kind == "diversity":
                 for key in DIVERSITY:
                     target[key] = values.get(key)
-                target["details"].update({k: values[k] for k in ("n_texts", "n_available", "per_question")
+                target["details"].update({k: values[k] for k in ("n_texts", "n_sentences", "per_question")
                                           if k in values})
             elif kind == "judge":
                 target["judge"] = values.get("judge")
@@ -84,8 +94,8 @@ def build_report(inputs: Sequence[dict]) -> dict[str, Any]:
                 target["pass@1"] = target["pass@k"].get("1")
                 target["details"].update({k: values[k] for k in ("n", "n_problems", "accuracy") if k in values})
         if kind == "diversity":
-            report["models"].update(data.get("models") or {})
-            report["diversity"] = {k: data[k] for k in ("samples", "sample_size", "seed") if k in data}
+            report.update({k: data.get(k) for k in ("protocol", "parser", "encoder", "encoder_dtype")})
+            report["diversity"] = {k: data[k] for k in ("samples", "sample_sizes", "seed") if k in data}
         elif kind == "judge":
             report["judge"] = data.get("judge", {})
         else:
@@ -111,16 +121,18 @@ def markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     """report.md: the Table 2 layout, the per-question means, pass@k, and the figures."""
     adapters = report["adapters"]
     lines = ["# Evaluation report", ""]
-    models = report.get("models") or {}
     judge = report.get("judge") or {}
     notes = []
-    if models:
-        notes.append(f"Diversity ×100 (lexical, semantic, syntactic as in Guo et al., 2024) with spaCy "
-                     f"`{models.get('spacy', '?')}` and encoder `{models.get('encoder', '?')}`, pooled over all "
-                     "samples of each adapter.")
+    if report.get("protocol"):
+        dtype = f" ({report['encoder_dtype']})" if report.get("encoder_dtype") else ""
+        notes.append(f"Diversity ×100 by Guo et al. (2024)'s protocol (`{report['protocol']}`: lexical, semantic, "
+                     f"syntactic), pooled over all samples of each adapter; parser: spaCy `{report.get('parser')}`, "
+                     f"sentence encoder: `{report.get('encoder')}`{dtype}.")
     if judge:
         notes.append(f"Judge: `{judge.get('model', '?')}`, MT-Bench single-answer grading (1–10), mean over the "
                      "rated samples.")
+    elif report.get("no_judge"):
+        notes.append(report["no_judge"])
     lines += notes + ([""] if notes else [])
     lines += _table(["Adapter", *(c for c, _ in COLUMNS)],
                     [[name, *(_cell(r.get(k)) for _, k in COLUMNS)] for name, r in adapters.items()])

@@ -1,0 +1,187 @@
+"""``qempo-lite eval table2``: the paper's Table 2 rows from one command, resumable.
+
+For every model (each ``--adapter`` and, with ``--include-base``, the base model) the stages
+run in turn, each with its own progress bar, each keeping its results in the output folder so
+that an interrupted or repeated run continues where the last one stopped:
+
+1. sampling — the MT-Bench protocol (:func:`~qempo_lite.evaluate.mtbench.sample_mtbench`: n
+   first-turn samples per question, then n second-turn ones) into ``samples/<name>.jsonl``,
+   with ``samples/<name>.json`` recording what they were drawn with (base model, adapter
+   weights' SHA-256, questions' SHA-256, decoding). A model whose samples exist with the same
+   record is not sampled again; the base model is loaded only when some model needs sampling.
+2. diversity — the ``guo2024`` scores of each model's pooled samples into ``diversity.json``
+   (the same file as ``qempo-lite eval diversity`` writes), a row reused when the samples'
+   SHA-256, the protocol, the models and the samples sizes are unchanged.
+3. judge — MT-Bench single-answer grading by an OpenAI-compatible endpoint into ``judge.json``;
+   every rating is appended to ``judge_cache.jsonl`` as it arrives, so a rerun asks only what
+   is missing. Without ``--judge-url``/``--judge-model`` this stage is skipped and the report
+   says so.
+4. report — ``report.json``, ``report.md`` (Lexical, Semantic, Syntactic, Average, Judge) and
+   ``diversity_quality.png``, as ``qempo-lite eval report``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from qempo_lite.errors import QempoError
+
+logger = logging.getLogger("qempo_lite")
+
+NO_JUDGE = ("No judge was given (--judge-url and --judge-model): the Judge column is empty and the report shows "
+            "diversity only.")
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sampling_record(base_model: str, adapter: str | None, questions: Path, args) -> dict[str, Any]:
+    from .sampling import ADAPTER_WEIGHTS
+
+    return {"base_model": str(base_model), "adapter": str(Path(adapter).resolve()) if adapter else None,
+            "adapter_weights_sha256": sha256_of(Path(adapter) / ADAPTER_WEIGHTS) if adapter else None,
+            "questions_sha256": sha256_of(questions), "limit": args.limit, "n": args.n,
+            "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, Path]:
+    """Samples of every model, drawn only where none with the same record exist; name -> samples file."""
+    from .cli import _base_model, _sampler
+    from .mtbench import load_questions, resolve_mtbench_file, sample_mtbench
+    from .sampling import save_samples
+
+    questions_path = resolve_mtbench_file(args.questions)
+    questions = load_questions(questions_path, limit=args.limit)
+    base_model = _base_model(args, adapters)
+    folder = out / "samples"
+    todo, files = {}, {}
+    for name, adapter in adapters.items():
+        if "/" in name or name in (".", ".."):
+            raise QempoError(f"model name {name!r} cannot name a file; name the adapter with --adapter NAME=PATH")
+        files[name] = folder / f"{name}.jsonl"
+        record = _sampling_record(base_model, adapter, questions_path, args)
+        if files[name].is_file() and _read_json(folder / f"{name}.json") == record:
+            print(f"[1/4] sampling: {name}: samples on disk ({files[name]}), not sampled again")
+        else:
+            todo[name] = (adapter, record)
+    if not todo:
+        return files
+    with _sampler(args, adapters) as sampler:
+        for i, (name, (adapter, record)) in enumerate(todo.items(), start=1):
+            print(f"[1/4] sampling: {name} ({i}/{len(todo)}): {len(questions)} questions x {args.n} samples per turn")
+            samples = sample_mtbench(sampler, {name: adapter}, questions, n=args.n, temperature=args.temperature,
+                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+            save_samples(files[name], samples)
+            # The record last: samples without it are drawn again on the next run.
+            (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return files
+
+
+def diversity_stage(args, files: dict[str, Path], out: Path) -> Path:
+    """diversity.json for every model, reusing the rows whose samples and settings are unchanged."""
+    from .cli import _diversity_result, _say_models, _scorer, _write_json
+    from .mtbench import diversity_scores
+    from .sampling import load_samples
+
+    path = out / "diversity.json"
+    scorer = _scorer(args)
+    fresh = _diversity_result(scorer, {}, str(out / "samples"))
+    previous = _read_json(path) or {}
+    same_settings = all(previous.get(k) == fresh[k] for k in fresh if k not in ("adapters", "samples"))
+    scores = {}
+    for name, samples_file in files.items():
+        digest = sha256_of(samples_file)
+        row = (previous.get("adapters") or {}).get(name) if same_settings else None
+        if isinstance(row, dict) and row.get("samples_sha256") == digest:
+            print(f"[2/4] diversity: {name}: scores on disk, not scored again")
+            scores[name] = row
+            continue
+        print(f"[2/4] diversity: {name}")
+        row = diversity_scores(load_samples(samples_file), scorer, per_question=args.per_question)[name]
+        scores[name] = {**row, "samples_sha256": digest}
+        _write_json(path, {**fresh, "adapters": scores})  # kept as each model is done
+    result = {**fresh, "adapters": scores}
+    _write_json(path, result)
+    _say_models(result)
+    return path
+
+
+def judge_stage(args, files: dict[str, Path], out: Path) -> Path | None:
+    """judge.json from the cached ratings plus whatever the judge still has to rate; None without a judge."""
+    if not (args.judge_url and args.judge_model):
+        if args.judge_url or args.judge_model:
+            raise QempoError("a judge needs both --judge-url and --judge-model; pass both, or neither for "
+                             "diversity only")
+        print(f"[3/4] judge: skipped. {NO_JUDGE}")
+        return None
+    from .cli import _write_json
+    from .judge import Judge, build_items, load_judge_prompts, summarize
+    from .mtbench import load_questions
+    from .sampling import load_samples
+
+    templates = load_judge_prompts(args.judge_prompts)
+    questions = load_questions(args.questions)
+    samples = [s for path in files.values() for s in load_samples(path)]
+    items = build_items(samples, templates, questions, per_prompt=args.judge_per_prompt)
+    cache = out / "judge_cache.jsonl"
+    judge = Judge(args.judge_url, args.judge_model, api_key_env=args.api_key_env, templates=templates,
+                  concurrency=args.concurrency, temperature=args.judge_temperature, max_tokens=args.judge_max_tokens,
+                  extra_body=args.extra_body, cache_path=cache)
+    print(f"[3/4] judge: {len(items)} samples with {args.judge_model}")
+    verdicts = judge.judge(items)
+    result = {"kind": "judge", "samples": str(out / "samples"), "cache": str(cache),
+              "judge": {"model": args.judge_model, "url": args.judge_url, "temperature": args.judge_temperature,
+                        "prompts": sorted({i.template for i in items})},
+              "items": len(items), "failures": judge.stats["failures"], "requests": judge.stats["requests"],
+              "cached": judge.stats["cached"], "adapters": summarize(verdicts)}
+    print(f"[3/4] judge: {judge.stats['cached']} ratings from {cache.name}, {judge.stats['requests']} requests, "
+          f"{judge.stats['failures']} samples without a rating (asked again on a rerun)")
+    return _write_json(out / "judge.json", result)
+
+
+def run(args) -> int:
+    """The four stages; prints the Table 2 rows and where the report is."""
+    from .cli import _adapters, _print_table
+    from .report import build_report, load_inputs, write_report
+
+    adapters = _adapters(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.judge_url and not args.judge_model or args.judge_model and not args.judge_url:
+        judge_stage(args, {}, out)  # the one-line error, before any sampling
+    files = sample_stage(args, adapters, out)
+    inputs = [diversity_stage(args, files, out)]
+    judged = judge_stage(args, files, out)
+    inputs += [judged] if judged else []
+    print("[4/4] report")
+    report = build_report(load_inputs(inputs))
+    if judged is None:
+        report["no_judge"] = NO_JUDGE
+    written = write_report(report, out)
+    _print_table(["model", "Lexical", "Semantic", "Syntactic", "Average", "Judge"],
+                 [[n, r["lexical"], r["semantic"], r["syntactic"], r["average"], r["judge"]]
+                  for n, r in report["adapters"].items()])
+    for kind, path in written.items():
+        print(f"{kind:>8}: {path}")
+    return 0
+
+
+__all__ = ["run", "sample_stage", "diversity_stage", "judge_stage", "NO_JUDGE"]
