@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qempo_lite.console import input_read
 from qempo_lite.errors import QempoError
 
 logger = logging.getLogger("qempo_lite")
@@ -481,6 +482,7 @@ def cli(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse already printed
         return int(exit_.code or 0)
+    input_read()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     return args.run(args)

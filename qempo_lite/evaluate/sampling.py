@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qempo_lite.errors import QempoError, missing_extra
-from qempo_lite.rollout import shutdown_vllm, temporary_env
+from qempo_lite.rollout import process_group_exists, shutdown_vllm, temporary_env
 
 logger = logging.getLogger("qempo_lite")
 
@@ -440,6 +440,7 @@ class Sampler:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         threads = torch.get_num_threads()
         offline = {"HF_HUB_OFFLINE": "1"} if Path(self.base_model).is_dir() else {}
+        self._owns_process_group = not process_group_exists()
         try:
             with temporary_env(**offline):
                 self.llm = LLM(model=self.base_model, tokenizer=self.base_model, trust_remote_code=False,
@@ -714,7 +715,7 @@ class Sampler:
         import torch
 
         if getattr(self, "llm", None) is not None:
-            shutdown_vllm(self.llm)
+            shutdown_vllm(self.llm, owns_process_group=self._owns_process_group)
             self.llm = None
         self.model = None
         self._adapters.clear()
