@@ -291,6 +291,17 @@ def test_math_rows_take_the_last_boxed_answer_with_nested_braces(tmp_path):
     assert ds[0]["solution"] == rows[0]["solution"]
 
 
+def test_gold_boxes_and_graded_boxes_share_one_brace_matcher():
+    from qempo_lite.data import last_boxed
+    from qempo_lite.rewards import extract_answer
+
+    for text, content in [("so $\\boxed{\\{1, \\frac{2}{3}\\}}$.", "\\{1, \\frac{2}{3}\\}"), ("\\boxed{1 \\}", "1")]:
+        assert last_boxed(text) == extract_answer(text) == content
+    # An unclosed last box: a gold solution falls back to its last complete box, a completion was cut off.
+    assert last_boxed("\\boxed{4} then \\boxed{5") == "4"
+    assert extract_answer("\\boxed{4} then \\boxed{5") is None
+
+
 @pytest.mark.parametrize(
     "row, expected",
     [
