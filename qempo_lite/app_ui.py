@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import QempoError, missing_extra
-from .hub import HUB_ID, PICKLE_SUFFIXES, WEIGHTS_FILE, adapter_config, check_adapter_dir, check_lora_weights, \
-    contained_file, read_json_object, safetensors_header
+from .adapters import ANYWHERE, PICKLE_SUFFIXES, check_adapter_files, read_metadata, safetensors_header
+from .hub import HUB_ID
 
 logger = logging.getLogger("qempo_lite")
 
@@ -52,7 +52,6 @@ BASE_LABEL = "base, no adapter"
 MAX_COLUMNS = 4
 MAX_LOADED_ADAPTERS = 8  # adapters a Sampler keeps loaded between requests
 DEFAULT_DEMO_DIR = "qempo-demo"
-METADATA_FILE = "qempo_lite.json"
 MAX_PATH_CHARS = 1024  # longer typed paths are refused before they reach the file system
 MAX_FILES_CHECKED = 10_000  # entries of a model directory checked against the allowed roots
 MAX_UPLOAD_BYTES = 1024  # the page has no upload control: Gradio's upload endpoint takes next to nothing
@@ -325,14 +324,8 @@ def resolve_adapter(value: str, roots: list[Path], allow_hub: bool = True) -> Pa
     path, root = _under_roots(value, roots, "adapter")
     what = f"adapter {shown(value)}"
     check_files_inside(path, roots, what)
-    _check_adapter(path, root, what)
+    check_adapter_files(path, root, what)
     return path
-
-
-def _check_adapter(path: Path, root: Path, what: str) -> None:
-    check_adapter_dir(path, root, label=what)
-    config = adapter_config(path, root, label=what)
-    check_lora_weights(contained_file(path, WEIGHTS_FILE, root, what), config, f"{what}: {WEIGHTS_FILE}")
 
 
 def _fetch_hub_adapter(repo_id: str) -> Path:
@@ -347,17 +340,15 @@ def _fetch_hub_adapter(repo_id: str) -> Path:
     # A snapshot's files are links into its repository's cache folder (models--owner--name): that is its root.
     repository = path.resolve().parents[1]
     check_files_inside(path, [repository], f"adapter {repo_id}")
-    _check_adapter(path, repository, f"adapter {repo_id}")
+    check_adapter_files(path, repository, f"adapter {repo_id}")
     return path
 
 
 def adapter_metadata(path: Path) -> dict:
     """``method`` and ``coefficients`` from the adapter's ``qempo_lite.json`` ({} when absent or unreadable)."""
-    # Called on directories resolve_adapter has checked: every file in them stays under the roots.
-    if not (path / METADATA_FILE).is_file():
-        return {}
     try:
-        data = read_json_object(path / METADATA_FILE, METADATA_FILE, "")
+        # resolve_adapter has checked where every file of the directory leads.
+        data = read_metadata(path, ANYWHERE)
     except QempoError:  # not UTF-8 JSON, not an object: the column is shown without the method
         return {}
     return {key: data[key] for key in ("method", "mode", "coefficients", "base_model") if key in data}

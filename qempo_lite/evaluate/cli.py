@@ -69,11 +69,11 @@ def _adapters(args) -> dict[str, str | None]:
 def _base_model(args, adapters: dict[str, str | None]) -> str:
     if args.base_model:
         return args.base_model
-    from .sampling import recorded_base_model
+    from qempo_lite.adapters import ANYWHERE, CONFIG_FILE, recorded_base_model
 
     for name, path in adapters.items():
-        if path and (Path(path) / "adapter_config.json").is_file():
-            base = recorded_base_model(Path(path))
+        if path and (Path(path) / CONFIG_FILE).is_file():
+            base = recorded_base_model(Path(path), ANYWHERE)
             if base:
                 logger.info("base model %s, as recorded by adapter %r", base, name)
                 return base

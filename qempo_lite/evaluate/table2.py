@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qempo_lite.adapters import WEIGHTS_FILE
 from qempo_lite.errors import QempoError
 
 logger = logging.getLogger("qempo_lite")
@@ -45,10 +46,8 @@ def sha256_of(path: str | Path) -> str:
 
 
 def _sampling_record(base_model: str, adapter: str | None, questions: Path, args) -> dict[str, Any]:
-    from .sampling import ADAPTER_WEIGHTS
-
     return {"base_model": str(base_model), "adapter": str(Path(adapter).resolve()) if adapter else None,
-            "adapter_weights_sha256": sha256_of(Path(adapter) / ADAPTER_WEIGHTS) if adapter else None,
+            "adapter_weights_sha256": sha256_of(Path(adapter) / WEIGHTS_FILE) if adapter else None,
             "questions_sha256": sha256_of(questions), "limit": args.limit, "n": args.n,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed}
