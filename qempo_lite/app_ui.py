@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import QempoError, missing_extra
+from .evaluate.metrics import METRICS, ColumnScorer
 from .adapters import ANYWHERE, PICKLE_SUFFIXES, check_adapter_files, read_metadata, safetensors_header
 from .hub import HUB_ID
 
@@ -58,8 +59,6 @@ MAX_UPLOAD_BYTES = 1024  # the page has no upload control: Gradio's upload endpo
 _PATH_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The demo's adapters, in the order the paper's story reads: the RLHF baseline, then QEMPO.
 _DEMO_ORDER = ("dpo", "qempo", "qempo_kl", "spl")
-_CHART_METRICS = (("lexical", "lexical"), ("syntactic", "syntactic"), ("semantic", "semantic"),
-                  ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"))
 
 Progress = Callable[[float, str], None]
 
@@ -358,91 +357,6 @@ def _first_line(err: BaseException) -> str:
     """The error's message on one line (validation errors put the cause on their second line)."""
     text = " ".join(line.strip() for line in str(err).strip().splitlines()[:4])
     return text[:300] if text else type(err).__name__
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def distinct_n(texts: list[str], n: int) -> float | None:
-    """distinct-n (Li et al., 2016): distinct word n-grams / all word n-grams, pooled over texts.
-
-        distinct-n = |{n-grams}| / Σ_texts (#n-grams in text)
-
-    Tokens are lexical diversity's (lower-cased word-punct tokens, single punctuation marks
-    dropped); ``None`` when no text has n words.
-    """
-    from .evaluate.diversity import word_tokens
-
-    seen, total = set(), 0
-    for text in texts:
-        tokens = word_tokens(text)
-        grams = list(zip(*(tokens[i:] for i in range(n))))
-        seen.update(grams)
-        total += len(grams)
-    return len(seen) / total if total else None
-
-
-class ColumnScorer:
-    """Diversity of one column's samples, with what could not be computed and why.
-
-    spaCy and the sentence encoder load once, on first use; if one cannot be loaded, the
-    metrics that need it are left out (``None``) with the reason, and it is not retried.
-    """
-
-    def __init__(self, spacy_model: str | None = None, encoder: str | None = None):
-        self.spacy_model = spacy_model
-        self.encoder_name = encoder
-        self._models: dict[str, Any] = {}
-        self.used: dict[str, str] = {}  # metric -> the model name loaded for it
-        self.missing: dict[str, str] = {}
-
-    def _model(self, metric: str):
-        if metric in self.missing:
-            return None
-        if metric not in self._models:
-            from .evaluate import diversity
-
-            try:
-                self._models[metric], self.used[metric] = (
-                    (diversity.load_nlp(self.spacy_model), diversity.spacy_model_name(self.spacy_model))
-                    if metric == "syntactic" else diversity.resolve_encoder(self.encoder_name))
-            except QempoError as err:
-                flag = "--spacy-model" if metric == "syntactic" else "--encoder"
-                self.missing[metric] = f"{metric} diversity not computed: {err} (app option {flag})"
-                return None
-        return self._models[metric]
-
-    def score(self, texts: list[str], num_tokens: list[int]) -> tuple[dict[str, float | None], list[str]]:
-        """({lexical, syntactic, semantic, distinct_1, distinct_2, mean_tokens}, notes)."""
-        from .evaluate import diversity
-
-        metrics: dict[str, float | None] = {}
-        notes: list[str] = []
-        try:
-            metrics["lexical"] = diversity.lexical_diversity(texts, sample_size=None)
-        except QempoError:
-            metrics["lexical"] = None
-            notes.append("lexical diversity not computed: the samples hold no words")
-        for metric, fn in (("syntactic", diversity.syntactic_diversity), ("semantic", diversity.semantic_diversity)):
-            metrics[metric] = None
-            if len(texts) < 2:
-                notes.append(f"{metric} diversity needs at least 2 samples")
-                continue
-            model = self._model(metric)
-            if model is None:
-                notes.append(self.missing[metric])
-                continue
-            try:
-                metrics[metric] = fn(texts, model, sample_size=None)
-            except QempoError as err:  # e.g. empty samples: fewer than 2 sentences
-                notes.append(f"{metric} diversity not computed: {err}")
-        if self.used:
-            notes.append("diversity protocol guo2024 (Guo et al. 2024): "
-                         + ", ".join(f"{'parser' if m == 'syntactic' else 'encoder'} {n}" for m, n in self.used.items()))
-        metrics["distinct_1"] = distinct_n(texts, 1)
-        metrics["distinct_2"] = distinct_n(texts, 2)
-        metrics["mean_tokens"] = sum(num_tokens) / len(num_tokens) if num_tokens else None
-        return {k: (v if v is None or math.isfinite(v) else None) for k, v in metrics.items()}, notes
 
 
 # ---------------------------------------------------------------- sampling
@@ -821,9 +735,8 @@ def column_html(column: dict) -> str:
             for s in column["samples"])
         parts.append(f"<ol class='qempo-samples'>{items}</ol>")
         m = column.get("metrics") or {}
-        rows = [("lexical", _fmt(m.get("lexical"))), ("syntactic", _fmt(m.get("syntactic"))),
-                ("semantic", _fmt(m.get("semantic"))), ("distinct-1", _fmt(m.get("distinct_1"), 3)),
-                ("distinct-2", _fmt(m.get("distinct_2"), 3)), ("mean length (tokens)", _fmt(m.get("mean_tokens")))]
+        rows = [(metric.label, _fmt(m.get(metric.name), 3 if metric.fraction else 1)) for metric in METRICS]
+        rows.append(("mean length (tokens)", _fmt(m.get("mean_tokens"))))
         if "judge" in m:
             rows.append(("mean judge score", _fmt(m.get("judge"), 2)))
         cells = "".join(f"<tr><td>{esc(k)}</td><td class='qempo-value'>{v}</td></tr>" for k, v in rows)
@@ -844,13 +757,12 @@ def comparison_chart(result: dict):
     ax = fig.add_subplot()
     width = 0.8 / len(columns)
     for i, column in enumerate(columns):
-        values = [column["metrics"].get(key) for key, _ in _CHART_METRICS]
+        values = [column["metrics"].get(metric.name) for metric in METRICS]
         # A metric that could not be computed gets no bar (NaN), not a misleading zero.
-        values = [math.nan if v is None else (100 * v if key.startswith("distinct") else v)
-                  for v, (key, _) in zip(values, _CHART_METRICS)]
+        values = [math.nan if v is None else (100 * v if metric.fraction else v) for v, metric in zip(values, METRICS)]
         ax.bar([j + (i - (len(columns) - 1) / 2) * width for j in range(len(values))], values, width,
                label=column["name"])
-    ax.set_xticks(range(len(_CHART_METRICS)), [label for _, label in _CHART_METRICS])
+    ax.set_xticks(range(len(METRICS)), [metric.label for metric in METRICS])
     ax.set_ylabel("score (x100)")
     ax.set_ylim(0, 100)
     ax.set_title("Diversity per column (higher is more diverse)")

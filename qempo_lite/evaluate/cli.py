@@ -196,7 +196,7 @@ def _cmd_sample(args) -> int:
 
 
 def _scorer(args):
-    from .diversity import PROTOCOL_SAMPLES, DiversityScorer
+    from .metrics import PROTOCOL_SAMPLES, DiversityScorer
 
     sizes = {k: None for k in PROTOCOL_SAMPLES} if args.sample_size == "all" else None
     return DiversityScorer(args.spacy_model, args.encoder, sample_sizes=sizes, seed=args.diversity_seed, device=args.device,
@@ -215,6 +215,7 @@ def _say_models(result: dict) -> None:
 
 
 def _cmd_diversity(args) -> int:
+    from .metrics import SCORES
     from .mtbench import diversity_scores
     from .sampling import load_samples
 
@@ -223,9 +224,8 @@ def _cmd_diversity(args) -> int:
     scores = diversity_scores(samples, scorer, per_question=not args.no_per_question)
     result = _diversity_result(scorer, scores, str(args.samples))
     _write_json(args.output, result)
-    _print_table(["adapter", "lexical", "semantic", "syntactic", "average", "texts", "sentences"],
-                 [[n, r["lexical"], r["semantic"], r["syntactic"], r["average"], r["n_texts"], r["n_sentences"]]
-                  for n, r in scores.items()])
+    _print_table(["adapter", *SCORES.values(), "texts", "sentences"],
+                 [[n, *(r[k] for k in SCORES), r["n_texts"], r["n_sentences"]] for n, r in scores.items()])
     _say_models(result)
     print(f"diversity written to {args.output}")
     return 0

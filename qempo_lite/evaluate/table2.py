@@ -159,7 +159,7 @@ def judge_stage(args, files: dict[str, Path], out: Path) -> Path | None:
 def run(args) -> int:
     """The four stages; prints the Table 2 rows and where the report is."""
     from .cli import _adapters, _print_table
-    from .report import build_report, load_inputs, write_report
+    from .report import COLUMNS, build_report, load_inputs, write_report
 
     adapters = _adapters(args)
     out = Path(args.output_dir)
@@ -175,9 +175,8 @@ def run(args) -> int:
     if judged is None:
         report["no_judge"] = NO_JUDGE
     written = write_report(report, out)
-    _print_table(["model", "Lexical", "Semantic", "Syntactic", "Average", "Judge"],
-                 [[n, r["lexical"], r["semantic"], r["syntactic"], r["average"], r["judge"]]
-                  for n, r in report["adapters"].items()])
+    _print_table(["model", *(header for header, _ in COLUMNS)],
+                 [[n, *(r[key] for _, key in COLUMNS)] for n, r in report["adapters"].items()])
     for kind, path in written.items():
         print(f"{kind:>8}: {path}")
     return 0
