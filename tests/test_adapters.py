@@ -29,7 +29,7 @@ def test_the_metadata_file_is_named_once():
 
 
 def test_a_bad_qempo_lite_json_is_one_error_for_every_reader(adapter, tmp_path, tiny_model_dir):
-    from qempo_lite.app_ui import adapter_metadata
+    from qempo_lite.app import adapter_metadata
     from qempo_lite.hub import push_adapter
 
     bad = copy(adapter, tmp_path, "bad")

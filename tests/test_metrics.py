@@ -21,7 +21,7 @@ import json, sys
 from pathlib import Path
 
 import qempo_lite
-from qempo_lite.app_ui import column_html
+from qempo_lite.app import column_html
 from qempo_lite.cli import main
 from qempo_lite.evaluate.metrics import ColumnScorer
 from qempo_lite.evaluate.sampling import Sample, save_samples
