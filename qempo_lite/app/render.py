@@ -6,6 +6,7 @@ import html
 import math
 import re
 
+from ..adapters import METADATA_FILE
 from ..evaluate.metrics import METRICS
 
 
@@ -32,7 +33,7 @@ def column_html(column: dict) -> str:
         head.append(f"<div class='qempo-meta'>method <b>{esc(str(meta['method']))}</b>"
                     f"{' · ' + coefficients if coefficients else ''}</div>")
     elif column.get("adapter"):
-        head.append("<div class='qempo-meta'>no qempo_lite.json: method unknown</div>")
+        head.append(f"<div class='qempo-meta'>no {METADATA_FILE}: method unknown</div>")
     if column.get("adapter"):
         head.append(f"<div class='qempo-path'>{esc(column['adapter'])}</div>")
     parts = [f"<div class='qempo-column' data-name='{esc(column['name'])}'>",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters import CONFIG_FILE
 from ..errors import QempoError
 
 BASE = "base"  # the adapter choice meaning "the base model, no adapter"
@@ -71,7 +72,7 @@ def load_questions(source: str | Path | None = None) -> list[dict]:
 
 def _demo_adapters(demo_dir: Path) -> list[Path]:
     adapters_dir = demo_dir / "adapters"
-    found = [p for p in sorted(adapters_dir.iterdir()) if (p / "adapter_config.json").is_file()] \
+    found = [p for p in sorted(adapters_dir.iterdir()) if (p / CONFIG_FILE).is_file()] \
         if adapters_dir.is_dir() else []
     rank = {name: i for i, name in enumerate(_DEMO_ORDER)}
     return sorted(found, key=lambda p: rank.get(p.name, len(rank)))
@@ -81,7 +82,7 @@ def find_adapters(roots: list[Path], limit: int = 64) -> list[str]:
     """Adapter directories (holding adapter_config.json) at most two levels under ``roots``."""
     found: list[str] = []
     for root in roots:
-        for pattern in ("*/adapter_config.json", "*/*/adapter_config.json"):
+        for pattern in (f"*/{CONFIG_FILE}", f"*/*/{CONFIG_FILE}"):
             for config in sorted(root.glob(pattern)):
                 if config.parent.name.startswith("checkpoint-"):  # a run's intermediate saves
                     continue
