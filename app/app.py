@@ -3,7 +3,7 @@
     python app/app.py [OPTIONS]      # the same as `qempo-lite app [OPTIONS]`
     gradio app/app.py                # auto-reload while editing, on the default settings
 
-The app itself lives in :mod:`qempo_lite.app_ui` so that the installed ``qempo-lite app``
+The app itself lives in :mod:`qempo_lite.app` so that the installed ``qempo-lite app``
 command works without this source tree; see ``qempo-lite app --help`` for the options.
 """
 
@@ -14,6 +14,6 @@ if __name__ == "__main__":
 
     raise SystemExit(main(["app", *sys.argv[1:]]))
 else:  # `gradio app/app.py` looks for a Blocks named `demo`
-    from qempo_lite.app_ui import build_app, discover_settings
+    from qempo_lite.app import build_app, discover_settings
 
     demo = build_app(discover_settings())

@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
-from qempo_lite.evaluate import diversity, reference
+from qempo_lite.evaluate import diversity, diversity_models, metrics, reference
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf_harmless" / "test.jsonl.gz"
 
@@ -66,7 +66,7 @@ def timed(fn, *args, **kwargs) -> tuple[float, float, Any]:
 def default_encoder() -> str:
     """The offline MiniLM package when installed, else the protocol's default encoder."""
     stand_in = "sentence-transformers/all-MiniLM-L6-v2"
-    return stand_in if diversity._bundled_encoder(stand_in) is not None else diversity.DEFAULT_ENCODER
+    return stand_in if diversity_models._bundled_encoder(stand_in) is not None else diversity_models.DEFAULT_ENCODER
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
          lambda: reference.reference_semantic(texts, encoder=reference_encoder, split=split)),
     ]
     # End to end, as a user runs it: one scorer, the texts split once for both sentence metrics.
-    scorer = diversity.DiversityScorer(args.spacy_model, encoder_name, device="cpu", batch_size=args.batch_size)
+    scorer = metrics.DiversityScorer(args.spacy_model, encoder_name, device="cpu", batch_size=args.batch_size)
     runs: dict[str, list] = {}
     for repeat in range(1, args.repeats + 1):
         for metric, fast, slow in measures:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": encoder_name,
         "encoder_batch_size": args.batch_size,
         "encoder_dtype": {"qempo-lite": str(encoder.dtype), "reference": str(reference_encoder.dtype)},
-        "sample_sizes": diversity.PROTOCOL_SAMPLES,
+        "sample_sizes": metrics.PROTOCOL_SAMPLES,
         "seed": diversity.DEFAULT_SEED,
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .app_ui import DEFAULT_DEMO_DIR, JudgeSettings, choose_backend, discover_settings, launch_app
+from .app import DEFAULT_DEMO_DIR, JudgeSettings, choose_backend, discover_settings, launch_app
 from .console import ArgumentParser, input_read
 from .errors import QempoError
 

@@ -4,7 +4,8 @@ Only the adapter (safetensors), the tokenizer files when they differ from the ba
 and the card are uploaded: never optimizer states, checkpoints, or pickled files. The token
 comes from ``HF_TOKEN`` or the login cache through ``huggingface_hub`` and is never printed.
 
-What is uploaded is checked first, and a push that fails a check is refused with one line:
+What is uploaded is checked first (the adapter checks live in :mod:`qempo_lite.adapters`), and a
+push that fails a check is refused with one line:
 
 * nothing is read through a symlink that leaves the adapter directory (every file is
   resolved; a link to a file elsewhere, a broken link or a loop is refused);
@@ -24,31 +25,26 @@ import json
 import logging
 import re
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from .adapters import (CONFIG_FILE, WEIGHTS_FILE, adapter_config, check_adapter_files, contained_file, max_rank,
+                       read_json_object, read_metadata, recorded_base_model)
 from .console import ArgumentParser, input_read
 from .errors import QempoError
 
 logger = logging.getLogger("qempo_lite")
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-METADATA_FILE = "qempo_lite.json"
 TOKENIZER_CHOICES = ("auto", "upload", "skip")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
-MAX_JSON_BYTES = 10_000_000  # metadata files are small; anything bigger is not ours
 
 PAPER = "Quality-constrained Entropy Maximization Policy Optimization for LLM Diversity"
 ARXIV_ID = "2602.15894"
-# ---------------------------------------------------------------- files inside the adapter
+
+# ---------------------------------------------------------------- the base model
 
 
 def _method_text(method) -> str:
@@ -58,188 +54,6 @@ def _method_text(method) -> str:
         return get_method(method).card_text
     except ValueError:
         return "See the training details below."
-
-
-def contained_file(folder: Path, name: str, root: Path | None = None, label: str | None = None) -> Path | None:
-    """The real file behind ``folder/name`` (None when there is none).
-
-    Refused with QempoError: a symlink whose target leaves ``root`` (default: ``folder``), a
-    broken or looping link, and anything that is not a regular file. Messages name the
-    folder as ``label`` (default: the folder's path).
-    """
-    folder = Path(folder)
-    root = Path(root or folder).resolve()
-    label = label or str(folder)
-    path = folder / name
-    if not path.is_symlink() and not path.exists():
-        return None
-    try:
-        real = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise QempoError(f"{name} in {label} is a broken or looping symlink; replace it with the file itself") from None
-    if not real.is_relative_to(root):
-        where = "the adapter directory" if root == folder.resolve() else "the allowed directories"
-        raise QempoError(f"{name} in {label} is a symlink to a file outside {where}; copy the file in instead of "
-                         f"linking it (nothing outside {where} is read or uploaded)")
-    if not real.is_file():
-        raise QempoError(f"{name} in {label} is not a regular file; replace it with the file itself")
-    return real
-
-
-def read_json_object(path: Path, what: str, fix: str) -> dict:
-    """A small UTF-8 JSON object from ``path``, or a one-line QempoError naming ``what`` and ``fix``."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_JSON_BYTES + 1)
-    except OSError as err:
-        raise QempoError(f"{what} cannot be read ({err.strerror or type(err).__name__}); {fix}") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise QempoError(f"{what} is larger than {MAX_JSON_BYTES:,} bytes; {fix}")
-    try:
-        value = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise QempoError(f"{what} is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); {fix}") from None
-    except json.JSONDecodeError as err:
-        raise QempoError(f"{what} is not valid JSON ({err.msg} at line {err.lineno}); {fix}") from None
-    if not isinstance(value, dict):
-        raise QempoError(f"{what} holds a JSON {type(value).__name__}, not an object; {fix}")
-    return value
-
-
-def check_adapter_dir(adapter_dir: Path, root: Path | None = None, label: str | None = None) -> None:
-    """Refuse anything that is not a safetensors PEFT adapter directory whose files stay inside
-    ``root`` (default: the directory itself; a Hub snapshot passes its repository's cache folder)."""
-    adapter_dir = Path(adapter_dir)
-    label = label or str(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise QempoError(f"{label} is not a directory; pass the output_dir of a training run")
-    if contained_file(adapter_dir, CONFIG_FILE, root, label) is None:
-        raise QempoError(f"{label} has no {CONFIG_FILE}; pass a directory saved by a PEFT adapter")
-    pickled = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickled:
-        raise QempoError(f"{label} holds pickled weights ({', '.join(pickled)}); only safetensors are used: "
-                         "re-save the adapter with save_pretrained(..., safe_serialization=True) and remove them")
-    if contained_file(adapter_dir, WEIGHTS_FILE, root, label) is None:
-        raise QempoError(f"{label} has no {WEIGHTS_FILE}; re-save the adapter with safetensors")
-
-
-def adapter_config(adapter_dir: Path, root: Path | None = None, label: str | None = None) -> dict:
-    label = label or str(adapter_dir)
-    path = contained_file(adapter_dir, CONFIG_FILE, root, label)
-    if path is None:
-        raise QempoError(f"{label} has no {CONFIG_FILE}; pass a directory saved by a PEFT adapter")
-    return read_json_object(path, f"{label}/{CONFIG_FILE}", "re-save the adapter with save_pretrained")
-
-
-# ---------------------------------------------------------------- the weights
-
-
-def safetensors_header(path: Path, what: str) -> dict[str, dict]:
-    """The tensors a safetensors file declares (name -> dtype, shape, data_offsets), checked
-    against the file's size; QempoError when it is not a whole safetensors file."""
-    fix = "re-save the adapter with save_pretrained(..., safe_serialization=True)"
-    size = path.stat().st_size
-    if size < 8:
-        raise QempoError(f"{what} is not a safetensors file ({size} bytes); {fix}")
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise QempoError(f"{what} is not a safetensors file (its header length does not fit the file); {fix}")
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise QempoError(f"{what} is not a safetensors file (its header is not JSON); {fix}") from None
-    if not isinstance(header, dict):
-        raise QempoError(f"{what} is not a safetensors file (its header is not an object); {fix}")
-    header.pop("__metadata__", None)
-    end = 0
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        well_formed = (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                       and 0 <= offsets[0] <= offsets[1] and isinstance(shape, list)
-                       and all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(entry.get("dtype"), str))
-        if not well_formed:
-            raise QempoError(f"{what} is not a safetensors file (tensor {name[:80]!r} is malformed); {fix}")
-        end = max(end, offsets[1])
-    if 8 + length + end != size:
-        raise QempoError(f"{what} is truncated or padded ({size:,} bytes, its header describes {8 + length + end:,}); "
-                         f"{fix}")
-    return header
-
-
-_LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-                  ".lora_magnitude_vector": None, ".lora_magnitude_vector.weight": None}
-
-
-def _targets(module: str, targets: Any) -> bool:
-    """PEFT's matching of ``target_modules``: a regex over the full name, or a list of name suffixes."""
-    if targets in (None, "all-linear"):
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in targets)
-
-
-def _rank(module: str, config: dict) -> int | None:
-    for pattern, rank in (config.get("rank_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
-            return rank
-    return config.get("r")
-
-
-def check_lora_weights(weights: Path, config: dict, what: str) -> list[str]:
-    """Refuse weights that are not LoRA weights of this ``adapter_config.json``; returns the tensor names.
-
-    Checks: the safetensors header parses and matches the file size; at least one LoRA A/B
-    pair; every LoRA module is one of ``target_modules`` and has the configured rank
-    (``r`` or its ``rank_pattern``); any other tensor belongs to ``modules_to_save``.
-    """
-    fix = "pass the directory written by the training run, unmodified"
-    if config.get("peft_type", "LORA") != "LORA":
-        raise QempoError(f"{what} is a {config.get('peft_type')} adapter; only LoRA adapters are pushed")
-    header = safetensors_header(weights, what)
-    kinds: dict[str, set] = {}
-    saved = list(config.get("modules_to_save") or [])
-    for name, entry in header.items():
-        key = name.removeprefix("base_model.model.")
-        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            if not any(f".{m}." in f".{key}" for m in saved) and "trainable_tokens" not in key:
-                raise QempoError(f"{what} holds tensor {name[:120]!r}, which is neither a LoRA weight nor in "
-                                 f"modules_to_save; {fix}")
-            continue
-        module, kind = key[: -len(suffix)], _LORA_SUFFIXES[suffix]
-        if not _targets(module, config.get("target_modules")):
-            raise QempoError(f"{what}: tensor {name[:120]!r} is on {module}, which is not in target_modules "
-                             f"{config.get('target_modules')!r} of {CONFIG_FILE}; {fix}")
-        shape, rank = entry["shape"], _rank(module, config)
-        rank_dim = 0 if kind == "A" else 1  # A: r x in (r x vocab), B: out x r (dim x r)
-        if kind and isinstance(rank, int) and len(shape) == 2 and shape[rank_dim] != rank:
-            raise QempoError(f"{what}: tensor {name[:120]!r} has rank {shape[rank_dim]}, but {CONFIG_FILE} says "
-                             f"r={rank}; {fix}")
-        if kind:
-            kinds.setdefault(module, set()).add(kind)
-    if not any(k == {"A", "B"} for k in kinds.values()):
-        raise QempoError(f"{what} holds no LoRA weights (no lora_A / lora_B pair); {fix}")
-    return list(header)
-
-
-# ---------------------------------------------------------------- metadata
-
-
-def read_metadata(adapter_dir: Path) -> dict:
-    """The run's ``qempo_lite.json`` (method, coefficients, base model, data), or ``{}``."""
-    path = contained_file(adapter_dir, METADATA_FILE)
-    if path is None:
-        return {}
-    return read_json_object(path, f"{adapter_dir}/{METADATA_FILE}", "fix or remove it")
-
-
-def _recorded_base(adapter_dir: Path) -> str | None:
-    base = read_metadata(adapter_dir).get("base_model") or adapter_config(adapter_dir).get("base_model_name_or_path")
-    return base if isinstance(base, str) and base.strip() else None
 
 
 def _is_local_path(value: str, adapter_dir: Path) -> bool:
@@ -257,7 +71,7 @@ def hub_base_model(adapter_dir: Path, base_model_id: str | None = None) -> str:
         if not HUB_ID.match(base_model_id) or ".." in base_model_id:
             raise QempoError(f"--base-model-id {base_model_id!r} is not a Hub model id; pass OWNER/NAME")
         return base_model_id
-    recorded = _recorded_base(adapter_dir)
+    recorded = recorded_base_model(adapter_dir)
     if recorded is None:
         raise QempoError(f"{adapter_dir} records no base model; pass --base-model-id OWNER/NAME (the Hub model it "
                          "was trained on)")
@@ -348,7 +162,7 @@ def _protocol_text(report: dict) -> str | None:
 
 
 def _max_lora_rank(config: dict) -> int:
-    rank = max([int(config.get("r") or 8), *map(int, (config.get("rank_pattern") or {}).values())])
+    rank = max_rank(config)
     return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
 
 
@@ -479,16 +293,13 @@ def stage_upload(adapter_dir: Path, repo_id: str, destination: Path, *, base_mod
     if tokenizer not in TOKENIZER_CHOICES:
         raise QempoError(f"--tokenizer must be one of {', '.join(TOKENIZER_CHOICES)}, not {tokenizer!r}")
     given = Path(adapter_dir)
-    check_adapter_dir(given)
+    config, weights, _ = check_adapter_files(given)
     adapter_dir = given.resolve()
-    config = adapter_config(adapter_dir)
-    weights = contained_file(adapter_dir, WEIGHTS_FILE)
-    check_lora_weights(weights, config, f"{given}/{WEIGHTS_FILE}")
     base = hub_base_model(adapter_dir, base_model_id)
     tokenizer_files = {name: real for name in TOKENIZER_FILES
                        if (real := contained_file(adapter_dir, name)) is not None}
     if tokenizer == "auto":
-        recorded = _recorded_base(adapter_dir)
+        recorded = recorded_base_model(adapter_dir)
         local = [str((folder / recorded).resolve()) for folder in (Path.cwd(), *adapter_dir.parents)
                  if recorded and (folder / recorded).is_dir()][:1]
         upload_tokenizer = tokenizer_changed(tokenizer_files, local + [base])

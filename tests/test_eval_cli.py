@@ -15,8 +15,9 @@ import torch
 
 from qempo_lite.cli import main
 from qempo_lite.errors import QempoError
-from qempo_lite.evaluate import diversity as diversity_module
-from qempo_lite.evaluate.diversity import DiversityScorer, lexical_diversity, split_sentences
+from qempo_lite.evaluate import diversity_models
+from qempo_lite.evaluate.diversity import lexical_diversity, split_sentences
+from qempo_lite.evaluate.metrics import DiversityScorer
 from qempo_lite.evaluate.mtbench import diversity_scores, load_questions
 from qempo_lite.evaluate.report import build_report, load_inputs, markdown
 from qempo_lite.evaluate.sampling import Sample, load_samples, save_samples
@@ -123,7 +124,7 @@ def test_diversity_with_default_options_works_offline_and_names_the_models(monke
     monkeypatch.delenv("QEMPO_ENCODER", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(diversity_module, "_default_choice", {})
+    monkeypatch.setattr(diversity_models, "_default_choice", {})
     texts = ["The cat sat on the mat. It purred.", "Rain fell all night long.", "I like green apples, don't you?"]
     samples = tmp_path / "samples.jsonl"
     save_samples(samples, [Sample(1, "m", i, t, 5) for i, t in enumerate(texts)])

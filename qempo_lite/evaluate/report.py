@@ -32,13 +32,13 @@ from typing import Any
 from qempo_lite.errors import QempoError
 
 from .diversity import PROTOCOL
+from .metrics import AVERAGE, SCORES
 
 logger = logging.getLogger("qempo_lite")
 
 KINDS = ("diversity", "judge", "passk")
-DIVERSITY = ("lexical", "semantic", "syntactic", "average")
-COLUMNS = (("Lexical", "lexical"), ("Semantic", "semantic"), ("Syntactic", "syntactic"), ("Average", "average"),
-           ("Judge", "judge"))
+DIVERSITY = tuple(SCORES)
+COLUMNS = (*((label.capitalize(), key) for key, label in SCORES.items()), ("Judge", "judge"))  # (header, key)
 FILES = {"json": "report.json", "markdown": "report.md", "scatter": "diversity_quality.png", "passk": "passk.png"}
 
 
@@ -125,8 +125,9 @@ def markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
     notes = []
     if report.get("protocol"):
         dtype = f" ({report['encoder_dtype']})" if report.get("encoder_dtype") else ""
-        notes.append(f"Diversity ×100 by Guo et al. (2024)'s protocol (`{report['protocol']}`: lexical, semantic, "
-                     f"syntactic), pooled over all samples of each adapter; parser: spaCy `{report.get('parser')}`, "
+        metrics = ", ".join(label for key, label in SCORES.items() if key != AVERAGE)
+        notes.append(f"Diversity ×100 by Guo et al. (2024)'s protocol (`{report['protocol']}`: {metrics}), "
+                     f"pooled over all samples of each adapter; parser: spaCy `{report.get('parser')}`, "
                      f"sentence encoder: `{report.get('encoder')}`{dtype}.")
     if judge:
         notes.append(f"Judge: `{judge.get('model', '?')}`, MT-Bench single-answer grading (1–10), mean over the "
@@ -142,7 +143,7 @@ def markdown(report: dict[str, Any], figures: Sequence[str] = ()) -> str:
         lines += ["", "## Diversity per question", "",
                   "Mean over the sets of samples answering one question turn (a 16-sample set each in the "
                   "MT-Bench protocol).", ""]
-        lines += _table(["Adapter", "Lexical", "Semantic", "Syntactic", "Average"],
+        lines += _table(["Adapter", *(header for header, key in COLUMNS if key in SCORES)],
                         [[n, *(_cell(pq.get(k)) for k in DIVERSITY)] for n, pq in per_question.items()])
     ks = sorted({int(k) for r in adapters.values() for k in r.get("pass@k", {})})
     if ks:

@@ -16,10 +16,10 @@ the model's ``generation_config``, so they draw from the same distribution. Prom
 strings (one user message) or chats (lists of ``{"role", "content"}`` messages ending with a
 user message, so multi-turn contexts work); the tokenizer's chat template is always applied.
 
-Adapters are checked before anything is loaded: a directory with ``adapter_config.json`` and
-``adapter_model.safetensors`` (pickled weights are never loaded), recorded for this base model
-(``qempo_lite.json``'s ``base_model`` or PEFT's ``base_model_name_or_path``), and with weight
-shapes that fit the base model's modules (hidden size, vocabulary, layer count).
+Adapters are checked before anything is loaded (:func:`qempo_lite.adapters.check_adapter`): a
+safetensors LoRA adapter directory (pickled weights are never loaded), recorded for this base
+model (``qempo_lite.json``'s ``base_model`` or PEFT's ``base_model_name_or_path``), and with
+weight shapes that fit the base model's modules (hidden size, vocabulary, layer count).
 
 Samples are saved as JSONL (:func:`save_samples` / :func:`load_samples`), one line per
 completion, so scoring and judging can be rerun without sampling again.
@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+from qempo_lite.adapters import ANYWHERE, adapter_config, check_adapter, max_rank
 from qempo_lite.errors import QempoError, missing_extra
 from qempo_lite.rollout import process_group_exists, shutdown_vllm, temporary_env
 
@@ -46,8 +47,6 @@ logger = logging.getLogger("qempo_lite")
 BACKENDS = ("auto", "vllm", "hf")
 DEFAULT_MAX_MODEL_LEN = 4096
 ROLES = ("system", "user", "assistant")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-METADATA_FILE = "qempo_lite.json"
 
 Messages = list[dict[str, str]]
 AdapterSpec = Mapping[str, "str | os.PathLike | None"] | Sequence[str] | str
@@ -176,126 +175,7 @@ def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: in
         raise QempoError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 
 
-# ------------------------------------------------------------------------------ adapter checks
-
-
-def _read_json(path: Path, fix: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise QempoError(f"{path} is not readable JSON ({type(err).__name__}); {fix}") from None
-    if not isinstance(data, dict):
-        raise QempoError(f"{path} is not a JSON object; {fix}")
-    return data
-
-
-def recorded_base_model(adapter_dir: Path) -> str | None:
-    """The base model an adapter was trained on: ``qempo_lite.json``'s, else PEFT's record."""
-    config = _read_json(adapter_dir / "adapter_config.json", "re-save the adapter with save_pretrained")
-    meta_path = adapter_dir / METADATA_FILE
-    meta = _read_json(meta_path, "fix or remove it") if meta_path.is_file() else {}
-    base = meta.get("base_model") or config.get("base_model_name_or_path")
-    return str(base) if base else None
-
-
-def same_base_model(recorded: str, base: str) -> bool:
-    """Do two base-model references name the same model?
-
-    Equal strings, the same local directory, or the same final path component (a local copy of
-    a Hub model, ``/models/Llama-3.2-1B`` for ``meta-llama/Llama-3.2-1B``).
-    """
-    a, b = str(recorded).rstrip("/"), str(base).rstrip("/")
-    if a == b:
-        return True
-    if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
-    return Path(a).name.lower() == Path(b).name.lower()
-
-
-def adapter_shape_problems(adapter_dir: Path, base_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Where an adapter's weights do not fit the base model's parameters (empty: they all fit).
-
-    A LoRA on a linear layer W (out × in) has A: r × in and B: out × r; on an embedding
-    E (vocab × dim), A: r × vocab and B: dim × r; a fully saved module (``modules_to_save``)
-    has the base parameter's shape. Only the safetensors header is read.
-    """
-    from safetensors import safe_open
-
-    problems = []
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as weights:
-        for key in weights.keys():
-            shape = tuple(weights.get_slice(key).get_shape())
-            name = key.removeprefix("base_model.model.")
-            for suffix, base_dim, dim, what in ((".lora_A.weight", 1, 1, "input size"),
-                                                (".lora_B.weight", 0, 0, "output size"),
-                                                (".lora_embedding_A", 0, 1, "vocabulary"),
-                                                (".lora_embedding_B", 1, 0, "embedding size")):
-                if name.endswith(suffix):
-                    module = name[: -len(suffix)]
-                    base = base_shapes.get(module + ".weight")
-                    if base is None:
-                        problems.append(f"{module} is not in the base model")
-                    elif len(base) != 2 or len(shape) != 2:
-                        pass  # convolutions and the like: nothing simple to compare
-                    elif base[base_dim] != shape[dim]:
-                        problems.append(f"{module} {what} is {shape[dim]} in the adapter, {base[base_dim]} in the base")
-                    break
-            else:
-                if name in base_shapes and tuple(base_shapes[name]) != shape:
-                    problems.append(f"{name} is {list(shape)} in the adapter, {list(base_shapes[name])} in the base")
-            if len(problems) >= 3:  # enough to make the point
-                break
-    return problems
-
-
-def _tokenizer_problem(adapter_dir: Path, vocab_size: int | None) -> str | None:
-    """A tokenizer saved with the adapter that has more tokens than the base's embedding."""
-    if vocab_size is None or not (adapter_dir / "tokenizer_config.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        size = len(AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False))
-    except Exception:  # noqa: BLE001 - an unreadable tokenizer is the PEFT loader's problem, not a base mismatch
-        return None
-    return f"its tokenizer has {size} tokens, the base's vocabulary {vocab_size}" if size > vocab_size else None
-
-
-def check_adapter(name: str, path: str | os.PathLike, base_model: str, *,
-                  base_shapes: Mapping[str, tuple[int, ...]] | None = None, vocab_size: int | None = None,
-                  allow_base_mismatch: bool = False) -> Path:
-    """Refuse an adapter that cannot be served on ``base_model``; returns its directory.
-
-    Raises QempoError when the directory is not a safetensors PEFT adapter, when it records
-    another base model (unless ``allow_base_mismatch``: then only a warning), and always when
-    its weight shapes do not fit ``base_shapes`` (parameter name -> shape of the base model).
-    """
-    adapter_dir = Path(path).expanduser()
-    if not adapter_dir.is_dir():
-        raise QempoError(f"adapter {name!r}: {adapter_dir} is not a directory; pass the output_dir of a training run")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise QempoError(f"adapter {name!r}: {adapter_dir} has no adapter_config.json; "
-                         "pass a directory saved by a PEFT adapter's save_pretrained")
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise QempoError(f"adapter {name!r}: {adapter_dir} has no {ADAPTER_WEIGHTS} (pickled weights are never "
-                         "loaded); re-save it with save_pretrained(..., safe_serialization=True)")
-    config = _read_json(adapter_dir / "adapter_config.json", "re-save the adapter with save_pretrained")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise QempoError(f"adapter {name!r} is a {config.get('peft_type')} adapter; only LoRA adapters are served")
-    recorded = recorded_base_model(adapter_dir)
-    problems = adapter_shape_problems(adapter_dir, base_shapes) if base_shapes else []
-    token_problem = _tokenizer_problem(adapter_dir, vocab_size)
-    problems += [token_problem] if token_problem else []
-    trained_for = recorded or "another base model"
-    if problems:
-        raise QempoError(f"adapter {name!r} was trained for base {trained_for}, not {base_model}: its weights do not "
-                         f"fit ({'; '.join(problems)}); pass the base model it was trained on")
-    if recorded and not same_base_model(recorded, base_model):
-        if not allow_base_mismatch:
-            raise QempoError(f"adapter {name!r} was trained for base {recorded}, not {base_model}; pass that base "
-                             "model, or allow_base_mismatch (--allow-base-mismatch) if it is a copy of the same model")
-        logger.warning("adapter %r was trained for base %s; serving it on %s as asked", name, recorded, base_model)
-    return adapter_dir
+# ------------------------------------------------------------------------------ the base model's shapes
 
 
 def meta_parameter_shapes(base_model: str) -> tuple[dict[str, tuple[int, ...]], int | None]:
@@ -509,8 +389,7 @@ class Sampler:
         self._adapters[name] = (adapter_dir, handle)
 
     def _adapter_rank(self, name: str, adapter_dir: Path) -> int:
-        config = _read_json(adapter_dir / "adapter_config.json", "re-save the adapter with save_pretrained")
-        rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+        rank = max_rank(adapter_config(adapter_dir, ANYWHERE, f"adapter {name!r} at {adapter_dir}"))
         if self.backend == "vllm" and rank > self.max_lora_rank:
             raise QempoError(f"adapter {name!r} has rank {rank}, above max_lora_rank={self.max_lora_rank}; "
                              f"raise max_lora_rank (--max-lora-rank) to at least {rank}")

@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qempo_lite.adapters import WEIGHTS_FILE
 from qempo_lite.errors import QempoError
 
 logger = logging.getLogger("qempo_lite")
@@ -45,10 +46,8 @@ def sha256_of(path: str | Path) -> str:
 
 
 def _sampling_record(base_model: str, adapter: str | None, questions: Path, args) -> dict[str, Any]:
-    from .sampling import ADAPTER_WEIGHTS
-
     return {"base_model": str(base_model), "adapter": str(Path(adapter).resolve()) if adapter else None,
-            "adapter_weights_sha256": sha256_of(Path(adapter) / ADAPTER_WEIGHTS) if adapter else None,
+            "adapter_weights_sha256": sha256_of(Path(adapter) / WEIGHTS_FILE) if adapter else None,
             "questions_sha256": sha256_of(questions), "limit": args.limit, "n": args.n,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed}
@@ -160,7 +159,7 @@ def judge_stage(args, files: dict[str, Path], out: Path) -> Path | None:
 def run(args) -> int:
     """The four stages; prints the Table 2 rows and where the report is."""
     from .cli import _adapters, _print_table
-    from .report import build_report, load_inputs, write_report
+    from .report import COLUMNS, build_report, load_inputs, write_report
 
     adapters = _adapters(args)
     out = Path(args.output_dir)
@@ -176,9 +175,8 @@ def run(args) -> int:
     if judged is None:
         report["no_judge"] = NO_JUDGE
     written = write_report(report, out)
-    _print_table(["model", "Lexical", "Semantic", "Syntactic", "Average", "Judge"],
-                 [[n, r["lexical"], r["semantic"], r["syntactic"], r["average"], r["judge"]]
-                  for n, r in report["adapters"].items()])
+    _print_table(["model", *(header for header, _ in COLUMNS)],
+                 [[n, *(r[key] for _, key in COLUMNS)] for n, r in report["adapters"].items()])
     for kind, path in written.items():
         print(f"{kind:>8}: {path}")
     return 0
