@@ -175,7 +175,7 @@ def _rewards(names: list[str], task_id: int):
 
 
 def measure(probs, samples: list[list[str]], names: list[str]) -> dict:
-    """Exact entropy and quality of the answer distributions, and the sampled answers' statistics; means over prompts."""
+    """Exact entropy and quality of the answer distributions, and the samples' statistics; means over prompts."""
     from ..evaluate.diversity import lexical_diversity
     from ..theory import entropy
 
@@ -373,7 +373,8 @@ def print_report(report: dict, output: Path) -> None:
                       f"{row['exact_quality']:.3f}", f"{row['predicted_quality']:.3f}", f"{row['distinct']:.2f}")
     console = Console()
     console.print(table)
-    console.print(report["verdict"], markup=False)
-    console.print(f"\nReport: {output / 'report.md'}  Picture: {output / 'distributions.png'}", markup=False)
+    console.print(report["verdict"], markup=False, soft_wrap=True)
+    console.print(f"\nReport: {output / 'report.md'}  Picture: {output / 'distributions.png'}", markup=False,
+                  soft_wrap=True)
     console.print(f"Compare the adapters side by side: qempo-lite app --demo-dir {output}"
-                  "  (needs the app extra: pip install -e '.[app]')", markup=False)
+                  "  (needs the app extra: pip install -e '.[app]')", markup=False, soft_wrap=True)
