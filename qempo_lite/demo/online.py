@@ -14,8 +14,9 @@ likely; with the gate, wrong answers get no entropy term, only the reward's push
 their probability goes to 0 and the gated optimum is uniform over the correct answers.
 
 Reported per policy: ``accuracy`` and ``correct_entropy`` (entropy of the answer distribution
-restricted to the correct answers, renormalised) from the exact distribution; ``distinct_correct`` and ``pass_at_k`` (k = 1…16, the unbiased estimator) from
-samples; and ``predicted_correct_entropy`` from the closed form.
+restricted to the correct answers, renormalised) from the exact distribution;
+``distinct_correct`` and ``pass_at_k`` (k = 1…16, the unbiased estimator) from samples; and
+``predicted_correct_entropy`` from the closed form.
 """
 
 from __future__ import annotations
