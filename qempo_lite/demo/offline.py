@@ -62,7 +62,7 @@ SHOWN_PROMPTS = (0, 2, 4)  # the prompts drawn in distributions.png
 
 @dataclass
 class DemoSettings:
-    """Everything the four trainings share; nothing here depends on the method or the seed."""
+    """Every setting of the four trainings: they share all of it (only the loss differs between them)."""
 
     seed: int = 0
     quick: bool = False
@@ -176,10 +176,9 @@ def _rewards(names: list[str], task_id: int):
 
 def measure(probs, samples: list[list[str]], names: list[str]) -> dict:
     """Exact entropy and quality of the answer distributions, and the samples' statistics; means over prompts."""
-    from ..evaluate.diversity import lexical_diversity
     from ..theory import entropy
 
-    rows = {"exact_entropy": [], "exact_quality": [], "entropy": [], "quality": [], "distinct": [], "lexical": []}
+    rows = {"exact_entropy": [], "exact_quality": [], "entropy": [], "quality": [], "distinct": []}
     for task_id, answers in enumerate(samples):
         p = probs[task_id]
         rows["exact_entropy"].append(float(entropy(p)))
@@ -188,7 +187,6 @@ def measure(probs, samples: list[list[str]], names: list[str]) -> dict:
         rows["entropy"].append(_entropy_of_counts(counts))
         rows["quality"].append(sum(is_valid(task_id, a) for a in answers) / len(answers))
         rows["distinct"].append(len({a for a in answers if is_valid(task_id, a)}))
-        rows["lexical"].append(lexical_diversity([world.answer_label(a) for a in answers]))
     return {key: sum(values) / len(values) for key, values in rows.items()}
 
 
@@ -281,16 +279,17 @@ def report_markdown(report: dict) -> str:
         f"Seed {s['seed']}{' (quick)' if s['quick'] else ''}. {len(TASKS)} prompts; judge: valid beats invalid with "
         f"p = {P_VALID_WINS} (r(valid) − r(invalid) = {REWARD_GAP:.3f}), ties otherwise. Shared settings: "
         f"{s['steps']} steps of {s['batch_size']} rows, lr {s['learning_rate']} ({s['lr_scheduler_type']} decay), "
-        f"LoRA r {s['lora_r']}; coefficients {json.dumps(METHODS)}.",
+        f"LoRA r {s['lora_r']}; coefficients " + "; ".join(
+            f"{m} " + ", ".join(f"{k} = {v:.4g}" for k, v in c.items()) for m, c in METHODS.items()) + ".",
         "",
         "| policy | exact entropy | Table 1 entropy | exact quality | Table 1 quality | sampled entropy |"
-        " sampled quality | distinct valid | lexical |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " sampled quality | distinct valid (sampled) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in report["methods"].items():
         lines.append(f"| {name} | {row['exact_entropy']:.3f} | {row['predicted_entropy']:.3f} | "
                      f"{row['exact_quality']:.3f} | {row['predicted_quality']:.3f} | {row['entropy']:.3f} | "
-                     f"{row['quality']:.3f} | {row['distinct']:.2f} | {row['lexical']:.1f} |")
+                     f"{row['quality']:.3f} | {row['distinct']:.2f} |")
     lines += [
         "",
         "Exact columns: the policy's own probability of every possible answer (each answer is one token of the "
@@ -306,12 +305,18 @@ def report_markdown(report: dict) -> str:
 
 def run_demo(output: Path, *, seed: int = 0, quick: bool = False, log=print) -> dict:
     """Run the offline demo; write ``report.md``, ``report.json``, ``distributions.png``, the reference
-    (``base/``) and the adapters (``adapters/<method>/``) under ``output``."""
+    (``base/``) and the adapters (``adapters/<method>/``) under ``output``; return the report."""
     import torch
 
     settings = DemoSettings.make(seed, quick)
     output.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # a model this small is dominated by per-op overhead
+    with world.quiet_progress():
+        return _run(output, settings, log)
+
+
+def _run(output: Path, settings: DemoSettings, log) -> dict:
+    seed, quick = settings.seed, settings.quick
     base = world.build_reference(output, prompts=prompts(), words=_vocabulary(), target=_reference_target, seed=seed,
                                  log=log)
     reference = world.load_policy(base)
@@ -323,8 +328,7 @@ def run_demo(output: Path, *, seed: int = 0, quick: bool = False, log=print) -> 
     samples = {"reference": world.sample_answers(reference, tokenizer, prompts(), settings.samples_per_prompt, seed)}
     for method in METHODS:
         log(f"training the {method} adapter ({settings.steps} steps)")
-        with world.quiet_progress():
-            adapter = train_adapter(method, base, rows, output / "adapters" / method, settings)
+        adapter = train_adapter(method, base, rows, output / "adapters" / method, settings)
         policy = world.load_policy(base, adapter)
         exact[method] = world.answer_distribution(policy, tokenizer, prompts())
         predicted[method] = predict(exact["reference"], names, method)

@@ -51,7 +51,7 @@ SHOWN_PROMPTS = (0, 1, 3)
 
 @dataclass
 class OnlineSettings:
-    """Everything both trainings share; nothing here depends on the method or the seed."""
+    """Every setting of the two trainings: they share all of it (only the loss differs between them)."""
 
     seed: int = 0
     quick: bool = False
@@ -253,12 +253,18 @@ def write_plots(exact: dict, predicted: dict, methods: dict, names: list[str], o
 
 def run_online_demo(output: Path, *, seed: int = 0, quick: bool = False, rollout: str = "hf", log=print) -> dict:
     """Run the online demo; write ``report.md``, ``report.json``, ``distributions.png``, ``pass_at_k.png``,
-    the reference (``base/``) and the adapters (``adapters/<method>/``) under ``output``."""
+    the reference (``base/``) and the adapters (``adapters/<method>/``) under ``output``; return the report."""
     import torch
 
     settings = OnlineSettings.make(seed, quick, rollout)
     output.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # a model this small is dominated by per-op overhead
+    with world.quiet_progress():
+        return _run(output, settings, log)
+
+
+def _run(output: Path, settings: OnlineSettings, log) -> dict:
+    seed, quick, rollout = settings.seed, settings.quick, settings.rollout
     base = world.build_reference(output, prompts=prompts(), words=world.words_of(prompts(), NUMBERS),
                                  target=_reference_target, seed=seed, log=log)
     engine = _shared_engine(base, settings) if rollout == "vllm" else None
@@ -272,8 +278,7 @@ def run_online_demo(output: Path, *, seed: int = 0, quick: bool = False, rollout
                                                      seed)}
         for method in METHODS:
             log(f"training the {method} adapter online ({settings.steps} steps, {settings.rollout} rollouts)")
-            with world.quiet_progress():
-                adapter = train_adapter(method, base, output / "adapters" / method, settings, engine)
+            adapter = train_adapter(method, base, output / "adapters" / method, settings, engine)
             policy = world.load_policy(base, adapter)
             exact[method] = world.answer_distribution(policy, tokenizer, prompts())
             predicted[method] = predict(exact["reference"], names, method)
@@ -294,7 +299,11 @@ def run_online_demo(output: Path, *, seed: int = 0, quick: bool = False, rollout
 
 def _shared_engine(base: Path, settings: OnlineSettings):
     """One vLLM engine serving the reference, shared by both trainings (each syncs its adapter to it)."""
+    import os
+
     from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engine's start-up report would bury the demo's
 
     from ..rollout import VLLMLoRARollout
 

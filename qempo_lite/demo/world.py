@@ -82,10 +82,6 @@ def token_names(tokenizer) -> list[str]:
     return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
 
-def answer_label(name: str) -> str:
-    return "(empty)" if name == END else name
-
-
 def _padded(rows: list[list[int]], pad_id: int):
     import torch
 
@@ -220,12 +216,16 @@ def draw_distribution(ax, labels: list[str], measured: Sequence[float], predicte
 
 @contextlib.contextmanager
 def quiet_progress():
-    """Without the tqdm bars of TRL's dataset and reference passes; the demo reports its own progress."""
+    """Without the progress bars of model loading and of TRL's dataset and reference passes; the demo
+    reports its own progress."""
     import datasets
+    from transformers.utils import logging as hf_logging
 
-    previous, bars = os.environ.get("TQDM_DISABLE"), datasets.is_progress_bar_enabled()
+    previous, bars, hf_bars = os.environ.get("TQDM_DISABLE"), datasets.is_progress_bar_enabled(), \
+        hf_logging.is_progress_bar_enabled()
     os.environ["TQDM_DISABLE"] = "1"
     datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
@@ -235,6 +235,8 @@ def quiet_progress():
             os.environ["TQDM_DISABLE"] = previous
         if bars:
             datasets.enable_progress_bars()
+        if hf_bars:
+            hf_logging.enable_progress_bar()
 
 
 def silence_printer(trainer) -> None:
