@@ -16,7 +16,7 @@ from .errors import QempoError
 from .methods import method_names
 
 COMMANDS = {
-    ("demo",): ("qempo_lite.demo", "offline CPU demo: QEMPO vs DPO on a task with many valid answers"),
+    ("demo",): ("qempo_lite.demo", "CPU demos: the Table 1 optima offline (--online: qempo vs gvpo)"),
     ("train", "offline"): ("qempo_lite.offline",
                            f"train an adapter on preference pairs ({', '.join(method_names('offline'))})"),
     ("train", "online"): ("qempo_lite.online",
