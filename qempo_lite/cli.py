@@ -18,6 +18,7 @@ COMMANDS = {
     ("demo",): ("qempo_lite.demo", "offline CPU demo: QEMPO vs DPO on a task with many valid answers"),
     ("train", "offline"): ("qempo_lite.offline", "train an adapter on preference pairs (qempo, qempo_kl, dpo, spl)"),
     ("train", "online"): ("qempo_lite.online", "train an adapter online with verifiable rewards (qempo, qempo_kl, gvpo)"),
+    ("serve",): ("qempo_lite.serve", "start a vLLM server for rollout: vllm_server (adapters loaded at run time)"),
     ("eval",): ("qempo_lite.evaluate.cli", "sample, diversity, judge, passk, report"),
     ("push",): ("qempo_lite.hub", "push an adapter with its model card to the Hugging Face Hub"),
     ("app",): ("qempo_lite.app_launcher", "open the Gradio app comparing adapters side by side"),

@@ -268,7 +268,10 @@ class QEMPOTrainer(DPOTrainer):
         directory is what gets pushed and loaded elsewhere, so it stays pickle-free; checkpoints
         (``_internal_call``) keep theirs, which ``resume_from_checkpoint`` reads.
         """
-        super().save_model(output_dir, _internal_call=_internal_call)
+        from .distributed import save_sharded_adapter
+
+        if not save_sharded_adapter(self, output_dir):  # ZeRO-3 / FSDP: the LoRA tensors gathered first
+            super().save_model(output_dir, _internal_call=_internal_call)
         if _internal_call or not self.args.should_save:
             return
         output_dir = Path(output_dir or self.args.output_dir)
@@ -521,8 +524,13 @@ def take_over_hub_push(config) -> str | None:
 
 
 def push_finished_adapter(config, repo_id: str | None) -> None:
-    """Push ``config.output_dir`` (adapter, tokenizer if changed, card) when :func:`take_over_hub_push` said so."""
-    if repo_id:
+    """Push ``config.output_dir`` (adapter, tokenizer if changed, card) when :func:`take_over_hub_push` said so.
+
+    With several processes only the main one pushes.
+    """
+    from accelerate import PartialState
+
+    if repo_id and PartialState().is_main_process:
         from .hub import push_adapter
 
         print(f"pushed to {push_adapter(config.output_dir, repo_id, private=bool(config.hub_private_repo))}")
@@ -666,16 +674,17 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
         eval_data["dropped_for_length"] = dropped.get("eval", 0)
     use_rich_progress(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer
+    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer; every process (sharded models gather)
     trainer.save_state()
-    write_run_metadata(
-        config.output_dir, config, base_model=model_args.model_name_or_path,
-        quantization=model_args.quantization, lora=lora_metadata(model_args, config),
-        data={"dataset": run_args.dataset, "split": split, "rows": len(train) - dropped.get("train", 0),
-              "skipped": report.skipped, "dropped_for_length": dropped.get("train", 0), "eval": eval_data},
-        steps=trainer.state.global_step,
-    )
-    push_finished_adapter(config, repo_id)
+    if trainer.accelerator.is_main_process:
+        write_run_metadata(
+            config.output_dir, config, base_model=model_args.model_name_or_path,
+            quantization=model_args.quantization, lora=lora_metadata(model_args, config),
+            data={"dataset": run_args.dataset, "split": split, "rows": len(train) - dropped.get("train", 0),
+                  "skipped": report.skipped, "dropped_for_length": dropped.get("train", 0), "eval": eval_data},
+            steps=trainer.state.global_step,
+        )
+    push_finished_adapter(config, repo_id)  # the main process only
     return Path(config.output_dir)
 
 
