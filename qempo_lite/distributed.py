@@ -84,8 +84,10 @@ def gathered_adapter_state(model, adapter_name: str | None = None) -> dict[str, 
     if fsdp1:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        # Every parameter is materialised for the block (FSDP1 flattens them together), on the CPU.
-        context = FSDP.summon_full_params(fsdp1[0], writeback=False, offload_to_cpu=True)
+        # Every parameter is materialised for the block (FSDP1 flattens them together): FSDP2, the recipes'
+        # choice, gathers the LoRA tensors alone. On a GPU the full parameters are offloaded to the CPU.
+        on_gpu = next(fsdp1[0].parameters()).device.type != "cpu"
+        context = FSDP.summon_full_params(fsdp1[0], writeback=False, offload_to_cpu=on_gpu)
     else:
         context = contextlib.nullcontext()
     with context:

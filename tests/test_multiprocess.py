@@ -1,0 +1,98 @@
+"""Two processes train what one process trains, at the same global batch (torchrun, gloo, CPU).
+
+``accelerate launch --num_processes 2 --cpu`` needs ``mpirun`` (without it, it quietly starts one
+process); ``torchrun`` starts two gloo processes that accelerate picks up, as ``accelerate
+launch`` does on GPUs. One torchrun launch runs every case of ``tests/multiprocess_runs.py``; the
+one-process runs happen in this process. Plain SGD, so equal gradients give equal adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "tests" / "multiprocess_runs.py"
+TRAINING_CASES = ("offline", "online_whole", "online_split")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two-processes")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(RUNS), str(tiny_model_dir), str(out), *TRAINING_CASES, "gather"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory) -> Path:
+    sys.path.insert(0, str(RUNS.parent))
+    try:
+        import multiprocess_runs
+    finally:
+        sys.path.remove(str(RUNS.parent))
+    out = tmp_path_factory.mktemp("one-process")
+    multiprocess_runs.main([str(tiny_model_dir), str(out), *TRAINING_CASES])
+    return out
+
+
+def _compare(one: Path, two: Path) -> tuple[float, float]:
+    from safetensors.torch import load_file
+
+    losses_one, losses_two = (json.loads((d / "losses.json").read_text()) for d in (one, two))
+    assert len(losses_one) == len(losses_two) == 3
+    adapter_one, adapter_two = (load_file(str(d / "adapter.safetensors")) for d in (one, two))
+    assert sorted(adapter_one) == sorted(adapter_two) and adapter_one
+    # The adapter really moved (LoRA B starts at zero), so equality is not that of two untouched adapters.
+    assert max(v.abs().max().item() for k, v in adapter_one.items() if "lora_B" in k) > 1e-3
+    loss_gap = max(abs(a - b) for a, b in zip(losses_one, losses_two))
+    adapter_gap = max((adapter_one[k] - adapter_two[k]).abs().max().item() for k in adapter_one)
+    return loss_gap, adapter_gap
+
+
+@pytest.mark.parametrize("case", TRAINING_CASES)
+def test_two_processes_train_what_one_process_trains(one_process, two_processes, case):
+    loss_gap, adapter_gap = _compare(one_process / case, two_processes / case)
+    assert loss_gap <= 1e-6, f"{case}: losses differ by {loss_gap:.2e}"
+    assert adapter_gap <= 1e-5, f"{case}: adapters differ by {adapter_gap:.2e}"
+
+
+def test_only_the_main_process_writes_metadata_and_pushes(one_process, two_processes):
+    for out in (one_process, two_processes):
+        calls = [json.loads(line) for line in (out / "offline" / "calls.jsonl").read_text().splitlines()]
+        assert calls == [{"call": "metadata", "rank": 0}, {"call": "push", "rank": 0}]
+        metadata = json.loads((out / "offline" / "run" / "qempo_lite.json").read_text())
+        assert metadata["steps"] == 3 and metadata["method"] == "dpo"
+
+
+def test_fsdp_sharded_adapters_are_gathered_whole(two_processes):
+    from safetensors.torch import load_file
+
+    for rank in (0, 1):
+        report = json.loads((two_processes / "gather" / f"gather-rank{rank}.json").read_text())
+        for kind in ("fsdp2", "fsdp1"):
+            assert report[kind]["sharded"] and report[kind]["same_keys"], (rank, kind, report)
+            assert report[kind]["max_abs_diff"] == 0.0, (rank, kind, report)
+        # Each process held half of every LoRA tensor (FSDP2), or half of all parameters (FSDP1).
+        assert report["fsdp2"]["local_numel"] * 2 == report["fsdp2"]["full_numel"]
+        assert report["fsdp1"]["local_numel_all"] * 2 == report["fsdp1"]["full_numel_all"]
+    saved = load_file(str(two_processes / "gather" / "fsdp2-adapter" / "adapter_model.safetensors"))
+    assert len(saved) == report["keys"] and all(torch.isfinite(v).all() for v in saved.values())
+    assert (two_processes / "gather" / "fsdp2-adapter" / "adapter_config.json").is_file()
