@@ -723,8 +723,12 @@ class VLLMServerRollout:
         self._next_id += 1
         previous, self._current = self._current, (name, path)
         if previous is not None:
-            self._unload(previous[0])
-            shutil.rmtree(previous[1], ignore_errors=True)
+            try:
+                self._unload(previous[0])
+            except QempoError as err:  # the new adapter is served; an old one left on the server is harmless
+                logger.warning("could not unload adapter %s: %s", previous[0], err)
+            finally:
+                shutil.rmtree(previous[1], ignore_errors=True)
         return SyncInfo(lora_id=lora_id, nbytes=_directory_bytes(path), seconds=time.perf_counter() - start,
                         path=str(path))
 

