@@ -16,6 +16,7 @@ each step) and ``adapter.safetensors`` (the final LoRA tensors).
   with transformers sampling, seeded per step, so one and two processes draw the same samples.
 * ``online_server``: ``online_split`` with ``rollout: vllm_server``, the server at
   ``$QEMPO_TEST_SERVER_URL`` (tests/test_vllm_server.py starts it).
+* ``refusals``: what two processes refuse (``rollout: vllm``), one message per process.
 * ``gather``: the LoRA tensors of a model sharded by FSDP2 (``fully_shard``) and by FSDP1
   gathered by :func:`qempo_lite.distributed.gathered_adapter_state`; every process compares them
   with the unsharded model's and writes ``gather-rank{R}.json``.
@@ -145,6 +146,30 @@ def case_online(model_dir: str, out: Path, k: int, server_url: str | None = None
     _write_adapter(out, trainer.model_wrapped)
 
 
+def case_refusals(model_dir: str, out: Path) -> None:
+    """What several processes refuse: the in-process vLLM engine (one per process would collide)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qempo_lite.errors import QempoError
+    from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
+
+    args = QEMPOOnlineConfig(output_dir=str(out / "run"), rollout="vllm", num_generations=2,
+                             per_device_train_batch_size=2, max_steps=1, bf16=False, use_cpu=True, report_to=[])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    try:
+        QEMPOOnlineTrainer(model, reward_funcs=contains_e, args=args,
+                           train_dataset=Dataset.from_dict({"prompt": ["Name a colour."] * 4}),
+                           processing_class=AutoTokenizer.from_pretrained(model_dir),
+                           peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        message = None
+    except QempoError as err:
+        message = str(err)
+    (out / f"refusal-rank{world()[0]}.json").write_text(json.dumps({"rollout: vllm": message}))
+
+
 def case_gather(model_dir: str, out: Path) -> None:
     """FSDP2 and FSDP1 shard a LoRA model; the gathered adapter equals the unsharded one."""
     import torch
@@ -219,6 +244,8 @@ def main(argv: list[str]) -> None:
             case_online(model_dir, out, k=4, server_url=os.environ["QEMPO_TEST_SERVER_URL"])
         elif case == "gather":
             case_gather(model_dir, out)
+        elif case == "refusals":
+            case_refusals(model_dir, out)
         else:
             raise SystemExit(f"unknown case {case}")
 

@@ -35,7 +35,7 @@ def two_processes(tiny_model_dir, tmp_path_factory) -> Path:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(RUNS), str(tiny_model_dir), str(out), *TRAINING_CASES, "gather"]
+               "--master_port", str(_free_port()), str(RUNS), str(tiny_model_dir), str(out), *TRAINING_CASES, "refusals", "gather"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return out
@@ -96,3 +96,10 @@ def test_fsdp_sharded_adapters_are_gathered_whole(two_processes):
     saved = load_file(str(two_processes / "gather" / "fsdp2-adapter" / "adapter_model.safetensors"))
     assert len(saved) == report["keys"] and all(torch.isfinite(v).all() for v in saved.values())
     assert (two_processes / "gather" / "fsdp2-adapter" / "adapter_config.json").is_file()
+
+
+def test_two_processes_refuse_the_in_process_vllm_engine_and_name_the_server(two_processes):
+    for rank in (0, 1):  # every process stops with the same one-line message, none is left waiting
+        message = json.loads((two_processes / "refusals" / f"refusal-rank{rank}.json").read_text())["rollout: vllm"]
+        assert message and "\n" not in message
+        assert "supports one training process, found 2" in message and "rollout: vllm_server" in message
