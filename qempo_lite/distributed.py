@@ -57,6 +57,16 @@ def _is_dtensor(tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def sharded_launch() -> str | None:
+    """The parameter sharding ``accelerate launch`` set up for this process ("FSDP", "DeepSpeed ZeRO-3") or None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 def active_adapter_name(peft_model) -> str:
     active = peft_model.active_adapter
     return active[0] if isinstance(active, (list, tuple)) else active
@@ -155,4 +165,5 @@ def save_sharded_adapter(trainer, output_dir: str | None) -> bool:
     return True
 
 
-__all__ = ["active_adapter_name", "gathered_adapter_state", "is_sharded", "save_adapter", "save_sharded_adapter"]
+__all__ = ["active_adapter_name", "gathered_adapter_state", "is_sharded", "save_adapter", "save_sharded_adapter",
+           "sharded_launch"]

@@ -540,7 +540,8 @@ def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | Non
     """Why the checkpoint folder ``path`` cannot be resumed from (a save cut short), or None if it is complete.
 
     Complete means: ``trainer_state.json`` parses, the weights' safetensors header parses, and
-    (unless ``save_only_model``) the optimizer and scheduler states are readable archives.
+    (unless ``save_only_model``) the optimizer and scheduler states are readable archives (under
+    DeepSpeed, its optimizer states are present; under FSDP, its sharded ones are complete).
     """
     import zipfile
 
@@ -567,7 +568,17 @@ def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | Non
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return f"{file.name} is unreadable"
     if needs_optimizer:
-        for name in ("optimizer.pt", "scheduler.pt"):
+        # DeepSpeed keeps the optimizer (and its scheduler) in the folder that `latest` names; FSDP writes
+        # optimizer.bin, or a sharded optimizer_0/ folder (torch.distributed.checkpoint, .metadata last).
+        if (path / "latest").is_file():
+            tag = (path / "latest").read_text(encoding="utf-8", errors="replace").strip()
+            found = tag and any((path / tag).glob("*optim_states.pt"))
+            return None if found else "the DeepSpeed optimizer states are missing"
+        if (path / "optimizer_0").is_dir() and not (path / "optimizer_0" / ".metadata").is_file():
+            return "optimizer_0 (sharded optimizer states) is incomplete"
+        optimizer = [] if (path / "optimizer_0").is_dir() else ["optimizer.bin" if (path / "optimizer.bin").exists()
+                                                                 else "optimizer.pt"]
+        for name in (*optimizer, "scheduler.pt"):
             file = path / name
             try:
                 with zipfile.ZipFile(file) as archive:

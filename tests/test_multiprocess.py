@@ -103,3 +103,51 @@ def test_two_processes_refuse_the_in_process_vllm_engine_and_name_the_server(two
         message = json.loads((two_processes / "refusals" / f"refusal-rank{rank}.json").read_text())["rollout: vllm"]
         assert message and "\n" not in message
         assert "supports one training process, found 2" in message and "rollout: vllm_server" in message
+
+
+# ------------------------------------------------------------------ set-ups of accelerate launch, without GPUs
+
+
+@pytest.mark.parametrize("env, sharding", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+])
+def test_qlora_is_refused_where_the_base_would_be_sharded(monkeypatch, tiny_model_dir, env, sharding):
+    from qempo_lite.errors import QempoError
+    from qempo_lite.models import load_policy
+
+    for key, value in env.items():  # what accelerate launch exports with recipes/accelerate/fsdp.yaml, zero3
+        monkeypatch.setenv(key, value)
+    with pytest.raises(QempoError, match=f"{sharding} cannot shard; launch with recipes/accelerate/ddp.yaml") as err:
+        load_policy(str(tiny_model_dir), quantization="4bit")
+    assert "\n" not in str(err.value)
+
+
+def _checkpoint(path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    save_file({"base_model.model.lora_A.weight": torch.zeros(2, 2)}, str(path / "adapter_model.safetensors"))
+    return path
+
+
+def test_resume_reads_deepspeed_and_fsdp_checkpoints(tmp_path):
+    """The layouts Trainer writes under DeepSpeed (`latest` + global_stepN/) and FSDP (sharded optimizer_0/)."""
+    from qempo_lite.offline import checkpoint_problem
+
+    deepspeed = _checkpoint(tmp_path / "deepspeed")
+    (deepspeed / "latest").write_text("global_step2")
+    (deepspeed / "global_step2").mkdir()
+    assert checkpoint_problem(deepspeed) == "the DeepSpeed optimizer states are missing"
+    torch.save({"state": 1}, deepspeed / "global_step2" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert checkpoint_problem(deepspeed) is None
+
+    fsdp = _checkpoint(tmp_path / "fsdp")
+    (fsdp / "optimizer_0").mkdir()
+    torch.save({}, fsdp / "scheduler.pt")
+    assert checkpoint_problem(fsdp) == "optimizer_0 (sharded optimizer states) is incomplete"
+    (fsdp / "optimizer_0" / ".metadata").write_bytes(b"written last by torch.distributed.checkpoint")
+    assert checkpoint_problem(fsdp) is None
+    (fsdp / "scheduler.pt").unlink()
+    assert checkpoint_problem(fsdp) == "scheduler.pt is missing or unreadable"
