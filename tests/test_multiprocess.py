@@ -151,3 +151,51 @@ def test_resume_reads_deepspeed_and_fsdp_checkpoints(tmp_path):
     assert checkpoint_problem(fsdp) is None
     (fsdp / "scheduler.pt").unlink()
     assert checkpoint_problem(fsdp) == "scheduler.pt is missing or unreadable"
+
+
+def _readme_launches() -> list[list[str]]:
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Scaling out"):text.index("## Methods")]
+    return [shlex.split(line) for line in section.splitlines() if "accelerate launch --config_file" in line]
+
+
+def test_readme_launch_commands_keep_the_recipes_global_batch():
+    """Every `accelerate launch` of the README names existing files, valid keys, and the recipe's global batch."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from qempo_lite import offline, online
+    from qempo_lite.recipe import parse_recipe
+
+    launches = _readme_launches()
+    assert len(launches) >= 4
+    for args in launches:
+        config_file = ROOT / args[args.index("--config_file") + 1]
+        assert load_config_from_file(str(config_file)).distributed_type.value in ("MULTI_GPU", "DEEPSPEED", "FSDP")
+        processes = int(args[args.index("--num_processes") + 1])
+        mode = args[args.index("train") + 1]
+        rest = args[args.index("train") + 2:]
+        recipe = ["--config", str(ROOT / rest[rest.index("--config") + 1])]
+        types = offline._CONFIG_TYPES if mode == "offline" else online._config_types()
+        cpu = ["--bf16", "false", "--use_cpu", "true"]  # the recipes are written for GPUs; these only parse them
+        scaled = parse_recipe([*recipe, *rest[2:], *cpu], types, help_hint="")[0]
+        alone = parse_recipe([*recipe, *cpu], types, help_hint="")[0]
+        assert (scaled.per_device_train_batch_size * processes * scaled.gradient_accumulation_steps
+                == alone.per_device_train_batch_size * alone.gradient_accumulation_steps), args
+        if mode == "online":
+            assert scaled.per_device_train_batch_size * processes * scaled.gradient_accumulation_steps \
+                % scaled.num_generations == 0
+
+
+def test_accelerate_configs_are_what_the_readme_says():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {name: load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
+               for name in ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")}
+    assert configs["ddp"].distributed_type.value == "MULTI_GPU"
+    assert configs["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
+    assert configs["deepspeed_zero3"].deepspeed_config["zero_stage"] == 3
+    assert configs["fsdp"].fsdp_config["fsdp_version"] == 2
+    assert configs["fsdp"].fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    assert all(c.mixed_precision == "bf16" and not c.use_cpu for c in configs.values())
