@@ -5,10 +5,15 @@
 GRPO's data pipeline, reward calling, batching and logging, and replaces three things:
 
 1. **Generation** (``_generate_single_turn``) goes through a rollout engine of
-   :mod:`qempo_lite.rollout`: ``rollout="hf"`` (``model.generate``) or ``rollout="vllm"``
-   (vLLM serving the adapter natively; the adapter alone is synced after each optimizer
-   step, never merged, so a 4-bit QLoRA base works). TRL's ``use_vllm`` path is refused: it
-   merges the adapter and pushes every weight.
+   :mod:`qempo_lite.rollout`: ``rollout="hf"`` (``model.generate``, each process its own rows),
+   ``rollout="vllm"`` (an in-process vLLM engine serving the adapter natively; one training
+   process) or ``rollout="vllm_server"`` (a vLLM server started separately, for any number of
+   processes: the main process sends every process's prompts, whole groups with one seed each,
+   and each process keeps its slice). The adapter alone is synced after each optimizer step,
+   gathered first when ZeRO-3 / FSDP shard it, never merged, so a 4-bit QLoRA base works.
+   TRL's ``use_vllm`` path is refused: it merges the adapter and pushes every weight. When the
+   server stays down past its retries, every process saves a checkpoint of the last completed
+   step and the run stops with one line (``--resume`` continues).
 2. **Scoring** (``_generate_and_score_completions``): where GRPO computes advantages, the
    weights of :func:`qempo_lite.losses.online_weights` are computed once per group, from the
    rewards, the summed log-probs ℓ of the completions under the policy at rollout time, and
@@ -83,7 +88,11 @@ class QEMPOOnlineConfig(GRPOConfig):
     vLLM settings reuse GRPOConfig's names where they exist (``vllm_gpu_memory_utilization``,
     ``vllm_enable_sleep_mode``, ``vllm_max_model_length``) and add ``vllm_max_lora_rank``,
     ``vllm_dtype`` and ``vllm_quantization`` (``"bitsandbytes"`` serves a 4-bit base to match
-    a QLoRA run). They apply when ``rollout="vllm"``.
+    a QLoRA run). They apply when ``rollout="vllm"``. ``rollout="vllm_server"`` reads
+    ``vllm_server_url``, ``vllm_server_adapter_dir``, ``vllm_server_retries`` and
+    ``vllm_server_request_timeout`` instead; the server's own options (rank, memory, context,
+    quantization) are given to ``qempo-lite serve``. TRL's server settings (``vllm_mode``,
+    ``vllm_server_base_url``, ...) belong to its merging path and are refused.
     """
 
     loss_method: str = field(default="qempo", metadata={"help": "qempo (Eq. 9), qempo_kl (Eq. 8) or gvpo."})
@@ -635,7 +644,8 @@ def usage() -> str:
 
     objective = ("loss_method", "beta", "beta1", "beta2", "gate", "advantage", "correct_threshold", "rollout",
                  "vllm_max_lora_rank", "vllm_dtype", "vllm_quantization", "vllm_gpu_memory_utilization",
-                 "vllm_enable_sleep_mode", "vllm_max_model_length")
+                 "vllm_enable_sleep_mode", "vllm_max_model_length", "vllm_server_url", "vllm_server_adapter_dir",
+                 "vllm_server_retries", "vllm_server_request_timeout")
     lines = [
         "usage: qempo-lite train online --config RECIPE.yaml [--key value ...] [--resume]",
         "",

@@ -1,7 +1,8 @@
 """Rollout engines: sample k completions per prompt from the policy being trained.
 
-Two engines share one interface, ``generate(prompts, *, n, ...) -> list[list[Completion]]``
-(one inner list of ``n`` completions per prompt) and ``sync(peft_model)``:
+Three engines share one interface, ``generate(prompts, *, n, ..., seed) -> list[list[Completion]]``
+(one inner list of ``n`` completions per prompt) and ``sync(peft_model, state_dict=None)``
+(``state_dict``: the adapter's LoRA tensors gathered from a ZeRO-3 / FSDP-sharded model):
 
 * :class:`HFRollout` samples with ``model.generate`` from the live (PEFT) model; ``sync`` has
   nothing to do. It works everywhere and is the reference the vLLM engine is tested against.
@@ -10,7 +11,12 @@ Two engines share one interface, ``generate(prompts, *, n, ...) -> list[list[Com
   (``save_pretrained``, safetensors) to a temporary directory and serves it under a fresh
   LoRA id: nothing is merged, so the base may be 4-bit (QLoRA) on the training side, and a
   sync moves megabytes, not the whole model. TRL's own vLLM path merges the adapter and pushes
-  every weight, which breaks on 4-bit bases.
+  every weight, which breaks on 4-bit bases. It runs in the training process: one process only.
+* :class:`VLLMServerRollout` does the same through a vLLM OpenAI-compatible server started
+  separately (``qempo-lite serve``): ``sync`` writes the adapter to a directory the server reads
+  and loads it over HTTP (``/v1/load_lora_adapter``), ``generate`` sends ``/v1/completions``
+  requests with per-request seeds. The trainer calls it from the main process for every process
+  (``serves_all_processes``), so any number of training processes share one server.
 
 A prompt is a string, a chat (a list of ``{"role", "content"}`` messages: the tokenizer's chat
 template is applied with the generation prompt), or a list of token ids (used as is).
@@ -361,6 +367,9 @@ class VLLMLoRARollout:
     def __init__(self, base_model, *, max_lora_rank: int = 64, max_model_len: int = 2048,
                  gpu_memory_utilization: float = 0.3, dtype: str = "auto", enable_sleep_mode: bool = False,
                  quantization: str | None = None, seed: int = 0, tokenizer=None, **engine_kwargs: Any):
+        # vLLM exports variables for the workers it would spawn (VLLM_*, LOCAL_WORLD_SIZE, LD_LIBRARY_PATH, ...);
+        # close() puts the environment back, so that later subprocesses (a vLLM server, torchrun) start clean.
+        self._environ = dict(os.environ)
         LLM, self._SamplingParams, self._TokensPrompt, self._LoRARequest = _import_vllm()
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -532,6 +541,11 @@ class VLLMLoRARollout:
             self._drop_current()
         shutdown_vllm(self.llm, owns_process_group=getattr(self, "_owns_process_group", True))
         self.llm = None
+        saved = getattr(self, "_environ", None)
+        if saved is not None:
+            for key in set(os.environ) - set(saved):
+                os.environ.pop(key, None)
+            os.environ.update(saved)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -46,7 +46,9 @@ def server(tiny_model_dir, tmp_path_factory):
     """``qempo-lite serve`` on the tiny Llama (fp32, CPU), on a free loopback port; its URL."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    # Not what an in-process engine of an earlier test may have left behind (VLLM_ENABLE_V1_MULTIPROCESSING=0, ...).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_") and k != "LOCAL_WORLD_SIZE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, "-m", "qempo_lite.cli", "serve", str(tiny_model_dir), "--max-lora-rank",
                str(MAX_LORA_RANK), "--port", str(port), "--", "--dtype", "float32", "--max-model-len", "256",
                "--gpu-memory-utilization", "0.2"]
