@@ -114,6 +114,9 @@ def gathered_adapter_state(model, adapter_name: str | None = None) -> dict[str, 
             for name, p in params:
                 tensor = p.detach()
                 if _is_dtensor(tensor):
+                    mesh_device = tensor.device_mesh.device_type
+                    if tensor.device.type != mesh_device:  # fsdp_offload_params: the all-gather runs on the GPU
+                        tensor = tensor.to(mesh_device)
                     tensor = tensor.full_tensor()
                 state[name] = tensor.to("cpu", copy=True)
     return state

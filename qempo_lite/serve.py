@@ -23,12 +23,17 @@ from .console import ArgumentParser, input_read
 from .errors import QempoError, missing_extra
 
 
+# The values vLLM's --max-lora-rank accepts (vllm.config.lora.MaxLoRARanks, vLLM 0.32).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="qempo-lite serve", description=__doc__.split("\n\n")[0],
                             epilog="Options after -- are passed to 'vllm serve' unchanged.")
     parser.add_argument("base_model", metavar="BASE", help="the base model: Hub id or local directory (not the adapter)")
     parser.add_argument("--max-lora-rank", type=int, default=64,
-                        help="largest adapter rank accepted (vLLM rounds up to 8, 16, 32, 64, ...; default: 64)")
+                        help="largest adapter rank accepted, one of " + ", ".join(map(str, VLLM_LORA_RANKS))
+                             + " (at least the adapter's lora_r; default: 64)")
     parser.add_argument("--max-loras", type=int, default=2,
                         help="adapters held at once (default: 2: the new one is loaded before the old one goes)")
     parser.add_argument("--tensor-parallel-size", type=int, default=None, help="GPUs the server shards the base over")
@@ -60,6 +65,10 @@ def serve_command(args, extra: list[str]) -> tuple[list[str], dict[str, str]]:
         value = getattr(args, name)
         if value < 1:
             raise QempoError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.max_lora_rank not in VLLM_LORA_RANKS:
+        above = [r for r in VLLM_LORA_RANKS if r >= args.max_lora_rank]
+        raise QempoError(f"--max-lora-rank {args.max_lora_rank} is not one vLLM accepts; use "
+                         f"{above[0] if above else VLLM_LORA_RANKS[-1]} (one of {', '.join(map(str, VLLM_LORA_RANKS))})")
     if args.tensor_parallel_size is not None and args.tensor_parallel_size < 1:
         raise QempoError(f"--tensor-parallel-size must be a positive number, got {args.tensor_parallel_size}")
     for option in ("--enable-lora", "--max-lora-rank", "--max-loras", "--host", "--port", "--tensor-parallel-size"):

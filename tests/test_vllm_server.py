@@ -192,6 +192,8 @@ def test_serve_runs_vllm_serve_with_runtime_lora_updating():
                     "--port", "8000", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.5"]
     with pytest.raises(QempoError, match="--enable-lora is set by qempo-lite serve itself"):
         serve_command(args, ["--enable-lora"])
+    with pytest.raises(QempoError, match="--max-lora-rank 12 is not one vLLM accepts; use 16"):
+        serve_command(build_parser().parse_args(["org/base", "--max-lora-rank", "12"]), [])
 
 
 # ---------------------------------------------------------------------------------- the engine
