@@ -240,6 +240,17 @@ def test_server_samples_with_the_synced_adapters_logprobs(server, tiny_model_dir
     assert Path(second.path).name not in _models(server)
 
 
+def test_an_adapter_the_server_cannot_serve_is_refused_in_one_line(server, tiny_model_dir, tokenizer, tmp_path):
+    too_big = _peft_model(tiny_model_dir, r=2 * MAX_LORA_RANK)
+    with VLLMServerRollout(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
+        with pytest.raises(QempoError) as err:
+            engine.sync(too_big)
+        assert not any((tmp_path / "adapters").iterdir())  # its files are gone again
+    message = str(err.value)
+    assert "\n" not in message and "refused adapter" in message and "--max-lora-rank" in message
+    assert str(2 * MAX_LORA_RANK) in message  # the server's own reason: the rank
+
+
 def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir, tokenizer, tmp_path):
     model = _peft_model(tiny_model_dir, seed=2)
     with VLLMServerRollout(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=6,
