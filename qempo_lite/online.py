@@ -341,7 +341,9 @@ class QEMPOOnlineTrainer(GRPOTrainer):
             except Exception as err:  # handed to every process, so that none is left waiting
                 if not isinstance(err, QempoError) and self.accelerator.num_processes == 1:
                     raise
-                outcome = [err if isinstance(err, QempoError) else QempoError(f"{type(err).__name__}: {_first_line(err)}")]
+                if not isinstance(err, QempoError):
+                    err = QempoError(f"{type(err).__name__}: {_first_line(err)}")
+                outcome = [err]
         if self.accelerator.num_processes > 1:
             outcome = broadcast_object_list(outcome, from_process=0)
         if isinstance(outcome[0], QempoError):
@@ -459,7 +461,7 @@ class QEMPOOnlineTrainer(GRPOTrainer):
             hint = f"the training state after step {step} is saved in {where}; fix the server and run again with --resume"
         else:
             hint = "no training step was completed yet"
-        raise RolloutServerError(f"{err}; {hint}") from None
+        raise (RolloutServerError if isinstance(err, RolloutServerError) else QempoError)(f"{err}; {hint}") from None
 
     # ------------------------------------------------------------------ scoring
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
