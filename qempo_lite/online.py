@@ -5,10 +5,15 @@
 GRPO's data pipeline, reward calling, batching and logging, and replaces three things:
 
 1. **Generation** (``_generate_single_turn``) goes through a rollout engine of
-   :mod:`qempo_lite.rollout`: ``rollout="hf"`` (``model.generate``) or ``rollout="vllm"``
-   (vLLM serving the adapter natively; the adapter alone is synced after each optimizer
-   step, never merged, so a 4-bit QLoRA base works). TRL's ``use_vllm`` path is refused: it
-   merges the adapter and pushes every weight.
+   :mod:`qempo_lite.rollout`: ``rollout="hf"`` (``model.generate``, each process its own rows),
+   ``rollout="vllm"`` (an in-process vLLM engine serving the adapter natively; one training
+   process) or ``rollout="vllm_server"`` (a vLLM server started separately, for any number of
+   processes: the main process sends every process's prompts, whole groups with one seed each,
+   and each process keeps its slice). The adapter alone is synced after each optimizer step,
+   gathered first when ZeRO-3 / FSDP shard it, never merged, so a 4-bit QLoRA base works.
+   TRL's ``use_vllm`` path is refused: it merges the adapter and pushes every weight. When the
+   server stays down past its retries, every process saves a checkpoint of the last completed
+   step and the run stops with one line (``--resume`` continues).
 2. **Scoring** (``_generate_and_score_completions``): where GRPO computes advantages, the
    weights of :func:`qempo_lite.losses.online_weights` are computed once per group, from the
    rewards, the summed log-probs ℓ of the completions under the policy at rollout time, and
@@ -62,7 +67,7 @@ from .losses import ADVANTAGES, GATES, online_objective, online_weights
 from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
 
 TRL_VERSION_RANGE = ">=1.16,<1.17"  # the GRPOTrainer internals overridden here; see tests/test_online.py
-ROLLOUTS = ("hf", "vllm")
+ROLLOUTS = ("hf", "vllm", "vllm_server")
 # The paper's coefficients (§4.2, reused online in §4.4).
 
 
@@ -82,7 +87,11 @@ class QEMPOOnlineConfig(GRPOConfig):
     vLLM settings reuse GRPOConfig's names where they exist (``vllm_gpu_memory_utilization``,
     ``vllm_enable_sleep_mode``, ``vllm_max_model_length``) and add ``vllm_max_lora_rank``,
     ``vllm_dtype`` and ``vllm_quantization`` (``"bitsandbytes"`` serves a 4-bit base to match
-    a QLoRA run). They apply when ``rollout="vllm"``.
+    a QLoRA run). They apply when ``rollout="vllm"``. ``rollout="vllm_server"`` reads
+    ``vllm_server_url``, ``vllm_server_adapter_dir``, ``vllm_server_retries`` and
+    ``vllm_server_request_timeout`` instead; the server's own options (rank, memory, context,
+    quantization) are given to ``qempo-lite serve``. TRL's server settings (``vllm_mode``,
+    ``vllm_server_base_url``, ...) belong to its merging path and are refused.
     """
 
     loss_method: str = field(default="qempo", metadata={"help": "Online objective. " + method_help("online")})
@@ -98,7 +107,18 @@ class QEMPOOnlineConfig(GRPOConfig):
     correct_threshold: float = field(
         default=0.0, metadata={"help": "A completion counts as correct when its total reward is above this."}
     )
-    rollout: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (LoRA served natively)."})
+    rollout: str = field(default="hf", metadata={
+        "help": "hf (transformers generate), vllm (an in-process vLLM engine serving the LoRA) or vllm_server "
+                "(a vLLM server started with qempo-lite serve; adapter-only sync, any number of processes)."})
+    vllm_server_url: str = field(default="http://127.0.0.1:8000",
+                                 metadata={"help": "rollout: vllm_server: the server's address."})
+    vllm_server_adapter_dir: str | None = field(default=None, metadata={
+        "help": "rollout: vllm_server: where each synced adapter is written, a directory the server reads at the "
+                "same path (default: OUTPUT_DIR/served-adapters)."})
+    vllm_server_retries: int = field(default=5, metadata={
+        "help": "rollout: vllm_server: retries of a request that found the server down (waits of 1, 2, 4, ... s)."})
+    vllm_server_request_timeout: float = field(default=600.0, metadata={
+        "help": "rollout: vllm_server: seconds one request may take before it is retried."})
     vllm_max_lora_rank: int = field(default=64, metadata={"help": "Largest LoRA rank the vLLM engine accepts."})
     vllm_dtype: str = field(default="auto", metadata={"help": "dtype of the vLLM engine's base weights."})
     vllm_quantization: str | None = field(
@@ -119,8 +139,15 @@ class QEMPOOnlineConfig(GRPOConfig):
         if self.use_vllm:
             raise QempoError(
                 "use_vllm selects TRL's vLLM path, which merges the adapter into the base; "
-                "set rollout: vllm instead (adapter-only sync)"
+                "set rollout: vllm or rollout: vllm_server instead (adapter-only sync)"
             )
+        if not str(self.vllm_server_url).startswith(("http://", "https://")):
+            raise QempoError(f"vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got "
+                             f"{self.vllm_server_url!r}")
+        if not isinstance(self.vllm_server_retries, int) or self.vllm_server_retries < 0:
+            raise QempoError(f"vllm_server_retries must be a whole number >= 0, got {self.vllm_server_retries!r}")
+        if not self.vllm_server_request_timeout > 0:
+            raise QempoError(f"vllm_server_request_timeout must be > 0 seconds, got {self.vllm_server_request_timeout!r}")
         method = get_method(self.loss_method, "online")
         for name in ("beta", "beta1", "beta2"):
             if name not in method.defaults and getattr(self, name) is not None:
@@ -204,6 +231,15 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _unique_prompts(prompt_ids: list[list[int]], k: int) -> tuple[list[list[int]], int]:
+    """``(prompts, n)``: GRPO's sampler repeats each prompt k times in a row, so sample k from each unique one.
+
+    A batch holding part of a group (a group split across processes) is sampled one completion per row.
+    """
+    grouped = len(prompt_ids) % k == 0 and all(prompt_ids[i] == prompt_ids[i - i % k] for i in range(len(prompt_ids)))
+    return (prompt_ids[::k], k) if grouped else (prompt_ids, 1)
+
+
 class QEMPOOnlineTrainer(GRPOTrainer):
     """GRPOTrainer optimising Eq. 8/9 with per-sequence weights; see the module docstring.
 
@@ -244,22 +280,34 @@ class QEMPOOnlineTrainer(GRPOTrainer):
         self.last_scored: dict[str, torch.Tensor] = {}
         self._rewards_per_func = None
         self._synced_step = None
+        self._sharded = None  # ZeRO-3 / FSDP: known once training has wrapped the model
+        self._seed_step, self._seed_calls = None, 0
         self._owns_engine = rollout_engine is None
         self.rollout_engine = rollout_engine if rollout_engine is not None else self._make_rollout_engine()
 
     # ------------------------------------------------------------------ rollout engine
     def _make_rollout_engine(self):
-        from .rollout import HFRollout, VLLMLoRARollout
+        from .rollout import HFRollout, VLLMLoRARollout, VLLMServerRollout, eos_token_ids
 
         policy = self.accelerator.unwrap_model(self.model)
         if self.args.rollout == "hf":
             return HFRollout(policy, self._tokenizer)
+        if not _is_peft(policy):
+            raise QempoError(f"rollout: {self.args.rollout} serves a LoRA adapter on the base model; train a LoRA "
+                             "(pass peft_config)")
+        if self.args.rollout == "vllm_server":
+            adapter_dir = self.args.vllm_server_adapter_dir or Path(self.args.output_dir) / "served-adapters"
+            engine = VLLMServerRollout(
+                self.args.vllm_server_url, tokenizer=self._tokenizer, adapter_dir=adapter_dir,
+                eos_token_ids=eos_token_ids(self._tokenizer, getattr(policy, "generation_config", None)),
+                retries=self.args.vllm_server_retries, request_timeout=self.args.vllm_server_request_timeout)
+            self._on_main_then_everywhere(engine.probe)
+            return engine
         if self.accelerator.num_processes > 1:
             # One in-process engine per training process would share a seed and land on the first GPU.
             raise QempoError(f"rollout: vllm runs one in-process engine and supports one training process, found "
-                             f"{self.accelerator.num_processes}; use rollout: hf with several processes")
-        if not _is_peft(policy):
-            raise QempoError("rollout: vllm serves a LoRA adapter on the base model; train a LoRA (pass peft_config)")
+                             f"{self.accelerator.num_processes}; use rollout: vllm_server (one vLLM server for every "
+                             "process, see qempo-lite serve) or rollout: hf")
         return VLLMLoRARollout(
             policy.get_base_model(),
             max_lora_rank=self.args.vllm_max_lora_rank,
@@ -272,22 +320,71 @@ class QEMPOOnlineTrainer(GRPOTrainer):
             tokenizer=self._tokenizer,
         )
 
+    def _on_main_then_everywhere(self, work):
+        """Run ``work()`` on the main process; every process returns its result or raises its QempoError.
+
+        A failure on the main process alone would leave the others waiting in the next collective.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        outcome = [None]
+        if self.accelerator.is_main_process:
+            try:
+                outcome = [work()]
+            except Exception as err:  # handed to every process, so that none is left waiting
+                if not isinstance(err, QempoError) and self.accelerator.num_processes == 1:
+                    raise
+                if not isinstance(err, QempoError):
+                    err = QempoError(f"{type(err).__name__}: {_first_line(err)}")
+                outcome = [err]
+        if self.accelerator.num_processes > 1:
+            outcome = broadcast_object_list(outcome, from_process=0)
+        if isinstance(outcome[0], QempoError):
+            raise outcome[0]
+        return outcome[0]
+
     def close_rollout(self) -> None:
         """Shut down the rollout engine if this trainer created it."""
         if self._owns_engine and self.rollout_engine is not None:
             self.rollout_engine.close()
             self.rollout_engine = None
 
-    def _sync_rollout_engine(self) -> None:
+    def _adapter_for_sync(self):
+        """The adapter's LoRA tensors gathered whole when a sync is due and the model is sharded (ZeRO-3 / FSDP).
+
+        A collective: every process calls it at the same point. None when nothing needs gathering.
+        """
+        from .distributed import gathered_adapter_state, is_sharded
+        from .rollout import HFRollout
+
+        if self._synced_step == self.state.global_step or isinstance(self.rollout_engine, HFRollout):
+            return None
+        if self._sharded is None:
+            self._sharded = is_sharded(self.model_wrapped)
+        return gathered_adapter_state(self.model_wrapped) if self._sharded else None
+
+    def _sync_rollout_engine(self, state_dict=None) -> None:
         # Once per optimizer step, before the step's first rollout: adapter only.
         if self._synced_step == self.state.global_step:
             return
-        info = self.rollout_engine.sync(self.accelerator.unwrap_model(self.model))
+        info = self.rollout_engine.sync(self.accelerator.unwrap_model(self.model), state_dict=state_dict)
         self._synced_step = self.state.global_step
         if info.nbytes:
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["rollout/sync_seconds"].append(info.seconds)
             self._metrics[mode]["rollout/sync_megabytes"].append(info.nbytes / 2**20)
+
+    def _rollout_seed(self) -> int:
+        """A seed for one rollout call: a function of ``seed``, the step and the call's rank within the step.
+
+        So the samples of a step are the same whatever the number of processes, and a resumed run
+        draws what the uninterrupted run would have drawn.
+        """
+        step = self.state.global_step
+        if self._seed_step != step:
+            self._seed_step, self._seed_calls = step, 0
+        self._seed_calls += 1
+        return (((self.args.seed * 1_000_003 + step) * 64 + self._seed_calls) << 20) % (1 << 62)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None or multimodal_fields:
@@ -295,14 +392,12 @@ class QEMPOOnlineTrainer(GRPOTrainer):
         from .rollout import HFRollout
         from trl.models import unwrap_model_for_generation
 
-        self._sync_rollout_engine()
         prompt_ids = [list(ids) for ids in prompt_ids]
         k = num_generations
-        # GRPO's sampler repeats each prompt k times in a row: sample k from each unique prompt.
-        grouped = len(prompt_ids) % k == 0 and all(
-            prompt_ids[i] == prompt_ids[i - i % k] for i in range(len(prompt_ids))
-        )
-        prompts, n = (prompt_ids[::k], k) if grouped else (prompt_ids, 1)
+        if getattr(self.rollout_engine, "serves_all_processes", False):
+            return self._generate_for_all_processes(prompt_ids, k)
+        self._sync_rollout_engine(self._adapter_for_sync())
+        prompts, n = _unique_prompts(prompt_ids, k)
         kwargs = dict(n=n, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_completion_length)
         if isinstance(self.rollout_engine, HFRollout):
             with unwrap_model_for_generation(
@@ -315,6 +410,51 @@ class QEMPOOnlineTrainer(GRPOTrainer):
             groups = self.rollout_engine.generate(prompts, **kwargs)
         completions = [c for group in groups for c in group]
         return [c.token_ids for c in completions], [c.logprobs for c in completions]
+
+    def _generate_for_all_processes(self, prompt_ids: list[list[int]], k: int):
+        """The main process samples every process's prompts, whole groups, one seed per group; each keeps its slice.
+
+        The prompts of all processes, gathered in process order, are the generation batch as
+        GRPO's sampler laid it out (each prompt ``k`` times in a row), so a group split across
+        processes is still sampled as one group of ``k``. A rollout that fails (the server down
+        past its retries) stops every process after a checkpoint of the last completed step.
+        """
+        from accelerate.utils import gather_object
+
+        everyone = gather_object(prompt_ids) if self.accelerator.num_processes > 1 else prompt_ids
+        prompts, n = _unique_prompts(everyone, k)
+        state = self._adapter_for_sync()  # collective under ZeRO-3 / FSDP, before the main process syncs
+
+        def sample():
+            self._sync_rollout_engine(state)
+            groups = self.rollout_engine.generate(prompts, n=n, temperature=self.temperature, top_p=self.top_p,
+                                                  max_new_tokens=self.max_completion_length, seed=self._rollout_seed())
+            return [(c.token_ids, c.logprobs) for group in groups for c in group]
+
+        try:
+            sampled = self._on_main_then_everywhere(sample)
+        except QempoError as err:
+            self._stop_after_rollout_failure(err)
+        if self._synced_step != self.state.global_step:
+            self._synced_step = self.state.global_step  # the other processes follow the main one's sync
+        start = self.accelerator.process_index * len(prompt_ids)
+        mine = sampled[start:start + len(prompt_ids)]
+        return [ids for ids, _ in mine], [logprobs for _, logprobs in mine]
+
+    def _stop_after_rollout_failure(self, err: QempoError):
+        """Checkpoint the last completed optimizer step (every process takes part), then raise the one-line error."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from .rollout import RolloutServerError
+
+        step = self.state.global_step
+        if step > 0 and self.model.training:
+            self._save_checkpoint(self.model, trial=None)
+            where = Path(self._get_output_dir(trial=None)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            hint = f"the training state after step {step} is saved in {where}; fix the server and run again with --resume"
+        else:
+            hint = "no training step was completed yet"
+        raise (RolloutServerError if isinstance(err, RolloutServerError) else QempoError)(f"{err}; {hint}") from None
 
     # ------------------------------------------------------------------ scoring
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -448,7 +588,10 @@ class QEMPOOnlineTrainer(GRPOTrainer):
         That directory is what gets pushed and loaded elsewhere, so it stays pickle-free;
         checkpoints (``_internal_call``) keep theirs, which ``resume_from_checkpoint`` reads.
         """
-        super().save_model(output_dir, _internal_call=_internal_call)
+        from .distributed import save_sharded_adapter
+
+        if not save_sharded_adapter(self, output_dir):  # ZeRO-3 / FSDP: the LoRA tensors gathered first
+            super().save_model(output_dir, _internal_call=_internal_call)
         if _internal_call or not self.args.should_save:
             return
         output_dir = Path(output_dir or self.args.output_dir)
@@ -496,7 +639,8 @@ def usage() -> str:
 
     objective = ("loss_method", "beta", "beta1", "beta2", "gate", "advantage", "correct_threshold", "rollout",
                  "vllm_max_lora_rank", "vllm_dtype", "vllm_quantization", "vllm_gpu_memory_utilization",
-                 "vllm_enable_sleep_mode", "vllm_max_model_length")
+                 "vllm_enable_sleep_mode", "vllm_max_model_length", "vllm_server_url", "vllm_server_adapter_dir",
+                 "vllm_server_retries", "vllm_server_request_timeout")
     lines = [
         "usage: qempo-lite train online --config RECIPE.yaml [--key value ...] [--resume]",
         "",
@@ -566,10 +710,11 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         trainer.close_rollout()
-    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer
+    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer; every process (sharded models gather)
     trainer.save_state()
-    _write_metadata(config, model_args, run_args, len(problems), trainer.state.global_step)
-    push_finished_adapter(config, repo_id)
+    if trainer.accelerator.is_main_process:
+        _write_metadata(config, model_args, run_args, len(problems), trainer.state.global_step)
+    push_finished_adapter(config, repo_id)  # the main process only
     return Path(config.output_dir)
 
 

