@@ -17,9 +17,9 @@ from .methods import method_names
 
 COMMANDS = {
     ("demo",): ("qempo_lite.demo", "CPU demos: the Table 1 optima offline (--online: qempo vs gvpo)"),
-    ("train", "offline"): ("qempo_lite.offline",
+    ("train", "offline"): ("qempo_lite.train_cli:offline_cli",
                            f"train an adapter on preference pairs ({', '.join(method_names('offline'))})"),
-    ("train", "online"): ("qempo_lite.online",
+    ("train", "online"): ("qempo_lite.train_cli:online_cli",
                           f"train an adapter online with verifiable rewards ({', '.join(method_names('online'))})"),
     ("serve",): ("qempo_lite.serve", "start a vLLM server for rollout: vllm_server (adapters loaded at run time)"),
     ("eval",): ("qempo_lite.evaluate.cli", "sample, diversity, judge, passk, report; table2: all in one"),
@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
     hold_output()  # until the command has read its arguments (console.input_read)
     try:
-        module = importlib.import_module(module_name)
-        return _ended_while_reading(int(module.cli(rest) or 0))
+        module, _, function = module_name.partition(":")
+        command = getattr(importlib.import_module(module), function or "cli")
+        return _ended_while_reading(int(command(rest) or 0))
     except SystemExit as exit_:  # argparse: --help (0), or a usage error (2) after printing a usage block
         if isinstance(exit_.code, str):
             release_output(show=debug_enabled())

@@ -53,154 +53,17 @@ coefficient, sign and log-probs (see ``docs/math.md``).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
-from . import trl_fields
+from .configs import QEMPOOnlineConfig, _first_line
 from .errors import QempoError
-from .trl_fields import refuse_unlisted_fields
-from .losses import ADVANTAGES, GATES, online_objective, online_weights
-from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
-
-TRL_VERSION_RANGE = ">=1.16,<1.17"  # the GRPOTrainer internals overridden here; see tests/test_online.py
-ROLLOUTS = ("hf", "vllm", "vllm_server")
-# The paper's coefficients (§4.2, reused online in §4.4).
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
-@dataclass
-class QEMPOOnlineConfig(GRPOConfig):
-    """GRPOConfig plus the QEMPO online settings.
-
-    ``beta`` here is the QEMPO coefficient (see the module docstring), not GRPO's KL
-    coefficient. Defaults follow the paper: β = 4e-3 (qempo), β = 1e-2 (gvpo), β1 = 4e-3 and
-    β2 = 1e-2 (qempo_kl), a constant learning rate, temperature 1.
-
-    vLLM settings reuse GRPOConfig's names where they exist (``vllm_gpu_memory_utilization``,
-    ``vllm_enable_sleep_mode``, ``vllm_max_model_length``) and add ``vllm_max_lora_rank``,
-    ``vllm_dtype`` and ``vllm_quantization`` (``"bitsandbytes"`` serves a 4-bit base to match
-    a QLoRA run). They apply when ``rollout="vllm"``. ``rollout="vllm_server"`` reads
-    ``vllm_server_url``, ``vllm_server_adapter_dir``, ``vllm_server_retries`` and
-    ``vllm_server_request_timeout`` instead; the server's own options (rank, memory, context,
-    quantization) are given to ``qempo-lite serve``. TRL's server settings (``vllm_mode``,
-    ``vllm_server_base_url``, ...) belong to its merging path and are refused.
-    """
-
-    loss_method: str = field(default="qempo", metadata={"help": "Online objective. " + method_help("online")})
-    beta: float | None = field(
-        default=None, metadata={"help": coefficient_help("beta", "online") + ". Not GRPO's KL coefficient."})
-    beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "online")})
-    beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "online")})
-    gate: str = field(
-        default="correct",
-        metadata={"help": "Quality gate of the variance term: correct (default), group or none."},
-    )
-    advantage: str = field(default="center", metadata={"help": "center: r - mean(r); grpo: (r - mean(r)) / std(r)."})
-    correct_threshold: float = field(
-        default=0.0, metadata={"help": "A completion counts as correct when its total reward is above this."}
-    )
-    rollout: str = field(default="hf", metadata={
-        "help": "hf (transformers generate), vllm (an in-process vLLM engine serving the LoRA) or vllm_server "
-                "(a vLLM server started with qempo-lite serve; adapter-only sync, any number of processes)."})
-    vllm_server_url: str = field(default="http://127.0.0.1:8000",
-                                 metadata={"help": "rollout: vllm_server: the server's address."})
-    vllm_server_adapter_dir: str | None = field(default=None, metadata={
-        "help": "rollout: vllm_server: where each synced adapter is written, a directory the server reads at the "
-                "same path (default: OUTPUT_DIR/served-adapters)."})
-    vllm_server_retries: int = field(default=5, metadata={
-        "help": "rollout: vllm_server: retries of a request that found the server down (waits of 1, 2, 4, ... s)."})
-    vllm_server_request_timeout: float = field(default=600.0, metadata={
-        "help": "rollout: vllm_server: seconds one request may take before it is retried."})
-    vllm_max_lora_rank: int = field(default=64, metadata={"help": "Largest LoRA rank the vLLM engine accepts."})
-    vllm_dtype: str = field(default="auto", metadata={"help": "dtype of the vLLM engine's base weights."})
-    vllm_quantization: str | None = field(
-        default=None, metadata={"help": "vLLM quantization of the base, e.g. bitsandbytes for a QLoRA run."}
-    )
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "The paper trains with a constant rate."})
-
-    def __post_init__(self):
-        if self.loss_method not in method_names("online"):
-            raise QempoError(f"loss_method {self.loss_method!r} is unknown; use one of "
-                             f"{', '.join(method_names('online'))}")
-        if self.gate not in GATES:
-            raise QempoError(f"gate {self.gate!r} is unknown; use one of {', '.join(GATES)}")
-        if self.advantage not in ADVANTAGES:
-            raise QempoError(f"advantage {self.advantage!r} is unknown; use one of {', '.join(ADVANTAGES)}")
-        if self.rollout not in ROLLOUTS:
-            raise QempoError(f"rollout {self.rollout!r} is unknown; use one of {', '.join(ROLLOUTS)}")
-        if self.use_vllm:
-            raise QempoError(
-                "use_vllm selects TRL's vLLM path, which merges the adapter into the base; "
-                "set rollout: vllm or rollout: vllm_server instead (adapter-only sync)"
-            )
-        if not str(self.vllm_server_url).startswith(("http://", "https://")):
-            raise QempoError(f"vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got "
-                             f"{self.vllm_server_url!r}")
-        if not isinstance(self.vllm_server_retries, int) or self.vllm_server_retries < 0:
-            raise QempoError(f"vllm_server_retries must be a whole number >= 0, got {self.vllm_server_retries!r}")
-        if not self.vllm_server_request_timeout > 0:
-            raise QempoError(f"vllm_server_request_timeout must be > 0 seconds, got {self.vllm_server_request_timeout!r}")
-        method = get_method(self.loss_method, "online")
-        for name in ("beta", "beta1", "beta2"):
-            if name not in method.defaults and getattr(self, name) is not None:
-                raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses "
-                                 f"{', '.join(method.coefficient_names)}); remove {name}")
-        for name, value in with_defaults(self.loss_method, self.coefficients(), "online").items():
-            setattr(self, name, value)
-        if (self.top_k or 0) > 0 or self.min_p is not None or self.repetition_penalty != 1.0:
-            raise QempoError("top_k, min_p and repetition_penalty are not supported by the rollout engines; remove them")
-        if self.top_p != 1.0:
-            # ℓ in the weights is the log-prob of the full distribution; a truncated sampler is another policy.
-            raise QempoError(f"top_p={self.top_p} samples from a truncated distribution while the weights use the "
-                             "policy's own log-probs; remove top_p (1.0)")
-        if self.num_iterations != 1:
-            raise QempoError(f"num_iterations={self.num_iterations} reuses rollouts after the policy has moved, but the "
-                             "weights (Eq. 8/9) hold the log-probs of the policy that sampled them; remove num_iterations")
-        if self.num_generations_eval is not None and self.num_generations_eval < 2:
-            raise QempoError(f"num_generations_eval must be at least 2 (a group needs two completions to centre "
-                             f"rewards), got {self.num_generations_eval}")
-        for key, value in self._ignored_grpo_options().items():
-            raise QempoError(f"{key}={value!r} shapes GRPO's loss, which QEMPO replaces (Eq. 8/9); remove {key}")
-        refuse_unlisted_fields(self, GRPOConfig, trl_fields.GRPO, "QEMPOOnlineConfig")
-        try:
-            loss_coefficients(self.loss_method, self.coefficients(), "online")
-        except ValueError as err:
-            raise QempoError(f"{err}; fix the coefficient in the config") from err
-        try:
-            super().__post_init__()
-        except ValueError as err:  # GRPOConfig's own checks (batch sizes vs num_generations, ...)
-            raise QempoError(_first_line(err)) from err
-        if self.steps_per_generation > self.gradient_accumulation_steps:
-            raise QempoError(
-                f"steps_per_generation={self.steps_per_generation} spans several optimizer steps, so later steps would "
-                f"train on log-probs of an older policy; set it (or generation_batch_size) to at most "
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
-
-    def _ignored_grpo_options(self) -> dict[str, Any]:
-        """GRPO options set away from their defaults that the QEMPO objective would silently ignore."""
-        checks = {
-            "entropy_coef": self.entropy_coef != 0.0,
-            "use_adaptive_entropy": self.use_adaptive_entropy,
-            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-            # Masked completions would enter the group weights with log-prob 0.
-            "mask_truncated_completions": self.mask_truncated_completions,
-            # The reference is the base model with the adapter disabled; there is nothing to sync.
-            "sync_ref_model": self.sync_ref_model,
-        }
-        return {key: getattr(self, key) for key, bad in checks.items() if bad}
-
-    def coefficients(self) -> dict[str, float]:
-        """The coefficients the method uses, as recorded in ``qempo_lite.json``."""
-        return {name: getattr(self, name) for name in get_method(self.loss_method, "online").coefficient_names}
+from .losses import online_objective, online_weights
+from .methods import loss_coefficients
+from .runs import TRL_VERSION_RANGE, PickleFreeSave, warn_if_untested_trl
 
 
 @contextlib.contextmanager
@@ -212,17 +75,6 @@ def _trl_kl_off(args: QEMPOOnlineConfig):
         yield
     finally:
         args.beta = qempo_beta
-
-
-def _warn_if_untested_trl() -> None:
-    import warnings
-
-    import trl
-    from packaging.specifiers import SpecifierSet
-
-    if trl.__version__ not in SpecifierSet(TRL_VERSION_RANGE):
-        warnings.warn(f"QEMPOOnlineTrainer overrides GRPOTrainer internals of trl{TRL_VERSION_RANGE}, found trl "
-                      f"{trl.__version__}; run tests/test_online.py before trusting it", stacklevel=3)
 
 
 def _is_peft(model) -> bool:
@@ -240,7 +92,7 @@ def _unique_prompts(prompt_ids: list[list[int]], k: int) -> tuple[list[list[int]
     return (prompt_ids[::k], k) if grouped else (prompt_ids, 1)
 
 
-class QEMPOOnlineTrainer(GRPOTrainer):
+class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
     """GRPOTrainer optimising Eq. 8/9 with per-sequence weights; see the module docstring.
 
     Same constructor as ``GRPOTrainer`` (model, reward_funcs, args, train_dataset,
@@ -260,7 +112,7 @@ class QEMPOOnlineTrainer(GRPOTrainer):
             args = QEMPOOnlineConfig(output_dir="qempo-online")
         if not isinstance(args, QEMPOOnlineConfig):
             raise QempoError(f"args must be a QEMPOOnlineConfig, got {type(args).__name__}; build one from your settings")
-        _warn_if_untested_trl()
+        warn_if_untested_trl("QEMPOOnlineTrainer", "tests/test_online.py")
         with _trl_kl_off(args):
             super().__init__(
                 model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
@@ -582,156 +434,5 @@ class QEMPOOnlineTrainer(GRPOTrainer):
         self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         return loss
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the adapter; the final directory gets ``training_args.json`` instead of the pickled ``.bin``.
 
-        That directory is what gets pushed and loaded elsewhere, so it stays pickle-free;
-        checkpoints (``_internal_call``) keep theirs, which ``resume_from_checkpoint`` reads.
-        """
-        from .distributed import save_sharded_adapter
-
-        if not save_sharded_adapter(self, output_dir):  # ZeRO-3 / FSDP: the LoRA tensors gathered first
-            super().save_model(output_dir, _internal_call=_internal_call)
-        if _internal_call or not self.args.should_save:
-            return
-        output_dir = Path(output_dir or self.args.output_dir)
-        (output_dir / "training_args.bin").unlink(missing_ok=True)
-        (output_dir / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: qempo-lite train online
-
-
-@dataclass
-class OnlineRunArgs:
-    """The math problems to train on, and whether to resume."""
-
-    datasets: list[str] = field(metadata={"help": "GSM8K / MATH sources: Hub names or local .jsonl files."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of each Hub dataset."})
-    on_bad_rows: str = field(default="error", metadata={"help": "error or skip malformed rows."})
-    limit: int | None = field(default=None, metadata={"help": "Use at most this many problems of each dataset."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
-
-    def __post_init__(self):
-        from .data import ON_BAD_ROWS
-
-        if not self.datasets:
-            raise QempoError("datasets is empty; list at least one GSM8K or MATH source")
-        if self.on_bad_rows not in ON_BAD_ROWS:
-            raise QempoError(f"on_bad_rows must be one of {', '.join(ON_BAD_ROWS)}, got {self.on_bad_rows!r}")
-        if self.limit is not None and self.limit < 1:
-            raise QempoError(f"limit must be a positive number of problems, got {self.limit!r}")
-
-
-_HELP_HINT = "see 'qempo-lite train online --help'"
-
-
-def _config_types():
-    from .offline import ModelArgs
-
-    return (QEMPOOnlineConfig, ModelArgs, OnlineRunArgs)
-
-
-def usage() -> str:
-    from .offline import ModelArgs
-    from .recipe import describe_keys
-
-    objective = ("loss_method", "beta", "beta1", "beta2", "gate", "advantage", "correct_threshold", "rollout",
-                 "vllm_max_lora_rank", "vllm_dtype", "vllm_quantization", "vllm_gpu_memory_utilization",
-                 "vllm_enable_sleep_mode", "vllm_max_model_length", "vllm_server_url", "vllm_server_adapter_dir",
-                 "vllm_server_retries", "vllm_server_request_timeout")
-    lines = [
-        "usage: qempo-lite train online --config RECIPE.yaml [--key value ...] [--resume]",
-        "",
-        "Train a LoRA/QLoRA adapter online on math problems (verifiable reward) with qempo, qempo_kl or gvpo.",
-        "Keys come from the YAML recipe (see recipes/online/); --key value flags override them.",
-        "",
-        "model keys:", *describe_keys(ModelArgs),
-        "",
-        "data and run keys:", *describe_keys(OnlineRunArgs),
-        "",
-        "objective and rollout keys:",
-        *[line for line in describe_keys(QEMPOOnlineConfig) if line.split("(")[0].strip() in objective],
-        "",
-        "training keys: the fields of trl.GRPOConfig / transformers.TrainingArguments that leave the objective",
-        "  alone (listed in qempo_lite/trl_fields.py; any other is refused), e.g. output_dir,",
-        "  learning_rate, max_steps, num_train_epochs, num_generations, per_device_train_batch_size,",
-        "  gradient_accumulation_steps, max_completion_length, temperature, bf16, save_steps, logging_steps, seed.",
-    ]
-    return "\n".join(lines)
-
-
-def load_problems(run_args: OnlineRunArgs, seed: int):
-    """All datasets of the run, each read by :func:`qempo_lite.data.load_math`, concatenated and shuffled."""
-    from datasets import concatenate_datasets
-
-    from .data import load_math
-
-    parts = [load_math(source, split=run_args.dataset_split, on_bad_rows=run_args.on_bad_rows, limit=run_args.limit)
-             for source in run_args.datasets]
-    columns = ["prompt", "answer"]
-    return concatenate_datasets([part.select_columns(columns) for part in parts]).shuffle(seed=seed)
-
-
-def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs, rows: int, steps: int) -> Path:
-    from .offline import lora_metadata, write_run_metadata
-
-    return write_run_metadata(
-        config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
-        lora=lora_metadata(model_args, config),
-        data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows},
-        steps=steps, mode="online",
-        extra={"online": {"rollout": config.rollout, "num_generations": config.num_generations,
-                          "temperature": config.temperature, "gate": config.gate, "advantage": config.advantage,
-                          "reward": "math_reward"}},
-    )
-
-
-def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
-    """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
-    from .console import quiet_setup
-    from .models import check_model_source
-    from .offline import checkpoint_to_resume, push_finished_adapter, take_over_hub_push, use_rich_progress
-    from .rewards import math_reward
-
-    checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume, needs_optimizer=not config.save_only_model)
-    with quiet_setup():
-        print(f"loading problems from {', '.join(run_args.datasets)}", flush=True)
-        problems = load_problems(run_args, config.seed)
-        repo_id = take_over_hub_push(config)
-        check_model_source(model_args.model_name_or_path)
-        print(f"loading {model_args.model_name_or_path} and preparing the trainer", flush=True)
-        model, tokenizer, peft_config = model_args.load(config)
-        trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
-                                     processing_class=tokenizer, peft_config=peft_config)
-    use_rich_progress(trainer)
-    try:
-        trainer.train(resume_from_checkpoint=checkpoint)
-    finally:
-        trainer.close_rollout()
-    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer; every process (sharded models gather)
-    trainer.save_state()
-    if trainer.accelerator.is_main_process:
-        _write_metadata(config, model_args, run_args, len(problems), trainer.state.global_step)
-    push_finished_adapter(config, repo_id)  # the main process only
-    return Path(config.output_dir)
-
-
-def cli(argv: list[str]) -> int:
-    """``qempo-lite train online --config recipe.yaml [--key value ...] [--resume]``."""
-    from .console import input_read
-    from .recipe import parse_recipe
-
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(usage())
-        return 0
-    config, model_args, run_args = parse_recipe(argv, _config_types(), help_hint=_HELP_HINT)
-    input_read()
-    output_dir = train_online(config, model_args, run_args)
-    print(f"adapter, tokenizer and qempo_lite.json saved to {output_dir}")
-    return 0
-
-
-__all__ = ["TRL_VERSION_RANGE", "OnlineRunArgs", "QEMPOOnlineConfig", "QEMPOOnlineTrainer", "cli", "load_problems",
-           "train_online", "usage"]
+__all__ = ["QEMPOOnlineConfig", "QEMPOOnlineTrainer", "TRL_VERSION_RANGE"]

@@ -62,9 +62,9 @@ def _write_adapter(out: Path, model) -> None:
 
 def case_offline(model_dir: str, out: Path) -> None:
     import qempo_lite.hub as hub
-    import qempo_lite.offline as offline
+    import qempo_lite.train_cli as train_cli
 
-    real_write = offline.write_run_metadata
+    real_write = train_cli.write_run_metadata
 
     def write_run_metadata(*args, **kwargs):
         _record(out, "metadata")
@@ -74,20 +74,20 @@ def case_offline(model_dir: str, out: Path) -> None:
         _record(out, "push")
         return f"recorded push of {adapter_dir} to {repo_id}"
 
-    saved = offline.write_run_metadata, hub.push_adapter
-    offline.write_run_metadata, hub.push_adapter = write_run_metadata, push_adapter
+    saved = train_cli.write_run_metadata, hub.push_adapter
+    train_cli.write_run_metadata, hub.push_adapter = write_run_metadata, push_adapter
     try:
         _train_offline(model_dir, out)
     finally:
-        offline.write_run_metadata, hub.push_adapter = saved
+        train_cli.write_run_metadata, hub.push_adapter = saved
 
 
 def _train_offline(model_dir: str, out: Path) -> None:
-    import qempo_lite.offline as offline
+    from qempo_lite.train_cli import offline_cli
 
     _, size = world()
     run = out / "run"
-    code = offline.cli(["--config", str(RECIPE), "--model_name_or_path", model_dir, "--dataset", str(PAIRS),
+    code = offline_cli(["--config", str(RECIPE), "--model_name_or_path", model_dir, "--dataset", str(PAIRS),
                         "--output_dir", str(run), "--loss_method", "dpo",
                         "--per_device_train_batch_size", str(GLOBAL_BATCH // size), "--max_steps", "3",
                         "--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "0", "--save_steps", "100",

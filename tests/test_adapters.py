@@ -23,7 +23,7 @@ def copy(adapter: Path, tmp_path: Path, name: str) -> Path:
 
 
 def test_the_metadata_file_is_named_once():
-    from qempo_lite.offline import METADATA_FILE as offline_name
+    from qempo_lite.runs import METADATA_FILE as offline_name
 
     assert offline_name is adapters.METADATA_FILE == "qempo_lite.json"
 

@@ -137,7 +137,9 @@ def test_help_lists_the_keys(capsys):
 
 
 def test_flags_override_yaml_and_strings_are_typed(tmp_path):
-    from qempo_lite.offline import ModelArgs, OfflineRunArgs, QEMPOConfig
+    from qempo_lite.offline import QEMPOConfig
+    from qempo_lite.runs import ModelArgs
+    from qempo_lite.train_cli import OfflineRunArgs
     from qempo_lite.recipe import parse_recipe
 
     recipe = _recipe_with(tmp_path, "learning_rate: 5e-7\ntarget_modules: [q_proj, v_proj]\nlimit: ~\n")

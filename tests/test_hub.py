@@ -182,7 +182,8 @@ def test_refuses_missing_adapter_and_pickles(adapter_dir, tmp_path, capsys):
 
 def test_training_cli_takes_over_the_hub_push(tmp_path):
     from qempo_lite.errors import QempoError
-    from qempo_lite.offline import QEMPOConfig, take_over_hub_push
+    from qempo_lite.offline import QEMPOConfig
+    from qempo_lite.runs import take_over_hub_push
 
     config = QEMPOConfig(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="someone/tiny", report_to=[], use_cpu=True)
     assert take_over_hub_push(config) == "someone/tiny"

@@ -153,7 +153,9 @@ def test_memory_plan_components(tiny_model_dir):
 
 
 def test_every_offline_recipe_fits_a_24_gb_card_and_says_so():
-    from qempo_lite.offline import ModelArgs, OfflineRunArgs, QEMPOConfig
+    from qempo_lite.offline import QEMPOConfig
+    from qempo_lite.runs import ModelArgs
+    from qempo_lite.train_cli import OfflineRunArgs
     from qempo_lite.recipe import read_yaml
 
     recipes = sorted(glob.glob(str(ROOT / "recipes" / "offline" / "*.yaml")))

@@ -134,7 +134,7 @@ def _checkpoint(path: Path) -> Path:
 
 def test_resume_reads_deepspeed_and_fsdp_checkpoints(tmp_path):
     """The layouts Trainer writes under DeepSpeed (`latest` + global_stepN/) and FSDP (sharded optimizer_0/)."""
-    from qempo_lite.offline import checkpoint_problem
+    from qempo_lite.runs import checkpoint_problem
 
     deepspeed = _checkpoint(tmp_path / "deepspeed")
     (deepspeed / "latest").write_text("global_step2")
@@ -165,7 +165,7 @@ def test_readme_launch_commands_keep_the_recipes_global_batch():
     """Every `accelerate launch` of the README names existing files, valid keys, and the recipe's global batch."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from qempo_lite import offline, online
+    from qempo_lite import train_cli
     from qempo_lite.recipe import parse_recipe
 
     launches = _readme_launches()
@@ -177,7 +177,7 @@ def test_readme_launch_commands_keep_the_recipes_global_batch():
         mode = args[args.index("train") + 1]
         rest = args[args.index("train") + 2:]
         recipe = ["--config", str(ROOT / rest[rest.index("--config") + 1])]
-        types = offline._CONFIG_TYPES if mode == "offline" else online._config_types()
+        types = train_cli._OFFLINE_TYPES if mode == "offline" else train_cli._ONLINE_TYPES
         cpu = ["--bf16", "false", "--use_cpu", "true"]  # the recipes are written for GPUs; these only parse them
         scaled = parse_recipe([*recipe, *rest[2:], *cpu], types, help_hint="")[0]
         alone = parse_recipe([*recipe, *cpu], types, help_hint="")[0]

@@ -274,7 +274,7 @@ def test_every_online_recipe_parses_and_follows_the_paper():
     from pathlib import Path
 
     from qempo_lite.models import PAPER_MODELS, memory_plan
-    from qempo_lite.online import _config_types
+    from qempo_lite.train_cli import _ONLINE_TYPES
     from qempo_lite.recipe import parse_recipe
 
     root = Path(__file__).resolve().parents[1]
@@ -284,7 +284,7 @@ def test_every_online_recipe_parses_and_follows_the_paper():
     seen = set()
     for path in recipes:
         # bf16 is for the GPU the recipe targets; this machine has none.
-        config, model_args, run_args = parse_recipe(["--config", path, "--bf16", "false"], _config_types())
+        config, model_args, run_args = parse_recipe(["--config", path, "--bf16", "false"], _ONLINE_TYPES)
         assert model_args.model_name_or_path in PAPER_MODELS
         assert config.coefficients() == paper[config.loss_method], path
         assert (config.num_generations, config.temperature, config.lr_scheduler_type) == (10, 1.0, "constant")

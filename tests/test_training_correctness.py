@@ -13,7 +13,9 @@ from trl import DPOConfig
 
 from qempo_lite import trl_fields
 from qempo_lite.errors import QempoError
-from qempo_lite.offline import OfflineRunArgs, QEMPOConfig, QEMPOTrainer, checkpoint_problem, load_eval_pairs
+from qempo_lite.offline import QEMPOConfig, QEMPOTrainer
+from qempo_lite.runs import checkpoint_problem
+from qempo_lite.train_cli import OfflineRunArgs, load_eval_pairs
 from qempo_lite.online import QEMPOOnlineConfig
 from qempo_lite.trl_fields import refuse_unlisted_fields
 
@@ -170,7 +172,7 @@ def test_evaluate_on_a_new_dataset_after_training_qempo_on_a_full_model(tmp_path
 
 
 def test_metadata_records_the_dropout_actually_applied(tmp_path, tiny_model_dir):
-    from qempo_lite.offline import ModelArgs, lora_metadata
+    from qempo_lite.runs import ModelArgs, lora_metadata
 
     model_args = ModelArgs(model_name_or_path=str(tiny_model_dir), lora_dropout=0.1)
     assert lora_metadata(model_args, make_config(tmp_path, "qempo"))["dropout"] == 0.0  # TRL's disable_dropout

@@ -337,7 +337,7 @@ def test_training_checkpoints_and_stops_in_one_line_when_the_server_goes_down(re
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
 
-    from qempo_lite.offline import checkpoint_problem
+    from qempo_lite.runs import checkpoint_problem
     from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
 
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Name a colour, number {i}."}]

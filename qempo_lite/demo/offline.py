@@ -135,7 +135,8 @@ def train_adapter(method: str, base: Path, rows: list[dict], out: Path, settings
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..offline import QEMPOConfig, QEMPOTrainer, write_run_metadata
+    from ..offline import QEMPOConfig, QEMPOTrainer
+    from ..runs import write_run_metadata
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -102,7 +102,7 @@ def train_adapter(method: str, base: Path, out: Path, settings: OnlineSettings, 
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..offline import write_run_metadata
+    from ..runs import write_run_metadata
     from ..online import QEMPOOnlineConfig, QEMPOOnlineTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -1,0 +1,235 @@
+"""The trainer configs: ``QEMPOConfig`` (offline, a ``trl.DPOConfig``) and ``QEMPOOnlineConfig`` (online, a
+``trl.GRPOConfig``), kept apart from the trainers as TRL keeps ``DPOConfig`` from ``DPOTrainer``.
+
+Each adds the method and its coefficients (:mod:`qempo_lite.methods`; unset coefficients take
+the paper's values, another method's are refused) and checks what it inherits from TRL
+against qempo-lite's allowlist (:mod:`qempo_lite.trl_fields`), so that what a config accepts
+is exactly what its trainer trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DPOConfig, GRPOConfig
+
+from . import trl_fields
+from .errors import QempoError
+from .losses import ADVANTAGES, GATES, OFFLINE_METHODS
+from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
+from .trl_fields import refuse_unlisted_fields
+
+COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields; each method takes some
+ROLLOUTS = ("hf", "vllm", "vllm_server")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+@dataclass
+class QEMPOConfig(DPOConfig):
+    """``DPOConfig`` plus the choice of offline objective and its coefficients.
+
+    ============  ========================  ==============================================
+    loss_method   keys                      loss: −log σ(a·Δlog π − c·Δlog π_ref)
+    ============  ========================  ==============================================
+    ``qempo``     ``beta`` = 1/λ (4e-3)     a = beta, c = 0 (Eq. 7; no reference model)
+    ``qempo_kl``  ``beta1`` = 1/λ1 (4e-3),  a = beta1 + beta2, c = beta2 (Eq. 6)
+                  ``beta2`` = λ2/λ1 (1e-2)
+    ``dpo``       ``beta`` (1e-2)           a = c = beta (Eq. 4, the paper's RLHF)
+    ``spl``       ``alpha`` (2e-2),         a = alpha, c = beta (Soft Preference Learning)
+                  ``beta`` (1e-2)
+    ============  ========================  ==============================================
+
+    Unset coefficients take the paper's values (DPO, QEMPO, QEMPO-KL). The paper gives none
+    for SPL, whose optimum is π ∝ π_ref^{β/α} exp(r/α): the default keeps DPO's β = 1e-2 on
+    the reference and doubles the policy coefficient (α = 2β, an SPL entropy weight of 2), so
+    the optimum keeps half of the reference's log-probabilities where DPO keeps all of them.
+
+    Only TRL's ``sigmoid`` loss on summed log-probs with the default ``reverse_kl`` divergence
+    belongs to this family; other ``loss_type`` / ``f_divergence_type`` values, ``use_weighting``
+    and ``ld_alpha`` are refused. ``qempo`` ignores
+    ``precompute_ref_log_probs`` (there is nothing to precompute).
+    """
+
+    loss_method: str = field(
+        default="qempo",
+        metadata={"help": "Offline objective. " + method_help("offline"), "choices": list(OFFLINE_METHODS)},
+    )
+    beta: float | None = field(default=None, metadata={"help": coefficient_help("beta", "offline")})
+    beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "offline")})
+    beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "offline")})
+    alpha: float | None = field(default=None, metadata={"help": coefficient_help("alpha", "offline")})
+
+    def __post_init__(self):
+        if self.loss_method not in method_names("offline"):
+            raise QempoError(f"loss_method must be one of {', '.join(method_names('offline'))}, got "
+                             f"{self.loss_method!r}")
+        method = get_method(self.loss_method)
+        for name in COEFFICIENT_NAMES:
+            if name not in method.defaults and getattr(self, name) is not None:
+                raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses "
+                                 f"{', '.join(method.coefficient_names)}); remove {name}")
+        for name, value in with_defaults(self.loss_method, self.coefficients()).items():
+            setattr(self, name, value)
+        try:
+            loss_coefficients(self.loss_method, self.coefficients())
+        except ValueError as err:
+            raise QempoError(f"{err}; fix the coefficient in the config") from None
+        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if loss_types != ["sigmoid"]:
+            raise QempoError(f"loss_type must be 'sigmoid' for the QEMPO family, got {self.loss_type!r}; remove it")
+        if self.f_divergence_type != "reverse_kl":
+            raise QempoError(f"f_divergence_type must be 'reverse_kl' for the QEMPO family, got "
+                             f"{self.f_divergence_type!r}; remove it")
+        # Both change what the loss is made of (weighted pairs, length-discounted log-probs), so the
+        # family's optimum π ∝ π_ref^(c/a) exp(r/a) would no longer be the one trained for.
+        if self.use_weighting:
+            raise QempoError("use_weighting (WPO) is not part of the QEMPO family; set use_weighting: false")
+        if self.ld_alpha is not None:
+            raise QempoError("ld_alpha (LD-DPO) is not part of the QEMPO family; remove it")
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise QempoError(f"truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise QempoError(f"max_length must be a number of tokens >= 2 (or none), got {self.max_length!r}")
+        refuse_unlisted_fields(self, DPOConfig, trl_fields.DPO, "QEMPOConfig")
+        super().__post_init__()
+
+    def coefficients(self) -> dict[str, float]:
+        """The method's coefficients as :func:`~qempo_lite.losses.offline_loss` names them."""
+        return {name: getattr(self, name) for name in get_method(self.loss_method).coefficient_names}
+
+
+
+@dataclass
+class QEMPOOnlineConfig(GRPOConfig):
+    """GRPOConfig plus the QEMPO online settings.
+
+    ``beta`` here is the QEMPO coefficient (see the module docstring), not GRPO's KL
+    coefficient. Defaults follow the paper: β = 4e-3 (qempo), β = 1e-2 (gvpo), β1 = 4e-3 and
+    β2 = 1e-2 (qempo_kl), a constant learning rate, temperature 1.
+
+    vLLM settings reuse GRPOConfig's names where they exist (``vllm_gpu_memory_utilization``,
+    ``vllm_enable_sleep_mode``, ``vllm_max_model_length``) and add ``vllm_max_lora_rank``,
+    ``vllm_dtype`` and ``vllm_quantization`` (``"bitsandbytes"`` serves a 4-bit base to match
+    a QLoRA run). They apply when ``rollout="vllm"``. ``rollout="vllm_server"`` reads
+    ``vllm_server_url``, ``vllm_server_adapter_dir``, ``vllm_server_retries`` and
+    ``vllm_server_request_timeout`` instead; the server's own options (rank, memory, context,
+    quantization) are given to ``qempo-lite serve``. TRL's server settings (``vllm_mode``,
+    ``vllm_server_base_url``, ...) belong to its merging path and are refused.
+    """
+
+    loss_method: str = field(default="qempo", metadata={"help": "Online objective. " + method_help("online")})
+    beta: float | None = field(
+        default=None, metadata={"help": coefficient_help("beta", "online") + ". Not GRPO's KL coefficient."})
+    beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "online")})
+    beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "online")})
+    gate: str = field(
+        default="correct",
+        metadata={"help": "Quality gate of the variance term: correct (default), group or none."},
+    )
+    advantage: str = field(default="center", metadata={"help": "center: r - mean(r); grpo: (r - mean(r)) / std(r)."})
+    correct_threshold: float = field(
+        default=0.0, metadata={"help": "A completion counts as correct when its total reward is above this."}
+    )
+    rollout: str = field(default="hf", metadata={
+        "help": "hf (transformers generate), vllm (an in-process vLLM engine serving the LoRA) or vllm_server "
+                "(a vLLM server started with qempo-lite serve; adapter-only sync, any number of processes)."})
+    vllm_server_url: str = field(default="http://127.0.0.1:8000",
+                                 metadata={"help": "rollout: vllm_server: the server's address."})
+    vllm_server_adapter_dir: str | None = field(default=None, metadata={
+        "help": "rollout: vllm_server: where each synced adapter is written, a directory the server reads at the "
+                "same path (default: OUTPUT_DIR/served-adapters)."})
+    vllm_server_retries: int = field(default=5, metadata={
+        "help": "rollout: vllm_server: retries of a request that found the server down (waits of 1, 2, 4, ... s)."})
+    vllm_server_request_timeout: float = field(default=600.0, metadata={
+        "help": "rollout: vllm_server: seconds one request may take before it is retried."})
+    vllm_max_lora_rank: int = field(default=64, metadata={"help": "Largest LoRA rank the vLLM engine accepts."})
+    vllm_dtype: str = field(default="auto", metadata={"help": "dtype of the vLLM engine's base weights."})
+    vllm_quantization: str | None = field(
+        default=None, metadata={"help": "vLLM quantization of the base, e.g. bitsandbytes for a QLoRA run."}
+    )
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "The paper trains with a constant rate."})
+
+    def __post_init__(self):
+        if self.loss_method not in method_names("online"):
+            raise QempoError(f"loss_method {self.loss_method!r} is unknown; use one of "
+                             f"{', '.join(method_names('online'))}")
+        if self.gate not in GATES:
+            raise QempoError(f"gate {self.gate!r} is unknown; use one of {', '.join(GATES)}")
+        if self.advantage not in ADVANTAGES:
+            raise QempoError(f"advantage {self.advantage!r} is unknown; use one of {', '.join(ADVANTAGES)}")
+        if self.rollout not in ROLLOUTS:
+            raise QempoError(f"rollout {self.rollout!r} is unknown; use one of {', '.join(ROLLOUTS)}")
+        if self.use_vllm:
+            raise QempoError(
+                "use_vllm selects TRL's vLLM path, which merges the adapter into the base; "
+                "set rollout: vllm or rollout: vllm_server instead (adapter-only sync)"
+            )
+        if not str(self.vllm_server_url).startswith(("http://", "https://")):
+            raise QempoError(f"vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got "
+                             f"{self.vllm_server_url!r}")
+        if not isinstance(self.vllm_server_retries, int) or self.vllm_server_retries < 0:
+            raise QempoError(f"vllm_server_retries must be a whole number >= 0, got {self.vllm_server_retries!r}")
+        if not self.vllm_server_request_timeout > 0:
+            raise QempoError(f"vllm_server_request_timeout must be > 0 seconds, got {self.vllm_server_request_timeout!r}")
+        method = get_method(self.loss_method, "online")
+        for name in ("beta", "beta1", "beta2"):
+            if name not in method.defaults and getattr(self, name) is not None:
+                raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses "
+                                 f"{', '.join(method.coefficient_names)}); remove {name}")
+        for name, value in with_defaults(self.loss_method, self.coefficients(), "online").items():
+            setattr(self, name, value)
+        if (self.top_k or 0) > 0 or self.min_p is not None or self.repetition_penalty != 1.0:
+            raise QempoError("top_k, min_p and repetition_penalty are not supported by the rollout engines; remove them")
+        if self.top_p != 1.0:
+            # ℓ in the weights is the log-prob of the full distribution; a truncated sampler is another policy.
+            raise QempoError(f"top_p={self.top_p} samples from a truncated distribution while the weights use the "
+                             "policy's own log-probs; remove top_p (1.0)")
+        if self.num_iterations != 1:
+            raise QempoError(f"num_iterations={self.num_iterations} reuses rollouts after the policy has moved, but the "
+                             "weights (Eq. 8/9) hold the log-probs of the policy that sampled them; remove num_iterations")
+        if self.num_generations_eval is not None and self.num_generations_eval < 2:
+            raise QempoError(f"num_generations_eval must be at least 2 (a group needs two completions to centre "
+                             f"rewards), got {self.num_generations_eval}")
+        for key, value in self._ignored_grpo_options().items():
+            raise QempoError(f"{key}={value!r} shapes GRPO's loss, which QEMPO replaces (Eq. 8/9); remove {key}")
+        refuse_unlisted_fields(self, GRPOConfig, trl_fields.GRPO, "QEMPOOnlineConfig")
+        try:
+            loss_coefficients(self.loss_method, self.coefficients(), "online")
+        except ValueError as err:
+            raise QempoError(f"{err}; fix the coefficient in the config") from err
+        try:
+            super().__post_init__()
+        except ValueError as err:  # GRPOConfig's own checks (batch sizes vs num_generations, ...)
+            raise QempoError(_first_line(err)) from err
+        if self.steps_per_generation > self.gradient_accumulation_steps:
+            raise QempoError(
+                f"steps_per_generation={self.steps_per_generation} spans several optimizer steps, so later steps would "
+                f"train on log-probs of an older policy; set it (or generation_batch_size) to at most "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
+
+    def _ignored_grpo_options(self) -> dict[str, Any]:
+        """GRPO options set away from their defaults that the QEMPO objective would silently ignore."""
+        checks = {
+            "entropy_coef": self.entropy_coef != 0.0,
+            "use_adaptive_entropy": self.use_adaptive_entropy,
+            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+            # Masked completions would enter the group weights with log-prob 0.
+            "mask_truncated_completions": self.mask_truncated_completions,
+            # The reference is the base model with the adapter disabled; there is nothing to sync.
+            "sync_ref_model": self.sync_ref_model,
+        }
+        return {key: getattr(self, key) for key, bad in checks.items() if bad}
+
+    def coefficients(self) -> dict[str, float]:
+        """The coefficients the method uses, as recorded in ``qempo_lite.json``."""
+        return {name: getattr(self, name) for name in get_method(self.loss_method, "online").coefficient_names}
+
+
+
+__all__ = ["COEFFICIENT_NAMES", "QEMPOConfig", "QEMPOOnlineConfig", "ROLLOUTS"]

@@ -1,0 +1,319 @@
+"""The training commands: ``qempo-lite train offline`` and ``qempo-lite train online``.
+
+Each reads a YAML recipe (keys of the trainer config, :class:`~qempo_lite.runs.ModelArgs` and
+its run arguments; ``--key value`` flags override), loads the data and the model, trains,
+and saves the adapter with ``qempo_lite.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .configs import COEFFICIENT_NAMES, QEMPOConfig, QEMPOOnlineConfig
+from .errors import QempoError
+from .runs import (METADATA_FILE, ModelArgs, check_evaluation, checkpoint_to_resume, lora_metadata,
+                   push_finished_adapter, take_over_hub_push, use_rich_progress, write_run_metadata)
+
+# ----------------------------------------------------------------------------------------------
+# qempo-lite train offline
+
+
+@dataclass
+class OfflineRunArgs:
+    """What to train and evaluate on, and whether to resume."""
+
+    dataset: str = field(metadata={"help": "Hub dataset name or local .jsonl/.json/.parquet preference file."})
+    dataset_split: str | None = field(default=None, metadata={"help": "Training split of a Hub dataset (default "
+                                                                     "train); a local file has none."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Evaluation pairs: a local file or a Hub "
+                                                                     "dataset (default: the training dataset)."})
+    eval_split: str | None = field(default=None, metadata={"help": "Evaluation split of a Hub dataset."})
+    eval_fraction: float | None = field(default=None, metadata={"help": "Hold out this fraction of the training "
+                                                                        "pairs (seeded) for evaluation."})
+    on_bad_rows: str = field(default="error", metadata={"help": "error or skip malformed rows."})
+    limit: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Use at most this many evaluation pairs."})
+    max_row_bytes: int = field(default=1_000_000, metadata={"help": "Largest accepted row of a data file, bytes."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint in output_dir."})
+
+    def __post_init__(self):
+        from .data import ON_BAD_ROWS, is_local_source
+
+        if self.on_bad_rows not in ON_BAD_ROWS:
+            raise QempoError(f"on_bad_rows must be one of {', '.join(ON_BAD_ROWS)}, got {self.on_bad_rows!r}")
+        for name in ("limit", "eval_limit", "max_row_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise QempoError(f"{name} must be a positive number, got {value!r}")
+        if self.eval_fraction is not None:
+            if not 0.0 < self.eval_fraction < 1.0:
+                raise QempoError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction!r}")
+            if self.eval_dataset is not None or self.eval_split is not None:
+                raise QempoError("eval_fraction holds out training pairs; do not combine it with eval_dataset or "
+                                 "eval_split")
+        if is_local_source(self.dataset) and self.dataset_split is not None:
+            raise QempoError(f"dataset_split={self.dataset_split!r} applies to Hub datasets; the local file "
+                             f"{self.dataset} has no splits: remove dataset_split")
+        eval_source = self.eval_dataset or self.dataset
+        if self.eval_split is not None and is_local_source(eval_source):
+            raise QempoError(f"eval_split={self.eval_split!r} applies to Hub datasets, but the evaluation data is the "
+                             f"local file {eval_source}; name an evaluation file with eval_dataset or hold out "
+                             "training pairs with eval_fraction")
+        if self.eval_dataset is not None and not is_local_source(self.eval_dataset) and self.eval_split is None:
+            raise QempoError(f"eval_dataset {self.eval_dataset!r} is a Hub dataset; name its split with eval_split")
+        if (self.eval_dataset is None and self.eval_split is not None and not is_local_source(self.dataset)
+                and self.eval_split == (self.dataset_split or "train")):
+            raise QempoError(f"eval_split={self.eval_split!r} is the training split; evaluate on another split or "
+                             "hold out training pairs with eval_fraction")
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_dataset is not None or self.eval_split is not None or self.eval_fraction is not None
+
+
+_OFFLINE_TYPES = (QEMPOConfig, ModelArgs, OfflineRunArgs)
+_OFFLINE_HINT = "see 'qempo-lite train offline --help'"
+
+
+def offline_usage() -> str:
+    from .recipe import describe_keys
+
+    lines = [
+        "usage: qempo-lite train offline --config RECIPE.yaml [--key value ...] [--resume]",
+        "",
+        "Train a LoRA/QLoRA adapter on preference pairs with qempo, qempo_kl, dpo or spl.",
+        "Keys come from the YAML recipe (see recipes/offline/); --key value flags override them.",
+        "",
+        "model keys:", *describe_keys(ModelArgs),
+        "",
+        "data and run keys:", *describe_keys(OfflineRunArgs),
+        "",
+        "objective keys:",
+        *[line for line in describe_keys(QEMPOConfig)
+          if line.split("(")[0].strip() in ("loss_method",) + COEFFICIENT_NAMES],
+        "",
+        "training keys: the fields of trl.DPOConfig / transformers.TrainingArguments that leave the objective",
+        "  alone (listed in qempo_lite/trl_fields.py; any other is refused), e.g. output_dir,",
+        "  learning_rate, num_train_epochs, max_steps, per_device_train_batch_size, gradient_accumulation_steps,",
+        "  max_length, gradient_checkpointing, bf16, save_steps, logging_steps, precompute_ref_log_probs, seed.",
+    ]
+    return "\n".join(lines)
+
+
+def load_eval_pairs(run_args: OfflineRunArgs, train, seed: int):
+    """``(train, evaluation, description)``: evaluation pairs from their own file/split, or held out of ``train``.
+
+    Never the training rows themselves: a local file has no splits, so its evaluation pairs come
+    from ``eval_dataset`` or a seeded ``eval_fraction`` of the training pairs.
+    """
+    from .data import is_local_source, load_preferences
+
+    if run_args.eval_fraction is not None:
+        if len(train) < 2:
+            raise QempoError("eval_fraction needs at least 2 training pairs")
+        parts = train.train_test_split(test_size=run_args.eval_fraction, seed=seed)
+        evaluation = parts["test"]
+        if run_args.eval_limit is not None:
+            evaluation = evaluation.select(range(min(run_args.eval_limit, len(evaluation))))
+        return parts["train"], evaluation, {"held_out_fraction": run_args.eval_fraction, "seed": seed,
+                                            "rows": len(evaluation)}
+    if not run_args.has_eval:
+        return train, None, None
+    source = run_args.eval_dataset or run_args.dataset
+    split = None if is_local_source(source) else run_args.eval_split
+    evaluation, report = load_preferences(source, split=split or "train", on_bad_rows=run_args.on_bad_rows,
+                                          limit=run_args.eval_limit, max_row_bytes=run_args.max_row_bytes,
+                                          return_report=True)
+    return train, evaluation, {"dataset": source, "split": split, "rows": len(evaluation), "skipped": report.skipped}
+
+
+def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineRunArgs) -> Path:
+    """Load data and model, train, save the adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
+    from .console import quiet_setup
+    from .data import is_local_source, load_preferences
+    from .models import check_model_source
+    from .offline import QEMPOTrainer
+
+    check_evaluation(config, run_args.has_eval)
+    checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume, needs_optimizer=not config.save_only_model)
+    split = None if is_local_source(run_args.dataset) else (run_args.dataset_split or "train")
+    with quiet_setup():
+        print(f"loading preference pairs from {run_args.dataset}", flush=True)
+        train, report = load_preferences(run_args.dataset, split=split or "train", on_bad_rows=run_args.on_bad_rows,
+                                         limit=run_args.limit, max_row_bytes=run_args.max_row_bytes,
+                                         return_report=True)
+        train, evaluation, eval_data = load_eval_pairs(run_args, train, config.seed)
+        repo_id = take_over_hub_push(config)
+        check_model_source(model_args.model_name_or_path)
+        print(f"loading {model_args.model_name_or_path} and preparing the trainer", flush=True)
+        model, tokenizer, peft_config = model_args.load(config)
+        trainer = QEMPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
+                               processing_class=tokenizer, peft_config=peft_config)
+    dropped = trainer.dropped_for_length
+    if dropped.get("train") or dropped.get("eval"):
+        print(f"dropped for length (prompt alone >= max_length={config.max_length} tokens): "
+              f"{dropped.get('train', 0)} training and {dropped.get('eval', 0)} evaluation pairs")
+    if eval_data is not None:
+        eval_data["dropped_for_length"] = dropped.get("eval", 0)
+    use_rich_progress(trainer)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer; every process (sharded models gather)
+    trainer.save_state()
+    if trainer.accelerator.is_main_process:
+        write_run_metadata(
+            config.output_dir, config, base_model=model_args.model_name_or_path,
+            quantization=model_args.quantization, lora=lora_metadata(model_args, config),
+            data={"dataset": run_args.dataset, "split": split, "rows": len(train) - dropped.get("train", 0),
+                  "skipped": report.skipped, "dropped_for_length": dropped.get("train", 0), "eval": eval_data},
+            steps=trainer.state.global_step,
+        )
+    push_finished_adapter(config, repo_id)  # the main process only
+    return Path(config.output_dir)
+
+
+def offline_cli(argv: list[str]) -> int:
+    """``qempo-lite train offline --config recipe.yaml [--key value ...] [--resume]``."""
+    from .console import input_read
+    from .recipe import parse_recipe
+
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(offline_usage())
+        return 0
+    config, model_args, run_args = parse_recipe(argv, _OFFLINE_TYPES, help_hint=_OFFLINE_HINT)
+    input_read()
+    output_dir = train_offline(config, model_args, run_args)
+    print(f"adapter, tokenizer and {METADATA_FILE} saved to {output_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# qempo-lite train online
+
+
+@dataclass
+class OnlineRunArgs:
+    """The math problems to train on, and whether to resume."""
+
+    datasets: list[str] = field(metadata={"help": "GSM8K / MATH sources: Hub names or local .jsonl files."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of each Hub dataset."})
+    on_bad_rows: str = field(default="error", metadata={"help": "error or skip malformed rows."})
+    limit: int | None = field(default=None, metadata={"help": "Use at most this many problems of each dataset."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+
+    def __post_init__(self):
+        from .data import ON_BAD_ROWS
+
+        if not self.datasets:
+            raise QempoError("datasets is empty; list at least one GSM8K or MATH source")
+        if self.on_bad_rows not in ON_BAD_ROWS:
+            raise QempoError(f"on_bad_rows must be one of {', '.join(ON_BAD_ROWS)}, got {self.on_bad_rows!r}")
+        if self.limit is not None and self.limit < 1:
+            raise QempoError(f"limit must be a positive number of problems, got {self.limit!r}")
+
+
+_ONLINE_HINT = "see 'qempo-lite train online --help'"
+
+
+_ONLINE_TYPES = (QEMPOOnlineConfig, ModelArgs, OnlineRunArgs)
+
+
+def online_usage() -> str:
+    from .recipe import describe_keys
+
+    objective = ("loss_method", "beta", "beta1", "beta2", "gate", "advantage", "correct_threshold", "rollout",
+                 "vllm_max_lora_rank", "vllm_dtype", "vllm_quantization", "vllm_gpu_memory_utilization",
+                 "vllm_enable_sleep_mode", "vllm_max_model_length", "vllm_server_url", "vllm_server_adapter_dir",
+                 "vllm_server_retries", "vllm_server_request_timeout")
+    lines = [
+        "usage: qempo-lite train online --config RECIPE.yaml [--key value ...] [--resume]",
+        "",
+        "Train a LoRA/QLoRA adapter online on math problems (verifiable reward) with qempo, qempo_kl or gvpo.",
+        "Keys come from the YAML recipe (see recipes/online/); --key value flags override them.",
+        "",
+        "model keys:", *describe_keys(ModelArgs),
+        "",
+        "data and run keys:", *describe_keys(OnlineRunArgs),
+        "",
+        "objective and rollout keys:",
+        *[line for line in describe_keys(QEMPOOnlineConfig) if line.split("(")[0].strip() in objective],
+        "",
+        "training keys: the fields of trl.GRPOConfig / transformers.TrainingArguments that leave the objective",
+        "  alone (listed in qempo_lite/trl_fields.py; any other is refused), e.g. output_dir,",
+        "  learning_rate, max_steps, num_train_epochs, num_generations, per_device_train_batch_size,",
+        "  gradient_accumulation_steps, max_completion_length, temperature, bf16, save_steps, logging_steps, seed.",
+    ]
+    return "\n".join(lines)
+
+
+def load_problems(run_args: OnlineRunArgs, seed: int):
+    """All datasets of the run, each read by :func:`qempo_lite.data.load_math`, concatenated and shuffled."""
+    from datasets import concatenate_datasets
+
+    from .data import load_math
+
+    parts = [load_math(source, split=run_args.dataset_split, on_bad_rows=run_args.on_bad_rows, limit=run_args.limit)
+             for source in run_args.datasets]
+    columns = ["prompt", "answer"]
+    return concatenate_datasets([part.select_columns(columns) for part in parts]).shuffle(seed=seed)
+
+
+def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs, rows: int, steps: int) -> Path:
+    return write_run_metadata(
+        config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
+        lora=lora_metadata(model_args, config),
+        data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows},
+        steps=steps, mode="online",
+        extra={"online": {"rollout": config.rollout, "num_generations": config.num_generations,
+                          "temperature": config.temperature, "gate": config.gate, "advantage": config.advantage,
+                          "reward": "math_reward"}},
+    )
+
+
+def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
+    """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
+    from .console import quiet_setup
+    from .models import check_model_source
+    from .online import QEMPOOnlineTrainer
+    from .rewards import math_reward
+
+    checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume, needs_optimizer=not config.save_only_model)
+    with quiet_setup():
+        print(f"loading problems from {', '.join(run_args.datasets)}", flush=True)
+        problems = load_problems(run_args, config.seed)
+        repo_id = take_over_hub_push(config)
+        check_model_source(model_args.model_name_or_path)
+        print(f"loading {model_args.model_name_or_path} and preparing the trainer", flush=True)
+        model, tokenizer, peft_config = model_args.load(config)
+        trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
+                                     processing_class=tokenizer, peft_config=peft_config)
+    use_rich_progress(trainer)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        trainer.close_rollout()
+    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer; every process (sharded models gather)
+    trainer.save_state()
+    if trainer.accelerator.is_main_process:
+        _write_metadata(config, model_args, run_args, len(problems), trainer.state.global_step)
+    push_finished_adapter(config, repo_id)  # the main process only
+    return Path(config.output_dir)
+
+
+def online_cli(argv: list[str]) -> int:
+    """``qempo-lite train online --config recipe.yaml [--key value ...] [--resume]``."""
+    from .console import input_read
+    from .recipe import parse_recipe
+
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(online_usage())
+        return 0
+    config, model_args, run_args = parse_recipe(argv, _ONLINE_TYPES, help_hint=_ONLINE_HINT)
+    input_read()
+    output_dir = train_online(config, model_args, run_args)
+    print(f"adapter, tokenizer and qempo_lite.json saved to {output_dir}")
+    return 0
+
+
+__all__ = ["OfflineRunArgs", "OnlineRunArgs", "load_eval_pairs", "load_problems", "offline_cli", "offline_usage",
+           "online_cli", "online_usage", "train_offline", "train_online"]
