@@ -12,7 +12,7 @@ import traceback
 import warnings
 
 from .console import debug_enabled, hold_output, release_output
-from .errors import QempoError
+from .errors import QempoError, one_line
 from .methods import method_names
 
 COMMANDS = {
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug_enabled():
             traceback.print_exc()
         if isinstance(err, QempoError):
-            print(f"error: {_one_line(err)}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
         else:
-            print(f"error: {type(err).__name__}: {_one_line(err)} (unexpected; rerun with QEMPO_LITE_DEBUG=1 for "
+            print(f"error: {type(err).__name__}: {one_line(err)} (unexpected; rerun with QEMPO_LITE_DEBUG=1 for "
                   "the traceback)", file=sys.stderr)
         return 2
 
@@ -95,11 +95,6 @@ def _ended_while_reading(code: int) -> int:
         prog, _, message = usage_error[-1].partition(": error: ")
         print(f"error: {message}; see '{prog} --help'", file=sys.stderr)
     return code
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -15,18 +15,13 @@ from typing import Any
 from trl import DPOConfig, GRPOConfig
 
 from . import trl_fields
-from .errors import QempoError
+from .errors import QempoError, one_line
 from .losses import ADVANTAGES, GATES, OFFLINE_METHODS
 from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
 from .trl_fields import refuse_unlisted_fields
 
 COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields; each method takes some
 ROLLOUTS = ("hf", "vllm", "vllm_server")
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 @dataclass
@@ -205,7 +200,7 @@ class QEMPOOnlineConfig(GRPOConfig):
         try:
             super().__post_init__()
         except ValueError as err:  # GRPOConfig's own checks (batch sizes vs num_generations, ...)
-            raise QempoError(_first_line(err)) from err
+            raise QempoError(one_line(err)) from err
         if self.steps_per_generation > self.gradient_accumulation_steps:
             raise QempoError(
                 f"steps_per_generation={self.steps_per_generation} spans several optimizer steps, so later steps would "

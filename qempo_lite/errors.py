@@ -13,3 +13,11 @@ def missing_extra(module: str, extra: str, hint: str = "") -> QempoError:
     """The error for an optional dependency that is not installed."""
     suffix = f" ({hint})" if hint else ""
     return QempoError(f"{module} is not installed: pip install 'qempo-lite[{extra}]'{suffix}")
+
+
+def one_line(err: BaseException | str, *, lines: int = 1, limit: int = 300) -> str:
+    """A message on one line: the first ``lines`` non-empty lines of ``err`` joined, at most ``limit`` characters
+    (the exception's type name when it has no message)."""
+    kept = [line.strip() for line in str(err).strip().splitlines() if line.strip()][:lines]
+    text = " ".join(kept)[:limit]
+    return text or (type(err).__name__ if isinstance(err, BaseException) else "no message")

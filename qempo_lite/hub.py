@@ -32,7 +32,7 @@ from typing import Any
 from .adapters import (CONFIG_FILE, WEIGHTS_FILE, adapter_config, check_adapter_files, contained_file, max_rank,
                        read_json_object, read_metadata, recorded_base_model)
 from .console import ArgumentParser, input_read
-from .errors import QempoError
+from .errors import QempoError, one_line
 
 logger = logging.getLogger("qempo_lite")
 
@@ -245,11 +245,6 @@ def _tokenizer_signature(path: str | Path):
             tok.model_max_length, tok.padding_side)
 
 
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:200] if text else type(err).__name__
-
-
 def tokenizer_changed(adapter_files: dict[str, Path], bases: list[str]) -> bool:
     """Whether the adapter's tokenizer differs from the base model's: vocabulary, special
     tokens, chat template, length and padding side are compared (file bytes differ between
@@ -269,14 +264,14 @@ def tokenizer_changed(adapter_files: dict[str, Path], bases: list[str]) -> bool:
         try:
             mine = _tokenizer_signature(copy)
         except Exception as err:  # noqa: BLE001 - any failure refuses the push (never uploads more)
-            raise QempoError(f"the adapter's tokenizer files cannot be loaded ({_first_line(err)}); fix or remove "
+            raise QempoError(f"the adapter's tokenizer files cannot be loaded ({one_line(err)}); fix or remove "
                              "them, or pass --tokenizer skip") from None
     reasons = []
     for base in bases:
         try:
             return mine != _tokenizer_signature(base)
         except Exception as err:  # noqa: BLE001 - offline, private, missing or broken: try the next, then refuse
-            reasons.append(f"{base}: {_first_line(err)}")
+            reasons.append(f"{base}: {one_line(err)}")
     raise QempoError(f"cannot load the base model's tokenizer to compare it with the adapter's ({'; '.join(reasons)}); "
                      "pass --tokenizer upload to upload the adapter's tokenizer, or --tokenizer skip to leave it out")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import QempoError
+from .errors import QempoError, one_line
 
 QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -134,11 +134,6 @@ def quantization_config(quantization: str | None, *, on_gpu: bool | None = None)
     )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, require_chat_template: bool = True):
     """The model's tokenizer, with a pad token (eos when it has none) and, by default, a chat template."""
     from transformers import AutoTokenizer
@@ -147,7 +142,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, requir
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise QempoError(
-            f"cannot load the tokenizer of {name_or_path!r} ({_first_line(err)}); "
+            f"cannot load the tokenizer of {name_or_path!r} ({one_line(err)}); "
             "pass a local model directory or a Hub model id you have access to"
         ) from err
     if require_chat_template and not getattr(tokenizer, "chat_template", None):
@@ -257,7 +252,7 @@ def load_policy(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise QempoError(
-            f"cannot load model {name_or_path!r} ({_first_line(err)}); pass a local directory or Hub id of a "
+            f"cannot load model {name_or_path!r} ({one_line(err)}); pass a local directory or Hub id of a "
             "causal LM with safetensors weights"
         ) from err
     if model.config.pad_token_id is None:

@@ -59,8 +59,8 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from .configs import QEMPOOnlineConfig, _first_line
-from .errors import QempoError
+from .configs import QEMPOOnlineConfig
+from .errors import QempoError, one_line
 from .losses import online_objective, online_weights
 from .methods import loss_coefficients
 from .runs import TRL_VERSION_RANGE, PickleFreeSave, warn_if_untested_trl
@@ -187,7 +187,7 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
                 if not isinstance(err, QempoError) and self.accelerator.num_processes == 1:
                     raise
                 if not isinstance(err, QempoError):
-                    err = QempoError(f"{type(err).__name__}: {_first_line(err)}")
+                    err = QempoError(f"{type(err).__name__}: {one_line(err)}")
                 outcome = [err]
         if self.accelerator.num_processes > 1:
             outcome = broadcast_object_list(outcome, from_process=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import ANYWHERE, PICKLE_SUFFIXES, check_adapter_files, read_metadata, safetensors_header
-from ..errors import QempoError
+from ..errors import QempoError, one_line
 from ..hub import HUB_ID
 
 MAX_PATH_CHARS = 1024  # longer typed paths are refused before they reach the file system
@@ -169,8 +169,7 @@ def adapter_metadata(path: Path) -> dict:
 
 def first_line(err: BaseException) -> str:
     """The error's message on one line (validation errors put the cause on their second line)."""
-    text = " ".join(line.strip() for line in str(err).strip().splitlines()[:4])
-    return text[:300] if text else type(err).__name__
+    return one_line(err, lines=4)
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"(),;:]+)")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qempo_lite.errors import QempoError, missing_extra
+from qempo_lite.errors import QempoError, missing_extra, one_line
 
 from .mtbench import MTBENCH, Question, resolve_mtbench_file
 from .sampling import Sample
@@ -383,13 +383,13 @@ class Judge:
                 raise QempoError(f"judge model {self.model!r} not found at {self.base_url}; fix --judge-model "
                                  "or --judge-url") from None
             except openai.BadRequestError as err:  # e.g. a conversation longer than the judge's context
-                return Judgement(item, None, None, error=redact(f"request refused: {_first_line(err)}"),
+                return Judgement(item, None, None, error=redact(f"request refused: {one_line(err)}"),
                                  attempts=attempt)
             except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
                     openai.InternalServerError, openai.APIStatusError) as err:
-                error = f"{type(err).__name__}: {_first_line(err)}"
+                error = f"{type(err).__name__}: {one_line(err)}"
             except ValueError as err:  # a 200 whose body the client cannot parse (truncated JSON, bad UTF-8)
-                judgment, error = None, f"malformed reply: {type(err).__name__}: {_first_line(err)}"
+                judgment, error = None, f"malformed reply: {type(err).__name__}: {one_line(err)}"
                 with self._lock:
                     self.stats["malformed"] += 1
             finally:
@@ -446,11 +446,6 @@ class Judge:
         items = [JudgeItem("", "", 1, i, SINGLE, template.system_prompt, template.fill(question=question, answer=a))
                  for i, a in enumerate(answers)]
         return [v.rating for v in self.judge(items, progress=progress)]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def summarize(judgements: Sequence[Judgement]) -> dict[str, dict[str, Any]]:
