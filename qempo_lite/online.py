@@ -25,19 +25,11 @@ GRPO's data pipeline, reward calling, batching and logging, and replaces three t
    the gradient is exactly ``-∇J`` of Eq. 8/9. As everywhere in TRL, ℓ is computed from
    ``logits / temperature``; at the paper's temperature 1 it is the model's own log-prob.
 
-Normalisation. ``w`` already carries ``1/(G k)`` for the G groups of one generation batch,
-so summing ``-(w ℓ)`` over the micro-batches of that batch gives ``-J`` averaged over its
-groups. One optimizer step accumulates ``gradient_accumulation_steps`` micro-batches while a
-generation batch spans ``steps_per_generation`` of them (equal by default), so each
-micro-batch loss is multiplied by ``steps_per_generation / gradient_accumulation_steps``:
-every optimizer step then follows the group-mean objective whatever the accumulation, and
-the ``grad / gradient_accumulation_steps`` rescaling of ``Trainer`` is off
-(``loss_is_scaled_for_ga``, inherited from GRPO). With several processes the weights are
-computed on the gathered batch and DDP averages gradients, so the loss is also multiplied
-by the number of processes. Settings that would train on a batch after the policy has moved
-(``num_iterations > 1``, a generation batch spanning several optimizer steps) are refused:
-the weights hold the log-probs ℓ of the policy that sampled the batch, and ℓ is computed with
-dropout off.
+Normalisation: each micro-batch loss is scaled so that every optimizer step follows the
+group-mean objective whatever the accumulation and the number of processes; the derivation is
+in ``docs/math.md`` ("How the online loss is normalised"). Settings that would train on a batch
+after the policy has moved (``num_iterations > 1``, a generation batch spanning several
+optimizer steps) are refused, and ℓ for the weights is computed with dropout off.
 
 Coefficients. ``beta`` of :class:`QEMPOOnlineConfig` is QEMPO's β = 1/λ (``qempo``) or GVPO's
 β (``gvpo``), and ``beta1`` / ``beta2`` are QEMPO-KL's 1/λ1 and λ2/λ1: the meanings of
