@@ -248,6 +248,42 @@ def check_evaluation(config, has_eval: bool) -> None:
                          "eval_fraction, or remove load_best_model_at_end")
 
 
+def load_model_for(model_args: ModelArgs, config):
+    """Check the model source (one line if it cannot load), then load ``(model, tokenizer, peft_config)``."""
+    from .models import check_model_source
+
+    check_model_source(model_args.model_name_or_path)
+    print(f"loading {model_args.model_name_or_path} and preparing the trainer", flush=True)
+    return model_args.load(config)
+
+
+def save_finished_run(trainer, config, repo_id: str | None, write_metadata) -> Path:
+    """Save the adapter and the trainer state (every process: sharded models gather), ``qempo_lite.json`` through
+    ``write_metadata(steps)`` and the Hub push (the main process only)."""
+    trainer.save_model(config.output_dir)
+    trainer.save_state()
+    if trainer.accelerator.is_main_process:
+        write_metadata(trainer.state.global_step)
+    push_finished_adapter(config, repo_id)
+    return Path(config.output_dir)
+
+
+def run_training_command(argv: list[str], usage, config_types: tuple, help_hint: str, train) -> int:
+    """``--help`` or: parse the recipe and flags into ``config_types``, then ``train(config, model_args, run_args)``."""
+    from .console import input_read
+    from .recipe import parse_recipe
+
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    config, model_args, run_args = parse_recipe(argv, config_types, help_hint=help_hint)
+    input_read()
+    output_dir = train(config, model_args, run_args)
+    print(f"adapter, tokenizer and {METADATA_FILE} saved to {output_dir}")
+    return 0
+
+
 __all__ = ["METADATA_FILE", "ModelArgs", "PickleFreeSave", "TRL_VERSION_RANGE", "check_evaluation", "checkpoint_problem",
-           "checkpoint_to_resume", "lora_metadata", "push_finished_adapter", "take_over_hub_push", "use_rich_progress",
+           "checkpoint_to_resume", "load_model_for", "lora_metadata", "push_finished_adapter", "run_training_command",
+           "save_finished_run", "take_over_hub_push", "use_rich_progress",
            "warn_if_untested_trl", "write_run_metadata"]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .configs import COEFFICIENT_NAMES, QEMPOConfig, QEMPOOnlineConfig
 from .errors import QempoError
-from .runs import (METADATA_FILE, ModelArgs, check_evaluation, checkpoint_to_resume, lora_metadata,
-                   push_finished_adapter, take_over_hub_push, use_rich_progress, write_run_metadata)
+from .runs import (ModelArgs, check_evaluation, checkpoint_to_resume, load_model_for, lora_metadata,
+                   run_training_command, save_finished_run, take_over_hub_push, use_rich_progress, write_run_metadata)
 
 # ----------------------------------------------------------------------------------------------
 # qempo-lite train offline
@@ -132,7 +132,6 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
     """Load data and model, train, save the adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
     from .console import quiet_setup
     from .data import is_local_source, load_preferences
-    from .models import check_model_source
     from .offline import QEMPOTrainer
 
     check_evaluation(config, run_args.has_eval)
@@ -145,9 +144,7 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
                                          return_report=True)
         train, evaluation, eval_data = load_eval_pairs(run_args, train, config.seed)
         repo_id = take_over_hub_push(config)
-        check_model_source(model_args.model_name_or_path)
-        print(f"loading {model_args.model_name_or_path} and preparing the trainer", flush=True)
-        model, tokenizer, peft_config = model_args.load(config)
+        model, tokenizer, peft_config = load_model_for(model_args, config)
         trainer = QEMPOTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                                processing_class=tokenizer, peft_config=peft_config)
     dropped = trainer.dropped_for_length
@@ -158,33 +155,17 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
         eval_data["dropped_for_length"] = dropped.get("eval", 0)
     use_rich_progress(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer; every process (sharded models gather)
-    trainer.save_state()
-    if trainer.accelerator.is_main_process:
-        write_run_metadata(
-            config.output_dir, config, base_model=model_args.model_name_or_path,
-            quantization=model_args.quantization, lora=lora_metadata(model_args, config),
-            data={"dataset": run_args.dataset, "split": split, "rows": len(train) - dropped.get("train", 0),
-                  "skipped": report.skipped, "dropped_for_length": dropped.get("train", 0), "eval": eval_data},
-            steps=trainer.state.global_step,
-        )
-    push_finished_adapter(config, repo_id)  # the main process only
-    return Path(config.output_dir)
+    rows = len(train) - dropped.get("train", 0)
+    return save_finished_run(trainer, config, repo_id, lambda steps: write_run_metadata(
+        config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
+        lora=lora_metadata(model_args, config), steps=steps,
+        data={"dataset": run_args.dataset, "split": split, "rows": rows, "skipped": report.skipped,
+              "dropped_for_length": dropped.get("train", 0), "eval": eval_data}))
 
 
 def offline_cli(argv: list[str]) -> int:
     """``qempo-lite train offline --config recipe.yaml [--key value ...] [--resume]``."""
-    from .console import input_read
-    from .recipe import parse_recipe
-
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(offline_usage())
-        return 0
-    config, model_args, run_args = parse_recipe(argv, _OFFLINE_TYPES, help_hint=_OFFLINE_HINT)
-    input_read()
-    output_dir = train_offline(config, model_args, run_args)
-    print(f"adapter, tokenizer and {METADATA_FILE} saved to {output_dir}")
-    return 0
+    return run_training_command(argv, offline_usage, _OFFLINE_TYPES, _OFFLINE_HINT, train_offline)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +254,6 @@ def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunAr
 def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
     """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
     from .console import quiet_setup
-    from .models import check_model_source
     from .online import QEMPOOnlineTrainer
     from .rewards import math_reward
 
@@ -282,9 +262,7 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
         print(f"loading problems from {', '.join(run_args.datasets)}", flush=True)
         problems = load_problems(run_args, config.seed)
         repo_id = take_over_hub_push(config)
-        check_model_source(model_args.model_name_or_path)
-        print(f"loading {model_args.model_name_or_path} and preparing the trainer", flush=True)
-        model, tokenizer, peft_config = model_args.load(config)
+        model, tokenizer, peft_config = load_model_for(model_args, config)
         trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
                                      processing_class=tokenizer, peft_config=peft_config)
     use_rich_progress(trainer)
@@ -292,27 +270,13 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         trainer.close_rollout()
-    trainer.save_model(config.output_dir)  # adapter (safetensors) + tokenizer; every process (sharded models gather)
-    trainer.save_state()
-    if trainer.accelerator.is_main_process:
-        _write_metadata(config, model_args, run_args, len(problems), trainer.state.global_step)
-    push_finished_adapter(config, repo_id)  # the main process only
-    return Path(config.output_dir)
+    return save_finished_run(trainer, config, repo_id,
+                             lambda steps: _write_metadata(config, model_args, run_args, len(problems), steps))
 
 
 def online_cli(argv: list[str]) -> int:
     """``qempo-lite train online --config recipe.yaml [--key value ...] [--resume]``."""
-    from .console import input_read
-    from .recipe import parse_recipe
-
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(online_usage())
-        return 0
-    config, model_args, run_args = parse_recipe(argv, _ONLINE_TYPES, help_hint=_ONLINE_HINT)
-    input_read()
-    output_dir = train_online(config, model_args, run_args)
-    print(f"adapter, tokenizer and qempo_lite.json saved to {output_dir}")
-    return 0
+    return run_training_command(argv, online_usage, _ONLINE_TYPES, _ONLINE_HINT, train_online)
 
 
 __all__ = ["OfflineRunArgs", "OnlineRunArgs", "load_eval_pairs", "load_problems", "offline_cli", "offline_usage",
