@@ -350,6 +350,25 @@ def _cmd_table2(args) -> int:
 # ------------------------------------------------------------------------------ parser
 
 
+def _add_judge_options(parser, *, required: bool, prefix: str = "") -> None:
+    """The judge's endpoint and request options, shared by 'eval judge' and 'eval table2' (whose own
+    --max-new-tokens makes it prefix the judge's per-prompt and max-tokens options with ``judge-``)."""
+    parser.add_argument("--judge-url", required=required, help="OpenAI-compatible base URL, e.g. "
+                                                                "https://api.openai.com/v1")
+    parser.add_argument("--judge-model", required=required, help="judge model name, e.g. gpt-4o-2024-08-06 (the "
+                                                                  "paper's)")
+    parser.add_argument("--api-key-env", help="environment variable holding the key (default: QEMPO_JUDGE_API_KEY, "
+                                              "then OPENAI_API_KEY); the key is never printed")
+    parser.add_argument("--judge-prompts", default="mtbench", help="MT-Bench judge_prompts.jsonl ('mtbench' default)")
+    parser.add_argument(f"--{prefix}per-prompt", type=_count,
+                        help="judge only the first K samples of each prompt and turn (default: all)")
+    parser.add_argument("--concurrency", type=_count, default=8, help="requests in flight at once (8)")
+    parser.add_argument(f"--{prefix}max-tokens", type=_count, default=1024, help="longest judgment in tokens (1024)")
+    parser.add_argument("--judge-temperature", type=float, default=0.0, help="judge sampling temperature (0)")
+    parser.add_argument("--extra-body", help="JSON object sent with every request, e.g. a server's structured-output "
+                                             "options")
+
+
 def build_parser() -> argparse.ArgumentParser:
     example = __doc__.split("::\n\n", 1)[1].split("\n\n")[0]
     parser = argparse.ArgumentParser(
@@ -392,23 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "--api-key-env, $QEMPO_JUDGE_API_KEY or $OPENAI_API_KEY and never printed. Failed requests are "
                     "retried, then counted; ratings are cached in a JSONL file so reruns only ask what is missing.")
     judge.add_argument("--samples", required=True, help="samples JSONL from 'qempo-lite eval sample'")
-    judge.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
-    judge.add_argument("--judge-model", required=True, help="judge model name, e.g. gpt-4o-2024-08-06 (the paper's)")
     judge.add_argument("--output", required=True, help="the judge JSON file to write")
-    judge.add_argument("--api-key-env", help="environment variable holding the key (default: QEMPO_JUDGE_API_KEY, "
-                                             "then OPENAI_API_KEY)")
     judge.add_argument("--questions", help="'mtbench' or the questions file sampled from: grades math, reasoning "
                                            "and coding answers against its reference answers, as MT-Bench does")
-    judge.add_argument("--judge-prompts", default="mtbench", help="MT-Bench judge_prompts.jsonl ('mtbench' default)")
-    judge.add_argument("--per-prompt", type=_count, help="judge only the first K samples of each prompt and turn")
-    judge.add_argument("--concurrency", type=_count, default=8, help="requests in flight at once (8)")
+    _add_judge_options(judge, required=True)
     judge.add_argument("--max-attempts", type=_count, default=3,
                        help="requests per sample before it counts as failed (3)")
     judge.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
-    judge.add_argument("--max-tokens", type=_count, default=1024, help="longest judgment in tokens (1024)")
-    judge.add_argument("--judge-temperature", type=float, default=0.0, help="judge sampling temperature (0)")
-    judge.add_argument("--extra-body", help="JSON object sent with every request, e.g. a server's structured-output "
-                                            "options")
     judge.add_argument("--cache", help="ratings cache (default: judge_cache.jsonl beside --output)")
     judge.set_defaults(run=_cmd_judge)
 
@@ -449,19 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     table2.add_argument("--per-question", action="store_true",
                         help="also score each question turn's samples as a set (not in Table 2; slower)")
     _add_diversity_options(table2, seed_flag="--diversity-seed")
-    judging = table2.add_argument_group("judge (optional: without it the report has diversity only)")
-    judging.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
-    judging.add_argument("--judge-model", help="judge model name, e.g. gpt-4o-2024-08-06 (the paper's)")
-    judging.add_argument("--api-key-env", help="environment variable holding the key (default: QEMPO_JUDGE_API_KEY, "
-                                               "then OPENAI_API_KEY); the key is never printed")
-    judging.add_argument("--judge-prompts", default="mtbench", help="MT-Bench judge_prompts.jsonl ('mtbench')")
-    judging.add_argument("--judge-per-prompt", type=_count,
-                         help="judge only the first K samples of each question and turn (default: all)")
-    judging.add_argument("--concurrency", type=_count, default=8, help="requests in flight at once (8)")
-    judging.add_argument("--judge-max-tokens", type=_count, default=1024, help="longest judgment in tokens (1024)")
-    judging.add_argument("--judge-temperature", type=float, default=0.0, help="judge sampling temperature (0)")
-    judging.add_argument("--extra-body", help="JSON object sent with every request, e.g. a server's "
-                                              "structured-output options")
+    _add_judge_options(table2.add_argument_group("judge (optional: without it the report has diversity only)"),
+                       required=False, prefix="judge-")
     table2.set_defaults(run=_cmd_table2)
 
     report = commands.add_parser(
