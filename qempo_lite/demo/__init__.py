@@ -50,7 +50,6 @@ def cli(argv: list[str]) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    log = None
     with console.status("running the demo") as status:
         def log(message):
             status.update(message)

@@ -132,11 +132,9 @@ def preference_blocks(names: list[str]) -> list[list[dict]]:
 def train_adapter(method: str, base: Path, rows: list[dict], out: Path, settings: DemoSettings) -> Path:
     """One LoRA adapter trained with ``method`` through the QEMPOTrainer users run; only the loss differs."""
     import datasets
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..offline import QEMPOConfig, QEMPOTrainer
-    from ..runs import write_run_metadata
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -150,18 +148,12 @@ def train_adapter(method: str, base: Path, rows: list[dict], out: Path, settings
         train_sampling_strategy="sequential", max_length=32, logging_steps=50, save_strategy="no", report_to=[],
         seed=settings.seed, use_cpu=True, disable_tqdm=True,
     )
-    peft_config = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.0,
-                             target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = world.demo_lora(settings.lora_r)
     trainer = QEMPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                            processing_class=tokenizer, peft_config=peft_config)
     world.silence_printer(trainer)
     trainer.train()
-    trainer.save_model(str(out))
-    write_run_metadata(out, args, base_model=str(base), steps=trainer.state.global_step,
-                       lora={"r": settings.lora_r, "alpha": 2 * settings.lora_r, "dropout": 0.0,
-                             "target_modules": "all-linear"},
-                       data={"dataset": "qempo-lite demo preferences", "rows": len(rows)})
-    return out
+    return world.save_demo_adapter(trainer, out, base, "qempo-lite demo preferences", len(rows))
 
 
 def _entropy_of_counts(counts: Counter) -> float:

@@ -99,10 +99,8 @@ def _reference_target(task_id: int) -> dict[str, float]:
 def train_adapter(method: str, base: Path, out: Path, settings: OnlineSettings, rollout_engine=None) -> Path:
     """One LoRA adapter trained online with ``method``; only the loss (and its gate) differ between methods."""
     import datasets
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..runs import write_run_metadata
     from ..online import QEMPOOnlineConfig, QEMPOOnlineTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -118,8 +116,7 @@ def train_adapter(method: str, base: Path, out: Path, settings: OnlineSettings, 
         max_steps=settings.steps, logging_steps=25, save_strategy="no", report_to=[], seed=settings.seed,
         use_cpu=True, disable_tqdm=True,
     )
-    peft_config = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.0,
-                             target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = world.demo_lora(settings.lora_r)
     trainer = QEMPOOnlineTrainer(model=model, reward_funcs=number_reward, args=args,
                                  train_dataset=datasets.Dataset.from_list(rows * settings.steps),
                                  processing_class=tokenizer, peft_config=peft_config, rollout_engine=rollout_engine)
@@ -128,12 +125,7 @@ def train_adapter(method: str, base: Path, out: Path, settings: OnlineSettings, 
         trainer.train()
     finally:
         trainer.close_rollout()
-    trainer.save_model(str(out))
-    write_run_metadata(out, args, base_model=str(base), steps=trainer.state.global_step,
-                       lora={"r": settings.lora_r, "alpha": 2 * settings.lora_r, "dropout": 0.0,
-                             "target_modules": "all-linear"},
-                       data={"dataset": "qempo-lite online demo questions", "rows": len(rows)})
-    return out
+    return world.save_demo_adapter(trainer, out, base, "qempo-lite online demo questions", len(rows), mode="online")
 
 
 def _correct_mask(names: list[str]):

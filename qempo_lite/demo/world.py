@@ -244,3 +244,23 @@ def silence_printer(trainer) -> None:
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+
+
+def demo_lora(rank: int):
+    """The demos' adapter: rank ``rank`` on every linear layer, alpha 2·rank, no dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def save_demo_adapter(trainer, out: Path, base: Path, data_name: str, rows: int, mode: str = "offline") -> Path:
+    """The trained adapter and its ``qempo_lite.json`` (what the app and the card read) in ``out``."""
+    from ..runs import write_run_metadata
+
+    lora = trainer.model.peft_config["default"]
+    trainer.save_model(str(out))
+    write_run_metadata(out, trainer.args, base_model=str(base), steps=trainer.state.global_step, mode=mode,
+                       lora={"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+                             "target_modules": "all-linear"},
+                       data={"dataset": data_name, "rows": rows})
+    return out
