@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .configs import COEFFICIENT_NAMES, QEMPOConfig, QEMPOOnlineConfig
 from .errors import QempoError
+from .methods import method_names
 from .runs import (ModelArgs, check_evaluation, checkpoint_to_resume, load_model_for, lora_metadata,
                    run_training_command, save_finished_run, take_over_hub_push, use_rich_progress, write_run_metadata)
 
@@ -76,29 +77,34 @@ _OFFLINE_TYPES = (QEMPOConfig, ModelArgs, OfflineRunArgs)
 _OFFLINE_HINT = "see 'qempo-lite train offline --help'"
 
 
-def offline_usage() -> str:
+def _usage(mode: str, task: str, run_args: type, config: type, objective_keys: tuple[str, ...], trl_config: str,
+           examples: str) -> str:
     from .recipe import describe_keys
 
     lines = [
-        "usage: qempo-lite train offline --config RECIPE.yaml [--key value ...] [--resume]",
+        f"usage: qempo-lite train {mode} --config RECIPE.yaml [--key value ...] [--resume]",
         "",
-        "Train a LoRA/QLoRA adapter on preference pairs with qempo, qempo_kl, dpo or spl.",
-        "Keys come from the YAML recipe (see recipes/offline/); --key value flags override them.",
+        f"Train a LoRA/QLoRA adapter {task} with {', '.join(method_names(mode))}.",
+        f"Keys come from the YAML recipe (see recipes/{mode}/); --key value flags override them.",
         "",
         "model keys:", *describe_keys(ModelArgs),
         "",
-        "data and run keys:", *describe_keys(OfflineRunArgs),
+        "data and run keys:", *describe_keys(run_args),
         "",
         "objective keys:",
-        *[line for line in describe_keys(QEMPOConfig)
-          if line.split("(")[0].strip() in ("loss_method",) + COEFFICIENT_NAMES],
+        *[line for line in describe_keys(config) if line.split("(")[0].strip() in objective_keys],
         "",
-        "training keys: the fields of trl.DPOConfig / transformers.TrainingArguments that leave the objective",
-        "  alone (listed in qempo_lite/trl_fields.py; any other is refused), e.g. output_dir,",
-        "  learning_rate, num_train_epochs, max_steps, per_device_train_batch_size, gradient_accumulation_steps,",
-        "  max_length, gradient_checkpointing, bf16, save_steps, logging_steps, precompute_ref_log_probs, seed.",
+        f"training keys: the fields of trl.{trl_config} / transformers.TrainingArguments that leave the objective",
+        "  alone (listed in qempo_lite/trl_fields.py; any other is refused), e.g. output_dir, learning_rate,",
+        f"  {examples}.",
     ]
     return "\n".join(lines)
+
+
+def offline_usage() -> str:
+    return _usage("offline", "on preference pairs", OfflineRunArgs, QEMPOConfig, ("loss_method",) + COEFFICIENT_NAMES,
+                  "DPOConfig", "num_train_epochs, max_steps, per_device_train_batch_size, gradient_accumulation_steps,"
+                  "\n  max_length, gradient_checkpointing, bf16, save_steps, logging_steps, precompute_ref_log_probs, seed")
 
 
 def load_eval_pairs(run_args: OfflineRunArgs, train, seed: int):
@@ -200,31 +206,14 @@ _ONLINE_TYPES = (QEMPOOnlineConfig, ModelArgs, OnlineRunArgs)
 
 
 def online_usage() -> str:
-    from .recipe import describe_keys
-
     objective = ("loss_method", "beta", "beta1", "beta2", "gate", "advantage", "correct_threshold", "rollout",
                  "vllm_max_lora_rank", "vllm_dtype", "vllm_quantization", "vllm_gpu_memory_utilization",
                  "vllm_enable_sleep_mode", "vllm_max_model_length", "vllm_server_url", "vllm_server_adapter_dir",
                  "vllm_server_retries", "vllm_server_request_timeout")
-    lines = [
-        "usage: qempo-lite train online --config RECIPE.yaml [--key value ...] [--resume]",
-        "",
-        "Train a LoRA/QLoRA adapter online on math problems (verifiable reward) with qempo, qempo_kl or gvpo.",
-        "Keys come from the YAML recipe (see recipes/online/); --key value flags override them.",
-        "",
-        "model keys:", *describe_keys(ModelArgs),
-        "",
-        "data and run keys:", *describe_keys(OnlineRunArgs),
-        "",
-        "objective and rollout keys:",
-        *[line for line in describe_keys(QEMPOOnlineConfig) if line.split("(")[0].strip() in objective],
-        "",
-        "training keys: the fields of trl.GRPOConfig / transformers.TrainingArguments that leave the objective",
-        "  alone (listed in qempo_lite/trl_fields.py; any other is refused), e.g. output_dir,",
-        "  learning_rate, max_steps, num_train_epochs, num_generations, per_device_train_batch_size,",
-        "  gradient_accumulation_steps, max_completion_length, temperature, bf16, save_steps, logging_steps, seed.",
-    ]
-    return "\n".join(lines)
+    return _usage("online", "online on math problems (verifiable reward)", OnlineRunArgs, QEMPOOnlineConfig,
+                  objective, "GRPOConfig", "max_steps, num_train_epochs, num_generations, per_device_train_batch_size,"
+                  "\n  gradient_accumulation_steps, max_completion_length, temperature, bf16, save_steps, logging_steps, "
+                  "seed")
 
 
 def load_problems(run_args: OnlineRunArgs, seed: int):

@@ -246,8 +246,7 @@ def write_plot(exact: dict, predicted: dict, names: list[str], path: Path) -> No
         index = [names.index(a) for a in shown]
         for col, policy in enumerate(policies):
             p, q = exact[policy][task_id], predicted[policy][task_id]
-            measured = [float(p[i]) for i in index] + [1.0 - sum(float(p[i]) for i in index)]
-            outline = [float(q[i]) for i in index] + [1.0 - sum(float(q[i]) for i in index)]
+            measured, outline = world.masses(p, index), world.masses(q, index)
             colours = ["tab:green"] * len(valid) + ["tab:red"] * len(invalid) + ["tab:gray"]
             title = f"{policy}: H = {float(entropy(p)):.2f}"
             if policy != "reference":

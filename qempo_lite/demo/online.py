@@ -208,8 +208,7 @@ def write_plots(exact: dict, predicted: dict, methods: dict, names: list[str], o
         colours = ["tab:green" if is_correct(task_id, a) else "tab:red" for a in shown] + ["tab:gray"]
         for col, policy in enumerate(policies):
             p, q = exact[policy][task_id], predicted[policy][task_id]
-            measured = [float(p[i]) for i in index] + [1.0 - sum(float(p[i]) for i in index)]
-            outline = [float(q[i]) for i in index] + [1.0 - sum(float(q[i]) for i in index)]
+            measured, outline = world.masses(p, index), world.masses(q, index)
             mask = _correct_mask(names)[task_id]
             title = f"{policy}: H(correct) = {_restricted_entropy(p.unsqueeze(0), mask.unsqueeze(0)):.2f}"
             if policy != "reference":

@@ -264,3 +264,9 @@ def save_demo_adapter(trainer, out: Path, base: Path, data_name: str, rows: int,
                              "target_modules": "all-linear"},
                        data={"dataset": data_name, "rows": rows})
     return out
+
+
+def masses(probs, index: list[int]) -> list[float]:
+    """The probabilities of the outputs at ``index``, then the rest of the mass as one last bar."""
+    shown = [float(probs[i]) for i in index]
+    return shown + [1.0 - sum(shown)]
