@@ -282,7 +282,6 @@ class VLLMEngine:
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         threads = torch.get_num_threads()
-        loader = {key: os.environ.get(key) for key in ("LD_PRELOAD", "LD_LIBRARY_PATH")}
         self.owns_process_group = not process_group_exists()
         offline = {"HF_HUB_OFFLINE": "1"} if Path(model).is_dir() else {}
         try:
@@ -295,8 +294,9 @@ class VLLMEngine:
             raise
         finally:
             torch.set_num_threads(threads)  # training or evaluation shares the process
-        # The in-process engine spawns no worker; the caller's own subprocesses should not inherit these.
-        _restore(loader)
+        # Set for workers the in-process engine does not spawn (by vLLM, or by its imports: cv2 sets
+        # LD_LIBRARY_PATH); the caller's own subprocesses should not inherit them.
+        _restore({key: self.environ.get(key) for key in ("LD_PRELOAD", "LD_LIBRARY_PATH")})
 
     def _give_environment_back(self) -> None:
         for key in set(os.environ) - set(self.environ):
