@@ -8,6 +8,7 @@ share one in-process engine (its start is the slow part).
 
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -261,8 +262,15 @@ def test_missing_vllm(monkeypatch, tiny_model_dir, caplog):
 # ---------------------------------------------------------------------------------- vLLM multi-LoRA
 
 
+# The process as the vLLM sampler found it (after vLLM's own import, whose settings are not the engine's).
+BEFORE_ENGINE: dict = {}
+
+
 @pytest.fixture(scope="module")
 def vllm_sampler(tiny_model_dir, adapters):
+    import vllm  # noqa: F401
+
+    BEFORE_ENGINE.update(environ=dict(os.environ), threads=torch.get_num_threads())
     sampler = Sampler(tiny_model_dir, backend="vllm", adapters=adapters, dtype="float32", max_model_len=256,
                       max_lora_rank=16, gpu_memory_utilization=0.2)
     yield sampler
@@ -297,3 +305,19 @@ def test_vllm_refuses_a_rank_above_the_engine_limit(vllm_sampler, tiny_model_dir
     with pytest.raises(QempoError, match="rank 32, above max_lora_rank=16"):
         vllm_sampler.add_adapter("big", big)
     assert "big" not in vllm_sampler.adapters
+
+
+def test_vllm_sampler_gives_the_process_back(vllm_sampler):
+    """vLLM drops torch to one thread and exports variables for workers it never spawns
+    (VLLM_*, LOCAL_WORLD_SIZE, LD_LIBRARY_PATH): the thread count and the loader variables
+    come back once the engine is up, the whole environment when it closes."""
+    assert torch.get_num_threads() == BEFORE_ENGINE["threads"]
+    for key in ("LD_PRELOAD", "LD_LIBRARY_PATH"):
+        assert os.environ.get(key) == BEFORE_ENGINE["environ"].get(key)
+    # In-process engine unless the caller chose otherwise; a variable vLLM set, to be taken back.
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == BEFORE_ENGINE["environ"].get(
+        "VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    vllm_sampler.close()
+    assert dict(os.environ) == BEFORE_ENGINE["environ"]
+    with pytest.raises(QempoError, match="was closed"):
+        vllm_sampler.sample({"base": None}, ["hi"], progress=False)

@@ -5,14 +5,16 @@ base model itself (an adapter entry of ``None``):
 
 * ``backend="vllm"``: one engine with ``enable_lora=True``; each adapter is a ``LoRARequest``
   and one ``generate`` call carries the requests of every adapter, so vLLM batches them
-  together (multi-LoRA). The engine runs in-process, as in :mod:`qempo_lite.rollout`.
+  together (multi-LoRA). The engine runs in-process (:class:`qempo_lite.generation.VLLMEngine`,
+  as the rollouts': closing it gives the environment back).
 * ``backend="hf"``: one ``transformers`` model wrapped by PEFT, each adapter loaded under its
   own name (``load_adapter``), switched with ``set_adapter``; the base model samples inside
   ``disable_adapter()``. No second copy of the base weights is ever made.
 * ``backend="auto"``: vLLM when it is installed, transformers otherwise.
 
 Both backends sample exactly ``temperature`` + ``top_p``: no top-k, no repetition penalty from
-the model's ``generation_config``, so they draw from the same distribution. Prompts are
+the model's ``generation_config``, so they draw from the same distribution; ``temperature=0``
+decodes greedily (the ``n`` draws of a prompt are then one answer). Prompts are
 strings (one user message) or chats (lists of ``{"role", "content"}`` messages ending with a
 user message, so multi-turn contexts work); the tokenizer's chat template is always applied.
 
@@ -21,158 +23,49 @@ safetensors LoRA adapter directory (pickled weights are never loaded), recorded 
 model (``qempo_lite.json``'s ``base_model`` or PEFT's ``base_model_name_or_path``), and with
 weight shapes that fit the base model's modules (hidden size, vocabulary, layer count).
 
-Samples are saved as JSONL (:func:`save_samples` / :func:`load_samples`), one line per
-completion, so scoring and judging can be rerun without sampling again.
+Samples and their JSONL files (:func:`save_samples` / :func:`load_samples`) are defined in
+:mod:`qempo_lite.evaluate.samples` and importable from here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import json
 import logging
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 from qempo_lite.adapters import ANYWHERE, adapter_config, check_adapter, max_rank
 from qempo_lite.errors import QempoError, missing_extra
-from qempo_lite.rollout import process_group_exists, shutdown_vllm, temporary_env
+from qempo_lite.evaluate.samples import Sample, load_samples, save_samples, to_messages
+from qempo_lite.generation import (
+    VLLMEngine,
+    check_sampling,
+    checkpoint_eos_token_ids,
+    first_eos,
+    free_memory,
+    hf_generate,
+    prompt_token_ids,
+    sampling_seed,
+    temporary_env,
+    vllm_available,
+    vllm_on_cpu,
+)
 
 logger = logging.getLogger("qempo_lite")
 
 BACKENDS = ("auto", "vllm", "hf")
 DEFAULT_MAX_MODEL_LEN = 4096
-ROLES = ("system", "user", "assistant")
 
-Messages = list[dict[str, str]]
 AdapterSpec = Mapping[str, "str | os.PathLike | None"] | Sequence[str] | str
-
-
-@dataclass
-class Sample:
-    """One completion: which prompt, which adapter (``None`` path = base model), which draw.
-
-    ``turn`` is 2 for a second-turn answer of a two-turn conversation; ``context_index`` is
-    then the ``sample_index`` of the first-turn answer it continues. ``prompt`` is the chat
-    the completion answers (kept so that a judge can read the question without the prompt
-    file). ``num_tokens`` counts the generated tokens, without the end-of-sequence token.
-    """
-
-    prompt_id: str | int
-    adapter: str
-    sample_index: int
-    text: str
-    num_tokens: int
-    turn: int = 1
-    context_index: int | None = None
-    finish_reason: str | None = None
-    prompt: Messages | None = field(default=None, repr=False)
-
-
-# ------------------------------------------------------------------------------ JSONL files
-
-_REQUIRED = {"prompt_id": (str, int), "adapter": str, "sample_index": int, "text": str, "num_tokens": int}
-_OPTIONAL = {"turn": int, "context_index": (int, type(None)), "finish_reason": (str, type(None)),
-             "prompt": (list, type(None))}
-
-
-def save_samples(path: str | os.PathLike, samples: Sequence[Sample]) -> Path:
-    """Write ``samples`` as JSONL, one completion per line (UTF-8); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as out:
-        for sample in samples:
-            out.write(json.dumps(asdict(sample), ensure_ascii=False) + "\n")
-    # Written aside and renamed, so an interrupted run never leaves a truncated file behind.
-    tmp.replace(path)
-    return path
-
-
-def load_samples(path: str | os.PathLike) -> list[Sample]:
-    """Read a JSONL file written by :func:`save_samples`; a bad line raises QempoError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise QempoError(f"samples file {path} not found; create it with 'qempo-lite eval sample --output {path}'")
-    samples = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise QempoError(f"{path} line {number}: not JSON ({err.msg}); fix or remove the line") from None
-            samples.append(_sample_from_row(row, f"{path} line {number}"))
-    if not samples:
-        raise QempoError(f"{path} holds no samples; sample again with 'qempo-lite eval sample'")
-    return samples
-
-
-def _sample_from_row(row: Any, where: str) -> Sample:
-    if not isinstance(row, dict):
-        raise QempoError(f"{where}: expected a JSON object, got {type(row).__name__}; fix or remove the line")
-    for name, kind in {**_REQUIRED, **_OPTIONAL}.items():
-        if name not in row:
-            if name in _REQUIRED:
-                raise QempoError(f"{where}: field '{name}' is missing; each line needs {', '.join(_REQUIRED)}")
-            continue
-        value = row[name]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise QempoError(f"{where}: field '{name}' has the wrong type ({type(value).__name__}); "
-                             "re-create the file with 'qempo-lite eval sample'")
-    if row.get("prompt") is not None:
-        _check_messages(row["prompt"], f"{where}: field 'prompt'")
-    known = {f.name for f in fields(Sample)}
-    return Sample(**{k: v for k, v in row.items() if k in known})
-
-
-# ------------------------------------------------------------------------------ prompts
-
-
-def to_messages(prompt: Any, index: int = 0) -> Messages:
-    """A prompt as a chat: a string becomes one user message; a chat is checked and copied."""
-    where = f"prompt {index}"
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise QempoError(f"{where} is empty; give every prompt some text")
-        return [{"role": "user", "content": prompt}]
-    _check_messages(prompt, where)
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
-def _check_messages(messages: Any, where: str) -> None:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise QempoError(f"{where} must be a string or a non-empty list of {{'role', 'content'}} messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise QempoError(f"{where}, message {i}: needs a string 'content'; fix the message")
-        if message.get("role") not in ROLES:
-            raise QempoError(f"{where}, message {i}: role {message.get('role')!r} is not one of {', '.join(ROLES)}")
-    if messages[-1]["role"] != "user":
-        raise QempoError(f"{where} ends with a message from the {messages[-1]['role']}; end it with the user "
-                         "message to answer")
 
 
 def _request_seed(seed: int, adapter: str, prompt_index: int, chunk: int = 0) -> int:
     """A seed per (adapter, prompt): reproducible whatever else is sampled in the same call,
     and different across prompts, so their random streams are independent."""
     return zlib.crc32(f"{seed}:{adapter}:{prompt_index}:{chunk}".encode()) & 0x7FFFFFFF
-
-
-def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise QempoError(f"n must be a positive integer (samples per prompt), got {n!r}")
-    if not temperature >= 0:
-        raise QempoError(f"temperature must be >= 0 (0: greedy decoding), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise QempoError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise QempoError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 
 
 # ------------------------------------------------------------------------------ the base model's shapes
@@ -208,30 +101,6 @@ def _context_length(base_model: str) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def _vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _eos_ids(tokenizer, base_model: str) -> list[int]:
-    from transformers import GenerationConfig
-
-    try:
-        declared = GenerationConfig.from_pretrained(base_model).eos_token_id
-    except OSError:
-        declared = None
-    ids = []
-    for value in ([declared] if isinstance(declared, int) else list(declared or [])) + [tokenizer.eos_token_id]:
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    if not ids:
-        raise QempoError(f"{base_model} declares no end-of-sequence token; set eos_token in its tokenizer")
-    return ids
-
-
 class Sampler:
     """The base model loaded once, serving several LoRA adapters (and itself) for sampling.
 
@@ -249,14 +118,15 @@ class Sampler:
                  max_loras: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str = "auto",
                  max_model_len: int | None = None, batch_size: int = 64, device: str | None = None,
                  allow_base_mismatch: bool = False, seed: int = 0, **engine_kwargs: Any):
+        environ = dict(os.environ)  # what close() gives back, as it was before vLLM was imported
         if backend not in BACKENDS:
             raise QempoError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         if backend == "auto":
-            backend = "vllm" if _vllm_available() else "hf"
+            backend = "vllm" if vllm_available() else "hf"
             if backend == "hf":
                 logger.info("vLLM is not installed: sampling with transformers (pip install 'qempo-lite[vllm]' "
                             "for faster multi-LoRA sampling)")
-        elif backend == "vllm" and not _vllm_available():
+        elif backend == "vllm" and not vllm_available():
             raise missing_extra("vllm", "vllm", "or use backend 'hf', which samples with transformers")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise QempoError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -272,7 +142,7 @@ class Sampler:
         self.allow_base_mismatch = allow_base_mismatch
         self._adapters: dict[str, tuple[Path, Any]] = {}  # name -> (directory, backend handle)
         self._next_id = 1
-        self.model = self.llm = None
+        self.model = self.llm = self._engine = None
 
         from transformers import AutoTokenizer
 
@@ -286,11 +156,14 @@ class Sampler:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise QempoError(f"the tokenizer of {self.base_model} has no chat template; use an instruct model "
                              "(or save a tokenizer with chat_template set) as the base model")
-        self.eos_token_ids = _eos_ids(self.tokenizer, self.base_model)
+        self.eos_token_ids = checkpoint_eos_token_ids(self.tokenizer, self.base_model)
+        if not self.eos_token_ids:
+            raise QempoError(f"{self.base_model} declares no end-of-sequence token; set eos_token in its tokenizer")
 
         initial = {k: v for k, v in (adapters or {}).items() if v is not None}
         if backend == "vllm":
-            self._start_vllm(max_loras or max(1, len(initial)), gpu_memory_utilization, dtype, seed, engine_kwargs)
+            self._start_vllm(max_loras or max(1, len(initial)), gpu_memory_utilization, dtype, seed, engine_kwargs,
+                             environ)
         else:
             if engine_kwargs:
                 raise QempoError(f"{', '.join(engine_kwargs)}: vLLM engine options do not apply to backend 'hf'")
@@ -300,39 +173,21 @@ class Sampler:
 
     # -------------------------------------------------------------------------- engines
     def _start_vllm(self, max_loras: int, gpu_memory_utilization: float, dtype: str, seed: int,
-                    engine_kwargs: dict) -> None:
-        import torch
-        from vllm import LLM
-
-        if not 0 < gpu_memory_utilization <= 1:
-            raise QempoError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
-        for key in ("trust_remote_code", "enable_lora", "model", "tokenizer"):
-            if key in engine_kwargs:
-                raise QempoError(f"{key} is set by the Sampler itself; remove it from the engine options")
-        from vllm.platforms import current_platform
-
-        self._on_cpu = current_platform.is_cpu()
+                    engine_kwargs: dict, environ: dict[str, str]) -> None:
+        self._on_cpu = vllm_on_cpu()
         self._shapes, self._vocab_size = meta_parameter_shapes(self.base_model)
         if self.max_model_len is None:
             self.max_model_len = min(DEFAULT_MAX_MODEL_LEN, _context_length(self.base_model) or DEFAULT_MAX_MODEL_LEN)
-        # In-process engine (no spawned workers), as qempo_lite.rollout does, so that scripts and
-        # tests need no `if __name__ == "__main__"` guard.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        threads = torch.get_num_threads()
-        offline = {"HF_HUB_OFFLINE": "1"} if Path(self.base_model).is_dir() else {}
-        self._owns_process_group = not process_group_exists()
         try:
-            with temporary_env(**offline):
-                self.llm = LLM(model=self.base_model, tokenizer=self.base_model, trust_remote_code=False,
-                               enable_lora=True, max_loras=max_loras, max_lora_rank=self.max_lora_rank,
-                               max_model_len=self.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                               dtype=dtype, seed=seed, **engine_kwargs)
+            self._engine = VLLMEngine(self.base_model, owner="the Sampler", gpu_memory_utilization=gpu_memory_utilization,
+                                      engine_kwargs=engine_kwargs, environ=environ, max_loras=max_loras,
+                                      max_lora_rank=self.max_lora_rank, max_model_len=self.max_model_len, dtype=dtype,
+                                      seed=seed)
         except ValueError as err:  # vLLM's config checks (pydantic errors included): the user's to fix
             reason = " ".join(str(err).split())[:400]
             raise QempoError(f"vLLM refused the engine settings ({reason}); adjust --max-model-len, "
                              "--gpu-memory-utilization or --dtype") from None
-        # vLLM drops the process to one torch thread; the rest of an evaluation shares the process.
-        torch.set_num_threads(threads)
+        self.llm = self._engine.llm
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def _start_hf(self, dtype: str, device: str | None) -> None:
@@ -428,10 +283,7 @@ class Sampler:
     # -------------------------------------------------------------------------- sampling
     def encode(self, prompt: Any, index: int = 0) -> list[int]:
         """Token ids of a prompt with the chat template and the generation prompt applied."""
-        messages = to_messages(prompt, index)
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
-        return list(encoded["input_ids"])
+        return prompt_token_ids(self.tokenizer, [to_messages(prompt, index)])[0]
 
     def _check_open(self) -> None:
         if self.model is None and getattr(self, "llm", None) is None:
@@ -449,7 +301,7 @@ class Sampler:
         same draws on one backend, whatever else is sampled alongside.
         """
         self._check_open()
-        _check_sampling(n, temperature, top_p, max_new_tokens)
+        check_sampling(n, temperature, top_p, max_new_tokens, greedy=True)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise QempoError("prompts must be a non-empty list (strings or chats); wrap a single prompt in a list")
         prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
@@ -523,11 +375,9 @@ class Sampler:
         return batches
 
     def _sample_hf(self, handles, ids, n, temperature, top_p, max_new_tokens, seed, progress):
-        import torch
         from rich.progress import Progress
 
         batches = self._batches(len(ids), n)
-        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         drawn: dict[str, list] = {name: [[] for _ in ids] for name in handles}
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("sampling", total=len(handles) * len(batches))
@@ -536,8 +386,7 @@ class Sampler:
                 with self._active(handle):
                     for prompts, count, chunk in batches:
                         # Seeded per batch, in a forked RNG, so the caller's random stream is untouched.
-                        with torch.random.fork_rng(devices=cuda):
-                            torch.manual_seed(_request_seed(seed, name, prompts[0], chunk))
+                        with sampling_seed(_request_seed(seed, name, prompts[0], chunk)):
                             out = self._generate([ids[p] for p in prompts], count, temperature, top_p, max_new_tokens)
                         for row, p in enumerate(prompts):
                             drawn[name][p] += out[row * count:(row + 1) * count]
@@ -559,48 +408,26 @@ class Sampler:
 
     def _generate(self, ids: list[list[int]], count: int, temperature: float, top_p: float,
                   max_new_tokens: int) -> list[tuple[str, int, str]]:
-        import torch
-        from transformers import GenerationConfig
-
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(x):] = torch.tensor(x)
-            attention[row, width - len(x):] = 1
-        # A fresh config, so that no top-k or repetition penalty from the model's defaults applies.
-        greedy = temperature == 0
-        decoding = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
-                                                        "top_p": top_p, "top_k": 0}
-        # Greedy draws are all the same: decode once per prompt, repeat below.
-        config = GenerationConfig(**decoding, max_new_tokens=max_new_tokens,
-                                  num_return_sequences=1 if greedy else count, eos_token_id=self.eos_token_ids,
-                                  pad_token_id=pad_id)
-        with torch.no_grad():
-            sequences = self.model.generate(input_ids=input_ids.to(self.device),
-                                            attention_mask=attention.to(self.device), generation_config=config)
+        new_tokens = hf_generate(self.model, self.tokenizer, ids, eos_ids=self.eos_token_ids, n=count,
+                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         out = []
-        for tokens in sequences[:, width:].tolist():
-            end = next((i for i, t in enumerate(tokens) if t in self.eos_token_ids), None)
+        for tokens in new_tokens.tolist():
+            end = first_eos(tokens, self.eos_token_ids)
             kept = tokens if end is None else tokens[:end]
             out.append((self.tokenizer.decode(kept, skip_special_tokens=True), len(kept),
                         "length" if end is None else "stop"))
-        return [x for x in out for _ in range(count)] if greedy else out
+        return out
 
     # -------------------------------------------------------------------------- lifetime
     def close(self) -> None:
-        """Free the model (and shut the vLLM engine down, so another can start in this process)."""
-        import torch
-
-        if getattr(self, "llm", None) is not None:
-            shutdown_vllm(self.llm, owns_process_group=self._owns_process_group)
-            self.llm = None
-        self.model = None
+        """Free the model (the vLLM engine is shut down, so another can start in this process, and the
+        environment variables vLLM set are given back)."""
+        if getattr(self, "_engine", None) is not None:
+            self._engine.close()
+            self._engine = None
+        self.model = self.llm = None
         self._adapters.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     def __enter__(self) -> "Sampler":
         return self

@@ -1,0 +1,290 @@
+"""Rollouts from a vLLM OpenAI-compatible server started separately (``qempo-lite serve``), fed adapters only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import QempoError
+from .. import generation
+from ..generation import Prompt, check_sampling, prompt_token_ids
+from .common import Completion, SyncInfo, directory_bytes, served_lora_name
+
+logger = logging.getLogger("qempo_lite")
+
+
+class RolloutServerError(QempoError):
+    """The vLLM server did not answer within the bounded retries (down, restarting, unreachable)."""
+
+
+def _error_message(body: Any) -> str:
+    """The first line of a server's error answer (vLLM's ``{"error": {"message"}}``, FastAPI's ``{"detail"}``) or of a text."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        text = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+        text = text or body.get("detail") or body.get("message") or json.dumps(body)
+    else:
+        text = str(body)
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    line = lines[0] if lines else "no message"
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _is_missing_route(status: int, body: Any) -> bool:
+    """A 404 from the web framework itself (no such endpoint), not one of vLLM's own error answers."""
+    return status == 404 and not (isinstance(body, dict) and "error" in body)
+
+
+class VLLMServerRollout:
+    """Rollouts from a vLLM OpenAI-compatible server started separately, fed adapters only.
+
+    The server serves the *base* model with LoRA enabled and runtime adapter loading on::
+
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve BASE --enable-lora --max-lora-rank R --max-loras M
+
+    which is what ``qempo-lite serve BASE`` runs. :meth:`sync` writes the adapter (safetensors;
+    the gathered tensors of a sharded model when given) under a fresh name to ``adapter_dir``,
+    a directory the server can read (the same machine or a shared file system), loads it
+    (``POST /v1/load_lora_adapter``), then unloads the previous one (``/v1/unload_lora_adapter``)
+    and deletes its files: nothing is merged, so the training side may hold a 4-bit base.
+    :meth:`generate` sends one ``/v1/completions`` request per prompt (token ids in, ``n``
+    completions out) with its own seed (``seed + i * n`` for prompt ``i``; vLLM gives the j-th
+    completion ``seed + j``), so the samples do not depend on how the prompts are batched or on
+    how many training processes asked for them. Each completion comes back with its token ids
+    (``return_token_ids``) and the log-prob of each sampled token (``logprobs=0``; vLLM's
+    default ``raw_logprobs``: log softmax of the raw logits, as :class:`VLLMLoRARollout`).
+
+    The trainer calls it from the main process only, with every process's prompts
+    (``serves_all_processes``), and hands each process its slice; groups stay whole.
+
+    Failures: a connection that fails or times out, or a 502/503/504 answer, is retried
+    ``retries`` times, waiting ``retry_wait`` seconds and doubling (at most 30 s per wait);
+    then :class:`RolloutServerError`, one line. A server that restarted has forgotten the
+    adapter: a completion request naming it (404) loads it again from its directory and is
+    sent again. Any other answer (a refused adapter, a bad request) is a one-line
+    :class:`QempoError` with the server's message.
+    """
+
+    serves_all_processes = True
+
+    def __init__(self, url: str, *, tokenizer, adapter_dir: str | os.PathLike, eos_token_ids: list[int] | None = None,
+                 retries: int = 5, request_timeout: float = 600.0, retry_wait: float = 1.0):
+        from urllib.parse import urlparse
+
+        parsed = urlparse(str(url))
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise QempoError(f"vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise QempoError(f"vllm_server_retries must be a whole number >= 0, got {retries!r}")
+        if not request_timeout > 0:
+            raise QempoError(f"vllm_server_request_timeout must be > 0 seconds, got {request_timeout!r}")
+        self.url = str(url).rstrip("/")
+        self.tokenizer = tokenizer
+        self.adapter_dir = Path(adapter_dir).resolve()
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids else generation.eos_token_ids(tokenizer)
+        self.retries, self.request_timeout, self.retry_wait = retries, float(request_timeout), float(retry_wait)
+        self.base_model: str | None = None
+        self.max_model_len: int | None = None
+        self._run = os.urandom(3).hex()  # adapter names stay unique on a server shared by runs or resumed runs
+        self._next_id = 1
+        self._current: tuple[str, Path] | None = None  # (name on the server, directory)
+        import threading
+        import urllib.request
+
+        self._reload_lock = threading.Lock()
+        loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+        # A loopback server is reached directly, whatever http_proxy says.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback \
+            else urllib.request.build_opener()
+
+    # ------------------------------------------------------------------ HTTP
+    def _send(self, method: str, path: str, payload: dict | None, timeout: float) -> tuple[int, Any]:
+        import urllib.error
+        import urllib.request
+
+        data = None if payload is None else json.dumps(payload).encode("utf-8")
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with self._opener.open(request, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, raw = err.code, err.read()
+        try:
+            return status, json.loads(raw.decode("utf-8") or "null")
+        except (UnicodeDecodeError, ValueError):
+            return status, raw.decode("utf-8", errors="replace")
+
+    def _call(self, method: str, path: str, payload: dict | None, *, what: str, attempts: int | None = None,
+              timeout: float | None = None) -> tuple[int, Any]:
+        """Send a request; retry connection failures, time-outs and 502/503/504 with a doubling wait."""
+        import http.client
+        import urllib.error
+
+        attempts = self.retries + 1 if attempts is None else attempts
+        start = time.perf_counter()
+        last = ""
+        for attempt in range(attempts):
+            try:
+                status, body = self._send(method, path, payload, timeout or self.request_timeout)
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+                reason = getattr(err, "reason", err)
+                last = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+            else:
+                if status not in (502, 503, 504):
+                    return status, body
+                last = f"HTTP {status}: {_error_message(body)}"
+            if attempt + 1 < attempts:
+                time.sleep(min(self.retry_wait * 2 ** attempt, 30.0))
+        raise RolloutServerError(
+            f"the vLLM server at {self.url} did not answer {what} after {attempts} attempt"
+            f"{'s' if attempts != 1 else ''} over {time.perf_counter() - start:.0f} s ({_error_message(last)}); "
+            "check that it is running (qempo-lite serve BASE) and reachable")
+
+    # ------------------------------------------------------------------ probe
+    def probe(self) -> None:
+        """Check that the server answers, learn its base model and context, and that it loads adapters at run time."""
+        status, body = self._call("GET", "/v1/models", None, what="the model list (/v1/models)")
+        models = body.get("data") if isinstance(body, dict) else None
+        if status != 200 or not models:
+            raise QempoError(f"{self.url}/v1/models did not list a model (HTTP {status}: {_error_message(body)}); "
+                             "point vllm_server_url at a vLLM server")
+        base = next((m for m in models if not m.get("parent")), models[0])
+        self.base_model = base["id"]
+        self.max_model_len = base.get("max_model_len")
+        status, body = self._call("POST", "/v1/unload_lora_adapter", {"lora_name": "qempo-lite-probe"},
+                                  what="the adapter probe (/v1/unload_lora_adapter)")
+        if _is_missing_route(status, body):
+            raise QempoError(self._no_runtime_loras())
+
+    def _no_runtime_loras(self) -> str:
+        return (f"the vLLM server at {self.url} does not load adapters at run time; restart it with "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora (qempo-lite serve BASE does both)")
+
+    # ------------------------------------------------------------------ adapter sync
+    def sync(self, peft_model, state_dict: dict[str, torch.Tensor] | None = None) -> SyncInfo:
+        """Save the adapter under a fresh name in ``adapter_dir``, load it on the server, unload the previous one."""
+        from ..distributed import save_adapter
+
+        start = time.perf_counter()
+        adapter = served_lora_name(peft_model, None)  # the server checks the rank against its --max-lora-rank
+        lora_id = self._next_id
+        name = f"qempo-{self._run}-{lora_id}"
+        path = save_adapter(peft_model, self.adapter_dir / name, adapter_name=adapter, state_dict=state_dict)
+        try:
+            self._load(name, path)
+        except Exception:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        self._next_id += 1
+        previous, self._current = self._current, (name, path)
+        if previous is not None:
+            try:
+                self._unload(previous[0])
+            except QempoError as err:  # the new adapter is served; an old one left on the server is harmless
+                logger.warning("could not unload adapter %s: %s", previous[0], err)
+            finally:
+                shutil.rmtree(previous[1], ignore_errors=True)
+        return SyncInfo(lora_id=lora_id, nbytes=directory_bytes(path), seconds=time.perf_counter() - start,
+                        path=str(path))
+
+    def _load(self, name: str, path: Path) -> None:
+        status, body = self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)},
+                                  what=f"loading adapter {name}")
+        if status == 200:
+            return
+        message = _error_message(body)
+        if status == 400 and "already been loaded" in message:
+            return
+        if _is_missing_route(status, body):
+            raise QempoError(self._no_runtime_loras())
+        raise QempoError(f"the vLLM server at {self.url} refused adapter {name} from {path} (HTTP {status}: {message}); "
+                         "it must run with --enable-lora and a --max-lora-rank of at least the adapter's rank, and "
+                         "read adapter_dir (vllm_server_adapter_dir) at the same path")
+
+    def _unload(self, name: str, **call) -> None:
+        self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name}, what=f"unloading adapter {name}", **call)
+
+    @property
+    def model_name(self) -> str | None:
+        """The name completion requests use: the current adapter, or the base model before the first sync."""
+        return self._current[0] if self._current is not None else self.base_model
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 256, seed: int | None = None) -> list[list[Completion]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        check_sampling(n, temperature, top_p, max_new_tokens)
+        if self.base_model is None:
+            self.probe()
+        ids = prompt_token_ids(self.tokenizer, prompts)
+        for index, x in enumerate(ids):
+            if self.max_model_len is not None and len(x) + max_new_tokens > self.max_model_len:
+                raise QempoError(
+                    f"prompt {index} has {len(x)} tokens: with max_new_tokens={max_new_tokens} it needs a "
+                    f"max_model_len of {len(x) + max_new_tokens} (server: {self.max_model_len}); start the server "
+                    "with a larger --max-model-len or shorten the prompt")
+        # Neutral settings sent explicitly: the server's defaults come from the model's generation_config.json.
+        common = dict(n=n, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                      presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens, logprobs=0,
+                      stop_token_ids=self.eos_token_ids, return_token_ids=True, skip_special_tokens=True)
+        payloads = [dict(common, prompt=x, seed=None if seed is None else seed + i * n) for i, x in enumerate(ids)]
+        if not payloads:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(payloads), 32)) as pool:
+            answers = list(pool.map(self._complete, payloads))
+        groups = []
+        for answer in answers:
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            group = []
+            for choice in choices:
+                tokens = list(choice["token_ids"])
+                logprobs = [float(v) for v in choice["logprobs"]["token_logprobs"]]
+                group.append(Completion(text=choice["text"], token_ids=tokens, logprobs=logprobs,
+                                        finish_reason=choice.get("finish_reason")))
+            groups.append(group)
+        return groups
+
+    def _complete(self, payload: dict) -> dict:
+        """One completion request; a server that forgot the adapter (restarted) gets it loaded again."""
+        for _ in range(2):
+            model = self.model_name
+            status, body = self._call("POST", "/v1/completions", dict(payload, model=model),
+                                      what="a completion request (/v1/completions)")
+            if status == 200:
+                return body
+            current = self._current
+            if status == 404 and current is not None and model == current[0]:
+                with self._reload_lock:
+                    self._load(*current)
+                continue
+            raise QempoError(f"the vLLM server at {self.url} refused a completion request (HTTP {status}: "
+                             f"{_error_message(body)}); check that it serves the base model being trained")
+        raise QempoError(f"the vLLM server at {self.url} forgot adapter {self.model_name} again right after loading it; "
+                         "check that only this run loads and unloads adapters on it")
+
+    def close(self) -> None:
+        """Unload the served adapter (one try; the server may already be gone) and delete its files."""
+        current, self._current = self._current, None
+        if current is not None:
+            with contextlib.suppress(QempoError):
+                self._unload(current[0], attempts=1, timeout=5.0)
+            shutil.rmtree(current[1], ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.adapter_dir.rmdir()  # only when nothing else is left in it
+
+    def __enter__(self) -> "VLLMServerRollout":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
