@@ -14,6 +14,7 @@ one token, so every answer distribution is known exactly.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from ..console import input_read
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
 def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     input_read()
+    # bitsandbytes, which peft imports, announces an optional CPU kernel for 4-bit layers; the demos have none.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit" not in record.getMessage())
     if args.rollout is not None and not args.online:
         raise QempoError("--rollout applies to the online demo; add --online or drop --rollout")
     output = Path(args.output or ("qempo-demo-online" if args.online else "qempo-demo"))
