@@ -23,26 +23,29 @@ QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 # The four models of the paper's offline experiments, written out so that benchmarks and memory
-# estimates need no download. Values are those of the models' published config.json files.
-_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+# estimates need no download. Values are those of the models' published config.json files; what a
+# family shares is written once.
+def _qwen2(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, *, tied: bool):
+    return ("qwen2", dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
+                          rms_norm_eps=1e-6, tie_word_embeddings=tied,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
+
+
+def _llama3(hidden: int, inter: int, layers: int, heads: int, head_dim: int, *, tied: bool, rope_factor: float):
+    return ("llama", dict(vocab_size=128256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=8, head_dim=head_dim,
+                          max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                                           "factor": rope_factor}))
+
+
 PAPER_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "Qwen/Qwen2.5-1.5B-Instruct": ("qwen2", dict(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
-    "meta-llama/Llama-3.2-1B-Instruct": ("llama", dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, rope_parameters={**_LLAMA3_ROPE, "factor": 32.0})),
-    "Qwen/Qwen2.5-7B-Instruct": ("qwen2", dict(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
-    "meta-llama/Llama-3.1-8B-Instruct": ("llama", dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, rope_parameters={**_LLAMA3_ROPE, "factor": 8.0})),
+    "Qwen/Qwen2.5-1.5B-Instruct": _qwen2(151936, 1536, 8960, 28, 12, 2, tied=True),
+    "meta-llama/Llama-3.2-1B-Instruct": _llama3(2048, 8192, 16, 32, 64, tied=True, rope_factor=32.0),
+    "Qwen/Qwen2.5-7B-Instruct": _qwen2(152064, 3584, 18944, 28, 28, 4, tied=False),
+    "meta-llama/Llama-3.1-8B-Instruct": _llama3(4096, 14336, 32, 32, 128, tied=False, rope_factor=8.0),
 }
 
 

@@ -228,39 +228,23 @@ def checks(methods: dict, tolerance: float) -> list[dict]:
 
 def write_plot(exact: dict, predicted: dict, names: list[str], path: Path) -> None:
     """Exact answer distributions (bars) with each method's Table 1 optimum outlined, for three prompts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from ..theory import entropy
 
-    policies = list(exact)
-    fig, axes = plt.subplots(len(SHOWN_PROMPTS), len(policies), figsize=(3.0 * len(policies), 2.7 * len(SHOWN_PROMPTS)),
-                             squeeze=False, sharey=True)
-    ref = exact["reference"]
-    for row, task_id in enumerate(SHOWN_PROMPTS):
+    rows = []
+    for task_id in SHOWN_PROMPTS:
         valid = [n for n in names if is_valid(task_id, n)]
         invalid = [a for a in TASKS[task_id][2] if a not in valid]
-        shown = sorted(valid, key=lambda a: -float(ref[task_id][names.index(a)])) + invalid
-        index = [names.index(a) for a in shown]
-        for col, policy in enumerate(policies):
-            p, q = exact[policy][task_id], predicted[policy][task_id]
-            measured, outline = world.masses(p, index), world.masses(q, index)
-            colours = ["tab:green"] * len(valid) + ["tab:red"] * len(invalid) + ["tab:gray"]
-            title = f"{policy}: H = {float(entropy(p)):.2f}"
-            if policy != "reference":
-                title += f" (Table 1: {float(entropy(q)):.2f})"
-            ax = axes[row][col]
-            world.draw_distribution(ax, shown + ["other words"], measured, None if policy == "reference" else outline,
-                                    colours, title)
-            if col == 0:
-                ax.set_ylabel(prompts()[task_id], fontsize=9)
-    fig.suptitle("Exact answer distributions after training (bars; green valid, red invalid) and each method's "
-                 "Table 1 optimum (black outline)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        shown = sorted(valid, key=lambda a: -float(exact["reference"][task_id][names.index(a)])) + invalid
+        rows.append({"task_id": task_id, "shown": shown, "index": [names.index(a) for a in shown],
+                     "colours": ["tab:green"] * len(valid) + ["tab:red"] * len(invalid) + ["tab:gray"],
+                     "label": prompts()[task_id], "other": "other words"})
+
+    def title(policy, p, q, task_id):
+        suffix = "" if policy == "reference" else f" (Table 1: {float(entropy(q)):.2f})"
+        return f"{policy}: H = {float(entropy(p)):.2f}{suffix}"
+
+    world.plot_distributions(exact, predicted, rows, title, "Exact answer distributions after training (bars; green "
+                             "valid, red invalid) and each method's Table 1 optimum (black outline)", path, 3.0)
 
 
 def report_markdown(report: dict) -> str:

@@ -199,30 +199,24 @@ def write_plots(exact: dict, predicted: dict, methods: dict, names: list[str], o
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    policies = list(exact)
-    fig, axes = plt.subplots(len(SHOWN_PROMPTS), len(policies), figsize=(4.2 * len(policies), 2.7 * len(SHOWN_PROMPTS)),
-                             squeeze=False, sharey=True)
-    for row, task_id in enumerate(SHOWN_PROMPTS):
+    rows = []
+    for task_id in SHOWN_PROMPTS:
         shown = [n for n in NUMBERS if is_correct(task_id, n)] + TASKS[task_id][3]
-        index = [names.index(a) for a in shown]
-        colours = ["tab:green" if is_correct(task_id, a) else "tab:red" for a in shown] + ["tab:gray"]
-        for col, policy in enumerate(policies):
-            p, q = exact[policy][task_id], predicted[policy][task_id]
-            measured, outline = world.masses(p, index), world.masses(q, index)
-            mask = _correct_mask(names)[task_id]
-            title = f"{policy}: H(correct) = {_restricted_entropy(p.unsqueeze(0), mask.unsqueeze(0)):.2f}"
-            if policy != "reference":
-                title += f" (optimum {_restricted_entropy(q.unsqueeze(0), mask.unsqueeze(0)):.2f})"
-            ax = axes[row][col]
-            world.draw_distribution(ax, shown + ["other"], measured, None if policy == "reference" else outline,
-                                    colours, title)
-            if col == 0:
-                ax.set_ylabel(TASKS[task_id][0], fontsize=9)
-    fig.suptitle("Exact answer distributions after online training (bars; green correct, red wrong) and each "
-                 "method's closed-form optimum (black outline)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(output / "distributions.png", dpi=100)
-    plt.close(fig)
+        rows.append({"task_id": task_id, "shown": shown, "index": [names.index(a) for a in shown],
+                     "colours": ["tab:green" if is_correct(task_id, a) else "tab:red" for a in shown] + ["tab:gray"],
+                     "label": TASKS[task_id][0], "other": "other"})
+    masks = _correct_mask(names)
+
+    def title(policy, p, q, task_id):
+        def h(probs):
+            return _restricted_entropy(probs.unsqueeze(0), masks[task_id].unsqueeze(0))
+
+        suffix = "" if policy == "reference" else f" (optimum {h(q):.2f})"
+        return f"{policy}: H(correct) = {h(p):.2f}{suffix}"
+
+    world.plot_distributions(exact, predicted, rows, title, "Exact answer distributions after online training "
+                             "(bars; green correct, red wrong) and each method's closed-form optimum (black outline)",
+                             output / "distributions.png", 4.2)
 
     mask = _correct_mask(names).double()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -214,6 +214,35 @@ def draw_distribution(ax, labels: list[str], measured: Sequence[float], predicte
     ax.tick_params(axis="y", labelsize=7)
 
 
+def plot_distributions(exact: dict, predicted: dict, rows: list[dict], title, suptitle: str, path: Path,
+                       column_width: float) -> None:
+    """A grid of answer distributions: one row per prompt, one column per policy; each panel the policy's exact
+    distribution over the row's ``shown`` answers (bars, the rest of the mass as one last bar) with the
+    closed-form optimum outlined (not for the reference). ``rows`` hold ``task_id``, ``shown``, ``index``
+    (the answers' token positions), ``colours``, ``label`` and ``other``; ``title(policy, p, q, task_id)``
+    names a panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(exact)
+    fig, axes = plt.subplots(len(rows), len(policies), figsize=(column_width * len(policies), 2.7 * len(rows)),
+                             squeeze=False, sharey=True)
+    for r, row in enumerate(rows):
+        for col, policy in enumerate(policies):
+            p, q = exact[policy][row["task_id"]], predicted[policy][row["task_id"]]
+            outline = None if policy == "reference" else masses(q, row["index"])
+            draw_distribution(axes[r][col], row["shown"] + [row["other"]], masses(p, row["index"]), outline,
+                              row["colours"], title(policy, p, q, row["task_id"]))
+            if col == 0:
+                axes[r][col].set_ylabel(row["label"], fontsize=9)
+    fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 @contextlib.contextmanager
 def quiet_progress():
     """Without the progress bars of model loading and of TRL's dataset and reference passes; the demo
