@@ -249,34 +249,24 @@ def write_plot(exact: dict, predicted: dict, names: list[str], path: Path) -> No
 
 def report_markdown(report: dict) -> str:
     s = report["settings"]
-    lines = [
-        "# qempo-lite demo (offline): every method at its Table 1 optimum",
-        "",
-        f"Seed {s['seed']}{' (quick)' if s['quick'] else ''}. {len(TASKS)} prompts; judge: valid beats invalid with "
-        f"p = {P_VALID_WINS} (r(valid) − r(invalid) = {REWARD_GAP:.3f}), ties otherwise. Shared settings: "
-        f"{s['steps']} steps of {s['batch_size']} rows, lr {s['learning_rate']} ({s['lr_scheduler_type']} decay), "
-        f"LoRA r {s['lora_r']}; coefficients " + "; ".join(
-            f"{m} " + ", ".join(f"{k} = {v:.4g}" for k, v in c.items()) for m, c in METHODS.items()) + ".",
-        "",
-        "| policy | exact entropy | Table 1 entropy | exact quality | Table 1 quality | sampled entropy |"
-        " sampled quality | distinct valid (sampled) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, row in report["methods"].items():
-        lines.append(f"| {name} | {row['exact_entropy']:.3f} | {row['predicted_entropy']:.3f} | "
-                     f"{row['exact_quality']:.3f} | {row['predicted_quality']:.3f} | {row['entropy']:.3f} | "
-                     f"{row['quality']:.3f} | {row['distinct']:.2f} |")
-    lines += [
-        "",
+    intro = (
+        f"{world.settings_heading(s)}. {len(TASKS)} prompts; judge: valid beats invalid with p = {P_VALID_WINS} "
+        f"(r(valid) − r(invalid) = {REWARD_GAP:.3f}), ties otherwise. Shared settings: {s['steps']} steps of "
+        f"{s['batch_size']} rows, lr {s['learning_rate']} ({s['lr_scheduler_type']} decay), LoRA r {s['lora_r']}; "
+        "coefficients " + "; ".join(
+            f"{m} " + ", ".join(f"{k} = {v:.4g}" for k, v in c.items()) for m, c in METHODS.items()) + ".")
+    header = ("policy", "exact entropy", "Table 1 entropy", "exact quality", "Table 1 quality", "sampled entropy",
+              "sampled quality", "distinct valid (sampled)")
+    rows = [(name, f"{row['exact_entropy']:.3f}", f"{row['predicted_entropy']:.3f}", f"{row['exact_quality']:.3f}",
+             f"{row['predicted_quality']:.3f}", f"{row['entropy']:.3f}", f"{row['quality']:.3f}",
+             f"{row['distinct']:.2f}") for name, row in report["methods"].items()]
+    footnote = (
         "Exact columns: the policy's own probability of every possible answer (each answer is one token of the "
         "model's word vocabulary), entropy in nats and quality = probability of a valid answer, means over prompts. "
-        f"Table 1 columns: the method's closed-form optimum for this reference and judge. Sampled columns: "
-        f"{s['samples_per_prompt']} samples per prompt.",
-        "",
-        report["verdict"],
-        "",
-    ]
-    return "\n".join(lines)
+        "Table 1 columns: the method's closed-form optimum for this reference and judge. Sampled columns: "
+        f"{s['samples_per_prompt']} samples per prompt.")
+    return world.markdown_report("qempo-lite demo (offline): every method at its Table 1 optimum", intro, header,
+                                 rows, footnote, report["verdict"])
 
 
 def run_demo(output: Path, *, seed: int = 0, quick: bool = False, log=print) -> dict:
@@ -342,19 +332,11 @@ def _verdict(results: list[dict]) -> str:
 
 def print_report(report: dict, output: Path) -> None:
     """The measured table, the checks and where the files are, on the terminal."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="qempo-lite demo (offline): exact answer distributions vs Table 1")
-    for column in ("policy", "entropy", "Table 1 entropy", "quality", "Table 1 quality", "distinct valid (sampled)"):
-        table.add_column(column, justify="left" if column == "policy" else "right")
-    for name, row in report["methods"].items():
-        table.add_row(name, f"{row['exact_entropy']:.3f}", f"{row['predicted_entropy']:.3f}",
-                      f"{row['exact_quality']:.3f}", f"{row['predicted_quality']:.3f}", f"{row['distinct']:.2f}")
-    console = Console()
-    console.print(table)
-    console.print(report["verdict"], markup=False, soft_wrap=True)
-    console.print(f"\nReport: {output / 'report.md'}  Picture: {output / 'distributions.png'}", markup=False,
-                  soft_wrap=True)
-    console.print(f"Compare the adapters side by side: qempo-lite app --demo-dir {output}"
-                  "  (needs the app extra: pip install -e '.[app]')", markup=False, soft_wrap=True)
+    header = ("policy", "entropy", "Table 1 entropy", "quality", "Table 1 quality", "distinct valid (sampled)")
+    rows = [(name, f"{row['exact_entropy']:.3f}", f"{row['predicted_entropy']:.3f}", f"{row['exact_quality']:.3f}",
+             f"{row['predicted_quality']:.3f}", f"{row['distinct']:.2f}") for name, row in report["methods"].items()]
+    world.print_summary("qempo-lite demo (offline): exact answer distributions vs Table 1", header, rows,
+                        report["verdict"], [
+                            f"\nReport: {output / 'report.md'}  Picture: {output / 'distributions.png'}",
+                            f"Compare the adapters side by side: qempo-lite app --demo-dir {output}"
+                            "  (needs the app extra: pip install -e '.[app]')"])

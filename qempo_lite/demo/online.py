@@ -316,49 +316,30 @@ def _verdict(results: list[dict]) -> str:
 
 def report_markdown(report: dict) -> str:
     s = report["settings"]
-    lines = [
-        "# qempo-lite demo (online): diversity among correct answers",
-        "",
-        f"Seed {s['seed']}{' (quick)' if s['quick'] else ''}, {s['rollout']} rollouts. {len(TASKS)} questions, "
-        f"groups of {s['num_generations']} one-token answers, reward 1 for a correct answer. Shared settings: "
-        f"β = {BETA}, {s['steps']} steps, lr {s['learning_rate']} ({s['lr_scheduler_type']} decay), LoRA r "
-        f"{s['lora_r']}; qempo gate `correct`, gvpo ungated.",
-        "",
-        "| policy | accuracy | correct entropy | optimum's correct entropy | distinct correct | pass@1 | pass@4 |"
-        " pass@16 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, row in report["methods"].items():
-        k = row["pass_at_k"]
-        lines.append(f"| {name} | {row['accuracy']:.3f} | {row['correct_entropy']:.3f} | "
-                     f"{row['predicted_correct_entropy']:.3f} | {row['distinct_correct']:.2f} | {k['1']:.3f} | "
-                     f"{k['4']:.3f} | {k['16']:.3f} |")
-    lines += [
-        "",
+    intro = (
+        f"{world.settings_heading(s)}, {s['rollout']} rollouts. {len(TASKS)} questions, groups of "
+        f"{s['num_generations']} one-token answers, reward 1 for a correct answer. Shared settings: β = {BETA}, "
+        f"{s['steps']} steps, lr {s['learning_rate']} ({s['lr_scheduler_type']} decay), LoRA r {s['lora_r']}; "
+        "qempo gate `correct`, gvpo ungated.")
+    header = ("policy", "accuracy", "correct entropy", "optimum's correct entropy", "distinct correct", "pass@1",
+              "pass@4", "pass@16")
+    rows = [(name, f"{row['accuracy']:.3f}", f"{row['correct_entropy']:.3f}",
+             f"{row['predicted_correct_entropy']:.3f}", f"{row['distinct_correct']:.2f}",
+             *(f"{row['pass_at_k'][k]:.3f}" for k in ("1", "4", "16"))) for name, row in report["methods"].items()]
+    footnote = (
         "accuracy and correct entropy: exact (the probability of a correct answer; the entropy of the answer "
         "distribution restricted to the correct answers, renormalised), means over the questions. distinct "
         f"correct and pass@k: from {s['samples_per_prompt']} samples per question (pass@k with the unbiased "
-        "estimator).",
-        "",
-        report["verdict"],
-        "",
-    ]
-    return "\n".join(lines)
+        "estimator).")
+    return world.markdown_report("qempo-lite demo (online): diversity among correct answers", intro, header, rows,
+                                 footnote, report["verdict"])
 
 
 def print_report(report: dict, output: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="qempo-lite demo (online): correct answers kept")
-    for column in ("policy", "accuracy", "correct entropy", "optimum", "distinct correct", "pass@1", "pass@16"):
-        table.add_column(column, justify="left" if column == "policy" else "right")
-    for name, row in report["methods"].items():
-        table.add_row(name, f"{row['accuracy']:.3f}", f"{row['correct_entropy']:.3f}",
-                      f"{row['predicted_correct_entropy']:.3f}", f"{row['distinct_correct']:.2f}",
-                      f"{row['pass_at_k']['1']:.3f}", f"{row['pass_at_k']['16']:.3f}")
-    console = Console()
-    console.print(table)
-    console.print(report["verdict"], markup=False, soft_wrap=True)
-    console.print(f"\nReport: {output / 'report.md'}  Pictures: {output / 'distributions.png'}, "
-                  f"{output / 'pass_at_k.png'}", markup=False, soft_wrap=True)
+    """The measured table, the checks and where the files are, on the terminal."""
+    header = ("policy", "accuracy", "correct entropy", "optimum", "distinct correct", "pass@1", "pass@16")
+    rows = [(name, f"{row['accuracy']:.3f}", f"{row['correct_entropy']:.3f}",
+             f"{row['predicted_correct_entropy']:.3f}", f"{row['distinct_correct']:.2f}",
+             f"{row['pass_at_k']['1']:.3f}", f"{row['pass_at_k']['16']:.3f}") for name, row in report["methods"].items()]
+    world.print_summary("qempo-lite demo (online): correct answers kept", header, rows, report["verdict"], [
+        f"\nReport: {output / 'report.md'}  Pictures: {output / 'distributions.png'}, {output / 'pass_at_k.png'}"])

@@ -299,3 +299,34 @@ def masses(probs, index: list[int]) -> list[float]:
     """The probabilities of the outputs at ``index``, then the rest of the mass as one last bar."""
     shown = [float(probs[i]) for i in index]
     return shown + [1.0 - sum(shown)]
+
+
+def settings_heading(settings: dict) -> str:
+    """"Seed 0 (quick)": how both demos' reports open their settings paragraph."""
+    return f"Seed {settings['seed']}{' (quick)' if settings['quick'] else ''}"
+
+
+def markdown_report(title: str, intro: str, header: Sequence[str], rows: Sequence[Sequence[str]], footnote: str,
+                    verdict: str) -> str:
+    """A demo's ``report.md``: title, shared settings, the measured table, what its columns mean, the checks."""
+    lines = [f"# {title}", "", intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines + ["", footnote, "", verdict, ""])
+
+
+def print_summary(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], verdict: str,
+                  after: Sequence[str]) -> None:
+    """A demo's table and checks on the terminal, then the ``after`` lines (where the files are)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(verdict, markup=False, soft_wrap=True)
+    for line in after:
+        console.print(line, markup=False, soft_wrap=True)
