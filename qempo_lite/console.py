@@ -26,6 +26,7 @@ _held: "_HeldOutput | None" = None
 
 
 def debug_enabled() -> bool:
+    """Whether ``QEMPO_LITE_DEBUG`` is set (to anything but empty, 0, false or no): show tracebacks."""
     return os.environ.get("QEMPO_LITE_DEBUG", "").strip() not in ("", "0", "false", "no")
 
 

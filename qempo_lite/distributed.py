@@ -68,6 +68,7 @@ def sharded_launch() -> str | None:
 
 
 def active_adapter_name(peft_model) -> str:
+    """The name of the PEFT model's active adapter (the first one when several are active)."""
     active = peft_model.active_adapter
     return active[0] if isinstance(active, (list, tuple)) else active
 

@@ -5,7 +5,8 @@ log-probs scaled by ``c / a`` (see :func:`qempo_lite.losses.offline_loss`)::
 
     -log σ(a·Δlog π − c·Δlog π_ref) = -log σ(a·(Δlog π − (c/a)·Δlog π_ref))
 
-So the trainer overrides three public methods and nothing else of ``DPOTrainer``:
+So, besides its constructor (the coefficients; no reference model for ``qempo``), the trainer
+overrides three public methods and nothing else of ``DPOTrainer``:
 
 * ``compute_ref_log_probs``: zeros for ``qempo`` (c = 0), with no forward pass; otherwise
   TRL's (the base model with the adapter disabled, or the precomputed values);
