@@ -124,7 +124,8 @@ class QEMPOOnlineConfig(GRPOConfig):
     beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "online")})
     gate: str = field(
         default="correct",
-        metadata={"help": "Quality gate of the variance term: correct (default), group or none."},
+        metadata={"help": "Quality gate of the variance term: correct (default), group or none. The paper gates "
+                          "qempo and qempo_kl; gvpo as published is ungated (none)."},
     )
     advantage: str = field(default="center", metadata={"help": "center: r - mean(r); grpo: (r - mean(r)) / std(r)."})
     correct_threshold: float = field(
