@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 def _ended_while_reading(code: int) -> int:
     """Exit status of a command; one that stops with output still held (argparse's --help or usage error)
     shows its help, or its usage error as one line."""
-    if code == 0:
-        release_output()
+    if code == 0:  # the help text is on stdout; what went to stderr is the libraries' import chatter
+        release_output(show_stderr=debug_enabled())
         return 0
     held = release_output(show=debug_enabled())
     usage_error = [line for line in held.splitlines() if ": error: " in line]

@@ -50,8 +50,9 @@ class _HeldOutput:
             os.dup2(self.files[fd].fileno(), fd)
         sys.stdout, sys.stderr = self.buffers
 
-    def stop(self, show: bool) -> str:
-        """Restore the streams; write what was held to them when ``show``. Returns the held stderr text."""
+    def stop(self, show: bool, show_stderr: bool = True) -> str:
+        """Restore the streams; write what was held to them when ``show`` (stderr only with ``show_stderr``).
+        Returns the held stderr text."""
         for buffer, stream in zip(self.buffers, self.streams):
             if buffer is not stream:
                 _flush(buffer)
@@ -72,7 +73,7 @@ class _HeldOutput:
             text = "" if buffer is stream else buffer.getvalue()
             if fd == 2:
                 held_stderr = data.decode("utf-8", "replace") + text
-            if show:
+            if show and (fd == 1 or show_stderr):
                 if data:
                     _flush(stream)
                     os.write(fd, data)
@@ -116,13 +117,14 @@ def quiet_setup():
     release_output(show=True)
 
 
-def release_output(show: bool = True) -> str:
-    """Stop holding: show what was held (``show``) or drop it. Returns the held stderr text ("" if none)."""
+def release_output(show: bool = True, show_stderr: bool = True) -> str:
+    """Stop holding: show what was held (``show``; stderr only with ``show_stderr``) or drop it. Returns the
+    held stderr text ("" if none)."""
     global _held
     if _held is None:
         return ""
     held, _held = _held, None
-    return held.stop(show)
+    return held.stop(show, show_stderr)
 
 
 def input_read() -> None:

@@ -132,3 +132,4 @@ def test_help_is_shown_whole(tmp_path, argv):
     result = _run(argv, tmp_path)
     assert result.returncode == 0
     assert "usage: qempo-lite" in result.stdout and len(result.stdout.splitlines()) > 5
+    assert result.stderr == ""  # nothing the libraries printed while the command was imported
