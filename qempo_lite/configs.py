@@ -122,10 +122,10 @@ class QEMPOOnlineConfig(GRPOConfig):
         default=None, metadata={"help": coefficient_help("beta", "online") + ". Not GRPO's KL coefficient."})
     beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "online")})
     beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "online")})
-    gate: str = field(
-        default="correct",
-        metadata={"help": "Quality gate of the variance term: correct (default), group or none. The paper gates "
-                          "qempo and qempo_kl; gvpo as published is ungated (none)."},
+    gate: str | None = field(
+        default=None,
+        metadata={"help": "Quality gate of the variance term: correct, group or none. Default: the method's, "
+                          "correct for qempo and qempo_kl (the paper's gate), none for gvpo (GVPO as published)."},
     )
     advantage: str = field(default="center", metadata={"help": "center: r - mean(r); grpo: (r - mean(r)) / std(r)."})
     correct_threshold: float = field(
@@ -154,6 +154,8 @@ class QEMPOOnlineConfig(GRPOConfig):
         if self.loss_method not in method_names("online"):
             raise QempoError(f"loss_method {self.loss_method!r} is unknown; use one of "
                              f"{', '.join(method_names('online'))}")
+        if self.gate is None:
+            self.gate = get_method(self.loss_method, "online").gate
         if self.gate not in GATES:
             raise QempoError(f"gate {self.gate!r} is unknown; use one of {', '.join(GATES)}")
         if self.advantage not in ADVANTAGES:

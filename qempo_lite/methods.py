@@ -31,6 +31,7 @@ class Method:
     title: str
     card_text: str
     meanings: Mapping[str, str] = None  # what each coefficient is, for help texts
+    gate: str = "correct"  # online: the quality gate of the variance term when a run sets none
 
     @property
     def coefficient_names(self) -> tuple[str, ...]:
@@ -143,7 +144,8 @@ register_method(Method(
     "gvpo", ("online",), {"beta": 1e-2},
     policy_coef=lambda k: k["beta"], ref_coef=lambda k: k["beta"],
     title="GVPO (Eq. 8 with a = c = β, the paper's online RLHF baseline)", meanings={"beta": "β"},
-    card_text="GVPO (the paper's online RLHF baseline). Optimal policy π ∝ π_ref exp(r/β)."))
+    card_text="GVPO (the paper's online RLHF baseline). Optimal policy π ∝ π_ref exp(r/β).",
+    gate="none"))  # the paper gates QEMPO and QEMPO-KL only (Section 3.4); GVPO as published is ungated
 
 
 __all__ = ["MODES", "Method", "coefficient_help", "get_method", "loss_coefficients", "method_help", "method_names",

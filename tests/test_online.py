@@ -142,6 +142,14 @@ def test_config_defaults_are_the_papers_coefficients(tmp_path):
     assert (kl.beta1, kl.beta2, kl.gate, kl.advantage, kl.lr_scheduler_type) == (4e-3, 1e-2, "correct", "center", "constant")
 
 
+def test_the_gate_defaults_to_the_papers_choice_per_method(tmp_path):
+    """The paper gates QEMPO and QEMPO-KL (Section 3.4); its GVPO baseline is ungated. A set gate is kept."""
+    gates = {m: QEMPOOnlineConfig(output_dir=str(tmp_path), loss_method=m, bf16=False).gate
+             for m in ("qempo", "qempo_kl", "gvpo")}
+    assert gates == {"qempo": "correct", "qempo_kl": "correct", "gvpo": "none"}
+    assert QEMPOOnlineConfig(output_dir=str(tmp_path), loss_method="gvpo", gate="correct", bf16=False).gate == "correct"
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
