@@ -325,8 +325,8 @@ def check_adapter(name: str, path: str | Path, base_model: str, *,
     problems += [token_problem] if token_problem else []
     trained_for = recorded or "another base model"
     if problems:
-        # The fix before the shapes, and two of those: the error line is cut at 300 characters.
-        shown = problems[:2] + ([f"and {len(problems) - 2} more"] if len(problems) > 2 else [])
+        # The fix before the shapes, and three of those: the error line is cut at 300 characters.
+        shown = problems[:3] + ([f"and {len(problems) - 3} more"] if len(problems) > 3 else [])
         raise QempoError(f"adapter {name!r} was trained for base {trained_for}, not {base_model}: pass the base model "
                          f"it was trained on (its weights do not fit: {'; '.join(shown)})")
     if recorded and not same_base_model(recorded, base_model):

@@ -74,7 +74,7 @@ _BARE = _Bare("true")
 def split_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
     """Split ``argv`` into the ``--config`` path and ``{key: raw string}`` overrides.
 
-    Accepts ``--key value``, ``--key=value`` and bare ``--flag`` (meaning ``true``). Dashes in
+    Accepts ``--key value``, ``--key=value`` and bare ``--flag`` (``true``, for boolean keys only). Dashes in
     keys are read as underscores.
     """
     config_path: str | None = None

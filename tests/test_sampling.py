@@ -207,7 +207,7 @@ def test_adapter_of_another_base_is_refused(hf_sampler, other_adapter, tiny_mode
     with pytest.raises(QempoError, match="was trained for base .*other-llama.*, not .*: pass the base model it was "
                                          "trained on \\(its weights do not fit") as err:
         hf_sampler.add_adapter("o", other_adapter)
-    assert "input size is 96 in the adapter, 64 in the base" in str(err.value) and "more)" in str(err.value)
+    assert "input size is 96 in the adapter, 64 in the base" in str(err.value)
     # The vLLM path checks the same shapes from a weightless (meta-device) copy of the base.
     shapes, vocab = meta_parameter_shapes(str(tiny_model_dir))
     assert shapes["model.embed_tokens.weight"] == (vocab, 64)
