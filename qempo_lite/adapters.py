@@ -325,8 +325,10 @@ def check_adapter(name: str, path: str | Path, base_model: str, *,
     problems += [token_problem] if token_problem else []
     trained_for = recorded or "another base model"
     if problems:
-        raise QempoError(f"adapter {name!r} was trained for base {trained_for}, not {base_model}: its weights do not "
-                         f"fit ({'; '.join(problems)}); pass the base model it was trained on")
+        # The fix before the shapes, and three of those: the error line is cut at 300 characters.
+        shown = problems[:3] + ([f"and {len(problems) - 3} more"] if len(problems) > 3 else [])
+        raise QempoError(f"adapter {name!r} was trained for base {trained_for}, not {base_model}: pass the base model "
+                         f"it was trained on (its weights do not fit: {'; '.join(shown)})")
     if recorded and not same_base_model(recorded, base_model):
         if not allow_base_mismatch:
             raise QempoError(f"adapter {name!r} was trained for base {recorded}, not {base_model}; pass that base "

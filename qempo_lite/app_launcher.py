@@ -68,6 +68,8 @@ def settings_from_args(args: argparse.Namespace):
     for option, named in [("--base-model", args.base_model)] + [("--adapter", a) for a in args.adapter]:
         if named and not Path(named).expanduser().exists() and _looks_like_a_path(named):
             raise QempoError(f"{option} {named} does not exist; pass an existing directory or a Hub id (OWNER/NAME)")
+        if named and Path(named).expanduser().exists() and not Path(named).expanduser().is_dir():
+            raise QempoError(f"{option} {named} is a file; pass a directory or a Hub id (OWNER/NAME)")
     sampler_options = {}
     if args.gpu_memory_utilization is not None:
         sampler_options["gpu_memory_utilization"] = args.gpu_memory_utilization

@@ -24,6 +24,30 @@ COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields;
 ROLLOUTS = ("hf", "vllm", "vllm_server")
 
 
+def _positive_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
+def check_training_numbers(config) -> None:
+    """One-line errors for step and batch settings that transformers would only refuse (or silently
+    accept) once the model is loaded: batch sizes and accumulation steps below 1, a learning rate
+    that is not a positive finite number, ``max_steps: 0`` and no epochs to train."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise QempoError(f"{name} must be a whole number >= 1, got {value!r}; fix it in the config")
+    if not _positive_finite(config.learning_rate):
+        raise QempoError(f"learning_rate must be a positive number, got {config.learning_rate!r} (0 would train "
+                         "nothing); fix it in the config")
+    if isinstance(config.max_steps, bool) or not isinstance(config.max_steps, int) or config.max_steps == 0 \
+            or config.max_steps < -1:
+        raise QempoError(f"max_steps must be a number of optimizer steps >= 1 (or -1: train num_train_epochs), got "
+                         f"{config.max_steps!r}")
+    if config.max_steps == -1 and not _positive_finite(config.num_train_epochs):
+        raise QempoError(f"num_train_epochs must be a positive number when max_steps is not set, got "
+                         f"{config.num_train_epochs!r}")
+
+
 @dataclass
 class QEMPOConfig(DPOConfig):
     """``DPOConfig`` plus the choice of offline objective and its coefficients.
@@ -60,6 +84,7 @@ class QEMPOConfig(DPOConfig):
     alpha: float | None = field(default=None, metadata={"help": coefficient_help("alpha", "offline")})
 
     def __post_init__(self):
+        check_training_numbers(self)
         if self.loss_method not in method_names("offline"):
             raise QempoError(f"loss_method must be one of {', '.join(method_names('offline'))}, got "
                              f"{self.loss_method!r}")
@@ -151,6 +176,7 @@ class QEMPOOnlineConfig(GRPOConfig):
     lr_scheduler_type: str = field(default="constant", metadata={"help": "The paper trains with a constant rate."})
 
     def __post_init__(self):
+        check_training_numbers(self)
         if self.loss_method not in method_names("online"):
             raise QempoError(f"loss_method {self.loss_method!r} is unknown; use one of "
                              f"{', '.join(method_names('online'))}")
@@ -230,4 +256,4 @@ class QEMPOOnlineConfig(GRPOConfig):
 
 
 
-__all__ = ["COEFFICIENT_NAMES", "QEMPOConfig", "QEMPOOnlineConfig", "ROLLOUTS"]
+__all__ = ["COEFFICIENT_NAMES", "QEMPOConfig", "QEMPOOnlineConfig", "ROLLOUTS", "check_training_numbers"]

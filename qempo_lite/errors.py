@@ -9,6 +9,13 @@ class QempoError(ValueError):
     """
 
 
+def not_a_file(path) -> str:
+    """Why ``path`` cannot be read as a file: "is a directory" or "not found" (for a one-line error)."""
+    import os
+
+    return "is a directory, not a file" if os.path.isdir(path) else "not found"
+
+
 def missing_extra(module: str, extra: str, hint: str = "") -> QempoError:
     """The error for an optional dependency that is not installed."""
     suffix = f" ({hint})" if hint else ""

@@ -329,6 +329,8 @@ def push_adapter(adapter_dir: str | Path, repo_id: str, *, private: bool = False
         raise QempoError(f"--repo-id {repo_id!r} must look like USER/NAME")
     if dry_run is not None:
         folder = Path(dry_run)
+        if folder.exists() and not folder.is_dir():
+            raise QempoError(f"dry-run folder {folder} is a file; pass an empty or new folder")
         if folder.exists() and any(folder.iterdir()):
             raise QempoError(f"dry-run folder {folder} is not empty; pass an empty or new folder")
         stage_upload(adapter_dir, repo_id, folder, base_model_id=base_model_id, tokenizer=tokenizer)

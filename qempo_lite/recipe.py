@@ -28,7 +28,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import QempoError
+from .errors import QempoError, not_a_file
 
 _NONE_WORDS = ("none", "null", "~")
 _TRUE_WORDS = ("true", "yes", "on", "1")
@@ -45,7 +45,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise QempoError(f"config file {str(path)!r} not found; pass an existing YAML file to --config")
+        raise QempoError(f"config file {str(path)!r} {not_a_file(path)}; pass an existing YAML file to --config")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -54,7 +54,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise QempoError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix the file") from err
     if data is None:
-        return {}
+        raise QempoError(f"config file {str(path)!r} is empty; write the recipe's key: value lines in it (see "
+                         "recipes/ for complete ones)")
     if not isinstance(data, dict):
         raise QempoError(f"config file {str(path)!r} must be a YAML mapping of key: value, got {type(data).__name__}")
     for key in data:
@@ -63,10 +64,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class _Bare(str):
+    """The value of a bare ``--flag``: ``true`` for a boolean key, a missing value for any other."""
+
+
+_BARE = _Bare("true")
+
+
 def split_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
     """Split ``argv`` into the ``--config`` path and ``{key: raw string}`` overrides.
 
-    Accepts ``--key value``, ``--key=value`` and bare ``--flag`` (meaning ``true``). Dashes in
+    Accepts ``--key value``, ``--key=value`` and bare ``--flag`` (``true``, for boolean keys only). Dashes in
     keys are read as underscores.
     """
     config_path: str | None = None
@@ -88,7 +96,7 @@ def split_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
             elif key == "config":
                 raise QempoError("--config needs the path of a YAML recipe: --config recipes/offline/FILE.yaml")
             else:
-                value = "true"
+                value = _BARE
         i += 1
         if key == "config":
             config_path = value
@@ -258,7 +266,14 @@ def merge_values(yaml_values: dict[str, Any], flags: dict[str, str], dataclass_t
     for key, raw in flags.items():
         if key not in keys:
             raise _unknown_key(key, keys, f"(--{key})", help_hint)
-        values[key] = coerce_value(key, raw, keys[key][1], from_flag=True)
+        try:
+            values[key] = coerce_value(key, raw, keys[key][1], from_flag=True)
+        except QempoError:
+            values[key] = None
+            if raw is not _BARE:
+                raise
+        if raw is _BARE and values[key] is not True:  # a bare flag sets booleans only: no silent 'true' string
+            raise QempoError(f"--{key} needs a value ({_type_name(keys[key][1])}): write --{key} VALUE")
     return values
 
 

@@ -69,6 +69,16 @@ def serve_command(args, extra: list[str]) -> tuple[list[str], dict[str, str]]:
         above = [r for r in VLLM_LORA_RANKS if r >= args.max_lora_rank]
         raise QempoError(f"--max-lora-rank {args.max_lora_rank} is not one vLLM accepts; use "
                          f"{above[0] if above else VLLM_LORA_RANKS[-1]} (one of {', '.join(map(str, VLLM_LORA_RANKS))})")
+    local = os.path.expanduser(args.base_model)
+    if os.path.isfile(os.path.join(local, "adapter_config.json")):
+        raise QempoError(f"BASE {args.base_model} is a LoRA adapter; pass the base model it was trained on (training "
+                         "loads adapters into the server at run time)")
+    if os.path.exists(local) and not os.path.isfile(os.path.join(local, "config.json")):
+        raise QempoError(f"BASE {args.base_model} is not a model directory (no config.json); pass the base model's "
+                         "directory or its Hub id")
+    if not os.path.exists(local) and (local.startswith((".", "/", "~")) or local.count("/") > 1):
+        raise QempoError(f"BASE {args.base_model} does not exist; pass the base model's directory or its Hub id "
+                         "(OWNER/NAME)")
     if args.tensor_parallel_size is not None and args.tensor_parallel_size < 1:
         raise QempoError(f"--tensor-parallel-size must be a positive number, got {args.tensor_parallel_size}")
     for option in ("--enable-lora", "--max-lora-rank", "--max-loras", "--host", "--port", "--tensor-parallel-size"):

@@ -243,11 +243,13 @@ def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunAr
 def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs) -> Path:
     """Load problems and model, train, save adapter + tokenizer + ``qempo_lite.json`` in ``config.output_dir``."""
     from .console import quiet_setup
-    from .online import QEMPOOnlineTrainer
-    from .rewards import math_reward
 
     checkpoint = checkpoint_to_resume(config.output_dir, run_args.resume, needs_optimizer=not config.save_only_model)
     with quiet_setup():
+        # Inside: importing TRL's GRPO trainer imports vLLM when installed, which prints to stderr.
+        from .online import QEMPOOnlineTrainer
+        from .rewards import math_reward
+
         print(f"loading problems from {', '.join(run_args.datasets)}", flush=True)
         problems = load_problems(run_args, config.seed)
         repo_id = take_over_hub_push(config)

@@ -314,6 +314,17 @@ def test_hub_ids_are_refused_with_no_hub_and_reported_when_unreachable(tmp_path)
         resolve_adapter("qempo-lite-tests/no-such-adapter", [tmp_path])
 
 
+def test_cli_refuses_a_file_given_as_adapter_or_base(tmp_path, capsys):
+    from qempo_lite.cli import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not an adapter")
+    for option in ("--adapter", "--base-model"):
+        assert main(["app", option, str(a_file)]) == 2  # refused before any server starts
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {option} {a_file} is a file; pass a directory or a Hub id (OWNER/NAME)"
+
+
 def test_launcher_defaults_are_safe():
     from qempo_lite.app_launcher import build_parser
 

@@ -57,6 +57,8 @@ def _bad_inputs(tmp_path: Path, model: Path) -> list[tuple[str, list[str], str]]
     problems = tmp_path / "problems.jsonl"
     problems.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"})
                                 + "\n" for i in range(4)))
+    no_hashes = tmp_path / "no-hashes.jsonl"
+    no_hashes.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2"}) + "\n")
     o = lambda name, **kw: _offline(tmp_path, model, name, **kw)  # noqa: E731
     n = lambda name, **kw: _online(tmp_path, model, problems, name, **kw)  # noqa: E731
     return [
@@ -77,6 +79,8 @@ def _bad_inputs(tmp_path: Path, model: Path) -> list[tuple[str, list[str], str]]
         ("top_p", n("topp", top_p=0.9), "top_p"),
         ("generation_kwargs", n("genkw", generation_kwargs={"top_k": 5}), "generation_kwargs"),
         ("stale generation batch", n("stale", steps_per_generation=2), "steps_per_generation"),
+        # Loading the online trainer imports vLLM, which prints a line of its own to stderr.
+        ("GSM8K answer without ####", n("hashes", datasets=[str(no_hashes)]), "no final '#### <answer>' line"),
         ("eval usage", ["eval", "bogus"], "invalid choice"),
         ("eval missing samples", ["eval", "diversity", "--samples", str(tmp_path / "none.jsonl"), "--output",
                                   str(tmp_path / "d.json")], "none.jsonl"),

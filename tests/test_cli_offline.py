@@ -166,3 +166,53 @@ def test_malformed_yaml_names_the_line(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(QempoError, match="must be a YAML mapping"):
         read_yaml(path)
+    path.write_text("")
+    with pytest.raises(QempoError, match="is empty; write the recipe's key: value lines"):
+        read_yaml(path)
+    with pytest.raises(QempoError, match="is a directory, not a file; pass an existing YAML file"):
+        read_yaml(tmp_path)
+
+
+def test_a_bare_flag_sets_booleans_only(tmp_path):
+    from qempo_lite.errors import QempoError
+    from qempo_lite.offline import QEMPOConfig
+    from qempo_lite.recipe import parse_recipe
+    from qempo_lite.runs import ModelArgs
+    from qempo_lite.train_cli import OfflineRunArgs
+
+    types = (QEMPOConfig, ModelArgs, OfflineRunArgs)
+    base = ["--config", str(_recipe_with(tmp_path, "")), "--model_name_or_path", "m", "--output_dir", str(tmp_path)]
+    assert parse_recipe([*base, "--resume"], types)[2].resume is True
+    with pytest.raises(QempoError, match=r"--max_steps needs a value \(int\): write --max_steps VALUE"):
+        parse_recipe([*base, "--max_steps"], types)
+    with pytest.raises(QempoError, match="--dataset needs a value"):  # not a dataset named 'true'
+        parse_recipe([*base, "--dataset", "--resume"], types)
+
+
+@pytest.mark.parametrize("line, words", [
+    ("per_device_train_batch_size: 0", "per_device_train_batch_size must be a whole number >= 1, got 0"),
+    ("gradient_accumulation_steps: -1", "gradient_accumulation_steps must be a whole number >= 1, got -1"),
+    ("learning_rate: -1.0e-3", "learning_rate must be a positive number, got -0.001"),
+    ("learning_rate: 0", "learning_rate must be a positive number, got 0"),
+    ("max_steps: 0", "max_steps must be a number of optimizer steps >= 1"),
+    ("max_steps: -1\nnum_train_epochs: 0", "num_train_epochs must be a positive number"),
+])
+def test_step_and_batch_settings_are_checked_before_loading(tmp_path, line, words):
+    """Refused while the recipe is read: transformers would refuse them only after loading the model
+    (a bare ValueError), or train nothing (learning_rate 0)."""
+    from qempo_lite.configs import QEMPOOnlineConfig
+    from qempo_lite.errors import QempoError
+    from qempo_lite.offline import QEMPOConfig
+    from qempo_lite.recipe import parse_recipe
+    from qempo_lite.runs import ModelArgs
+    from qempo_lite.train_cli import OfflineRunArgs, OnlineRunArgs
+
+    recipe = _recipe_with(tmp_path, line + "\n")
+    flags = ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(QempoError, match=words):
+        parse_recipe(["--config", str(recipe), *flags], (QEMPOConfig, ModelArgs, OfflineRunArgs))
+    online = tmp_path / "online.yaml"
+    online.write_text(f"datasets: [d.jsonl]\nuse_cpu: true\nbf16: false\nnum_generations: 2\n"
+                      f"per_device_train_batch_size: 2\n{line}\n")
+    with pytest.raises(QempoError, match=words):
+        parse_recipe(["--config", str(online), *flags], (QEMPOOnlineConfig, ModelArgs, OnlineRunArgs))

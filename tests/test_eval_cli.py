@@ -158,7 +158,38 @@ def test_cli_help_and_errors(tiny_model_dir, tmp_path, capsys):
           "--output-dir", str(tmp_path / "t2")], "a judge needs both --judge-url and --judge-model"),
         (["eval", "sample", *_engine(tiny_model_dir), "--include-base", "--prompts", str(tmp_path / "p.jsonl"),
           "--output", "o.jsonl"], "row 1: field 'prompt' is missing"),
+        # A mistyped adapter path is named, even when no --base-model is given.
+        (["eval", "sample", "--adapter", f"x={tmp_path / 'missing'}", "--output", "o.jsonl"],
+         f"adapter 'x' at {tmp_path / 'missing'} is not a directory"),
+        (["eval", "table2", "--adapter", str(tmp_path), "--output-dir", str(tmp_path / "t2")],
+         "has no adapter_config.json"),
+        # Outputs that cannot be written are refused before any model loads.
+        (["eval", "sample", *_engine(tiny_model_dir), "--include-base", "--output", str(tmp_path)],
+         f"--output {tmp_path} is a directory; pass a file name"),
+        (["eval", "diversity", "--samples", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "a-file" / "d.json")],
+         "a-file is a file, not a folder"),
+        (["eval", "report", "--inputs", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "a-file")],
+         f"--output-dir {tmp_path / 'a-file'} is a file"),
+        (["eval", "table2", "--base", str(tiny_model_dir), "--include-base", "--output-dir", str(tmp_path / "a-file")],
+         "is a file; pass a folder"),
+        # Decoding settings are checked as arguments, not after the model has loaded.
+        (["eval", "passk", *_engine(tiny_model_dir), "--include-base", "--data", "g.jsonl", "--n", "2", "--ks", "1,4",
+          "--output", "p.json"], "--ks '1,4': each k must be between 1 and --n 2"),
+        (["eval", "passk", *_engine(tiny_model_dir), "--include-base", "--data", "g.jsonl", "--top-p", "0",
+          "--output", "p.json"], "argument --top-p: expected a number in (0, 1]"),
+        (["eval", "sample", *_engine(tiny_model_dir), "--include-base", "--temperature", "-1", "--output", "o.jsonl"],
+         "argument --temperature: expected a number >= 0"),
+        # Directories where files are expected, and result files of the wrong shape.
+        (["eval", "diversity", "--samples", str(tmp_path), "--output", "d.json"], "is a directory, not a file"),
+        (["eval", "report", "--inputs", str(tmp_path), "--output-dir", str(tmp_path / "rep")], "is a directory"),
+        (["eval", "report", "--inputs", str(tmp_path / "passk.json"), "--output-dir", str(tmp_path / "rep")],
+         "adapter 'q': field 'pass@k' is '0.5', not an object of k: value"),
+        (["eval", "report", "--inputs", str(tmp_path / "judge.json"), "--output-dir", str(tmp_path / "rep")],
+         "adapter 'q': field 'judge' is 'high', not a number"),
     ]
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "passk.json").write_text(json.dumps({"kind": "passk", "adapters": {"q": {"pass@k": "0.5"}}}))
+    (tmp_path / "judge.json").write_text(json.dumps({"kind": "judge", "adapters": {"q": {"judge": "high"}}}))
     (tmp_path / "bad.json").write_text(json.dumps({"kind": "weather", "adapters": {}}))
     (tmp_path / "old.json").write_text(json.dumps({"kind": "diversity", "models": {"spacy": "x"}, "adapters": {}}))
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"text": "hi"}) + "\n")
@@ -166,6 +197,24 @@ def test_cli_help_and_errors(tiny_model_dir, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and words in err and "\n" not in err and "Traceback" not in err
+
+
+def test_a_failed_model_load_is_one_line(tiny_model_dir, tmp_path, capsys):
+    """Loading prints progress bars and warnings; when it fails they are dropped, leaving the error alone."""
+    from qempo_lite.tiny import build_tiny_model
+
+    wider = build_tiny_model(tmp_path / "wider", hidden_size=128, num_heads=4)
+    adapter = make_adapter(wider, tmp_path / "wide-adapter", seed=4)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    argv = ["eval", "sample", *_engine(tiny_model_dir), "--adapter", f"w={adapter}", "--prompts", str(prompts),
+            "--n", "1", "--max-new-tokens", "2", "--output", str(tmp_path / "o.jsonl")]
+    capsys.readouterr()  # what building the models printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: adapter 'w' was trained for base") and "\n" not in err, err
+    assert ": pass the base model it was trained on (its weights do not fit" in err  # the fix is not cut off
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_plain_prompt_files_are_sampled_single_turn(tiny_model_dir, tmp_path):

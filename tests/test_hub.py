@@ -180,6 +180,15 @@ def test_refuses_missing_adapter_and_pickles(adapter_dir, tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_dry_run_folder_that_is_a_file_is_one_line(adapter_dir, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    code, _, stderr = _push(capsys, adapter_dir, "--repo-id", "someone/tiny", "--dry-run", a_file)
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert "dry-run folder" in stderr and "is a file" in stderr and "unexpected" not in stderr
+    assert a_file.read_text() == "keep me"
+
+
 def test_training_cli_takes_over_the_hub_push(tmp_path):
     from qempo_lite.errors import QempoError
     from qempo_lite.offline import QEMPOConfig

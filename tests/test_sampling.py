@@ -204,7 +204,8 @@ def test_bad_sample_files_name_the_line_and_field(tmp_path):
 
 
 def test_adapter_of_another_base_is_refused(hf_sampler, other_adapter, tiny_model_dir):
-    with pytest.raises(QempoError, match="was trained for base .*other-llama.*, not .*: its weights do not fit") as err:
+    with pytest.raises(QempoError, match="was trained for base .*other-llama.*, not .*: pass the base model it was "
+                                         "trained on \\(its weights do not fit") as err:
         hf_sampler.add_adapter("o", other_adapter)
     assert "input size is 96 in the adapter, 64 in the base" in str(err.value)
     # The vLLM path checks the same shapes from a weightless (meta-device) copy of the base.

@@ -196,6 +196,23 @@ def test_serve_runs_vllm_serve_with_runtime_lora_updating():
         serve_command(build_parser().parse_args(["org/base", "--max-lora-rank", "12"]), [])
 
 
+def test_serve_refuses_a_base_that_is_no_model_before_starting_vllm(tmp_path, tiny_model_dir):
+    from qempo_lite.serve import build_parser, serve_command
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "a-file").write_text("x")
+    cases = {str(tmp_path / "nowhere"): "does not exist", str(tmp_path / "a-file"): "is not a model directory",
+             str(adapter): "is a LoRA adapter; pass the base model it was trained on"}
+    for base, words in cases.items():
+        with pytest.raises(QempoError, match=words):
+            serve_command(build_parser().parse_args([base]), [])
+    command, env = serve_command(build_parser().parse_args([str(tiny_model_dir)]), [])
+    assert str(tiny_model_dir) in command and env["HF_HUB_OFFLINE"] == "1"
+    assert "gpt2" in serve_command(build_parser().parse_args(["gpt2"]), [])[0]  # a Hub id is not a path
+
+
 # ---------------------------------------------------------------------------------- the engine
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qempo_lite.console import input_read
-from qempo_lite.errors import QempoError
+from qempo_lite.errors import QempoError, not_a_file
 
 logger = logging.getLogger("qempo_lite")
 
@@ -45,8 +45,48 @@ def _count(value: str) -> int:
     return number
 
 
+def _temperature(value: str) -> float:
+    """argparse type: a sampling temperature, a finite number >= 0 (0: greedy decoding)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy decoding), got {value!r}")
+    return number
+
+
+def _top_p(value: str) -> float:
+    """argparse type: a nucleus sampling threshold in (0, 1]."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1: off), got {value!r}")
+    return number
+
+
+def check_output(path: str | Path, flag: str, *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is asked for
+    (``folder``), a folder where a file is, or a parent that is a file."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise QempoError(f"{flag} {path} is a file; pass a folder (new or existing)")
+    if not folder and path.is_dir():
+        raise QempoError(f"{flag} {path} is a directory; pass a file name, e.g. {path / 'out.json'}")
+    for parent in (path if folder else path.parent, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise QempoError(f"{flag} {path}: {parent} is a file, not a folder; pass another path")
+            break
+    return path
+
+
 def _adapters(args) -> dict[str, str | None]:
-    """--adapter NAME=PATH (or PATH, named after its directory) plus --include-base."""
+    """--adapter NAME=PATH (or PATH, named after its directory) plus --include-base; each adapter's files checked."""
+    from qempo_lite.adapters import ANYWHERE, check_adapter_files
+
     adapters: dict[str, str | None] = {}
     for spec in args.adapter or []:
         name, sep, path = spec.partition("=")
@@ -56,6 +96,8 @@ def _adapters(args) -> dict[str, str | None]:
             raise QempoError(f"--adapter {spec!r} must be NAME=PATH or PATH")
         if name in adapters:
             raise QempoError(f"--adapter name {name!r} is given twice; name each adapter once")
+        # Checked before any model loads, so that a mistyped path is what the one error line names.
+        check_adapter_files(Path(path).expanduser(), ANYWHERE, f"adapter {name!r} at {path}")
         adapters[name] = path
     if args.include_base:
         if args.base_name in adapters:
@@ -103,18 +145,22 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-lora-rank", type=_count, default=64, help="vLLM: largest adapter rank served (64)")
     engine.add_argument("--batch-size", type=_count, default=64, help="hf: sequences per generate call (64)")
     decoding = parser.add_argument_group("decoding")
-    decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
-    decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
+    decoding.add_argument("--temperature", type=_temperature, default=1.0, help="sampling temperature (1.0)")
+    decoding.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling threshold (1.0: off)")
     decoding.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same samples")
 
 
 def _sampler(args, adapters):
+    """The Sampler of the command; loading's progress bars and warnings are shown only if it loads."""
+    from qempo_lite.console import quiet_setup
+
     from .sampling import Sampler
 
-    return Sampler(_base_model(args, adapters), backend=args.backend, adapters=adapters, dtype=args.dtype,
-                   allow_base_mismatch=args.allow_base_mismatch, batch_size=args.batch_size,
-                   gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                   max_lora_rank=args.max_lora_rank)
+    with quiet_setup():
+        return Sampler(_base_model(args, adapters), backend=args.backend, adapters=adapters, dtype=args.dtype,
+                       allow_base_mismatch=args.allow_base_mismatch, batch_size=args.batch_size,
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                       max_lora_rank=args.max_lora_rank)
 
 
 def _write_json(path: str | Path, data: dict) -> Path:
@@ -146,7 +192,7 @@ def _read_prompt_file(source: str, limit: int | None):
         return load_questions(source, limit=limit), None
     path = Path(source)
     if not path.is_file():
-        raise QempoError(f"prompts file {path} not found; pass 'mtbench' or a JSONL file")
+        raise QempoError(f"prompts file {path} {not_a_file(path)}; pass 'mtbench' or a JSONL file")
     lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
     try:
         first = json.loads(lines[0][1]) if lines else None
@@ -177,6 +223,7 @@ def _cmd_sample(args) -> int:
     from .mtbench import sample_mtbench
     from .sampling import save_samples
 
+    check_output(args.output, "--output")
     adapters = _adapters(args)
     questions, plain = _read_prompt_file(args.prompts, args.limit)
     decoding = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
@@ -196,11 +243,19 @@ def _cmd_sample(args) -> int:
 
 
 def _scorer(args):
+    """The diversity scorer with its spaCy parser and sentence encoder loaded; their progress bars and
+    warnings are shown only if both load."""
+    from qempo_lite.console import quiet_setup
+
     from .metrics import PROTOCOL_SAMPLES, DiversityScorer
 
     sizes = {k: None for k in PROTOCOL_SAMPLES} if args.sample_size == "all" else None
-    return DiversityScorer(args.spacy_model, args.encoder, sample_sizes=sizes, seed=args.diversity_seed, device=args.device,
-                           encoder_dtype=args.encoder_dtype)
+    scorer = DiversityScorer(args.spacy_model, args.encoder, sample_sizes=sizes, seed=args.diversity_seed,
+                             device=args.device, encoder_dtype=args.encoder_dtype)
+    with quiet_setup():
+        scorer.load("parser")
+        scorer.load("encoder")
+    return scorer
 
 
 def _diversity_result(scorer, scores: dict, samples: str) -> dict:
@@ -219,6 +274,7 @@ def _cmd_diversity(args) -> int:
     from .mtbench import diversity_scores
     from .sampling import load_samples
 
+    check_output(args.output, "--output")
     samples = load_samples(args.samples)
     scorer = _scorer(args)
     scores = diversity_scores(samples, scorer, per_question=not args.no_per_question)
@@ -269,6 +325,7 @@ def _cmd_judge(args) -> int:
     from .sampling import load_samples
 
     extra_body = _extra_body(args)
+    check_output(args.output, "--output")
     samples = load_samples(args.samples)
     templates = load_judge_prompts(args.judge_prompts)
     questions = load_questions(args.questions) if args.questions else None
@@ -302,14 +359,21 @@ def _cmd_passk(args) -> int:
     from .math_eval import evaluate_math
     from .sampling import save_samples
 
-    adapters = _adapters(args)
+    check_output(args.output, "--output")
+    if args.samples_output:
+        check_output(args.samples_output, "--samples-output")
     ks = None
     if args.ks:
         try:
             ks = [int(k) for k in args.ks.split(",")]
         except ValueError:
             raise QempoError(f"--ks {args.ks!r} must be comma-separated integers, e.g. 1,2,4,8") from None
-    dataset = load_math(args.data, split=args.split, limit=args.limit)
+        wrong = [k for k in ks if not 1 <= k <= args.n]
+        if wrong:
+            raise QempoError(f"--ks {args.ks!r}: each k must be between 1 and --n {args.n} (the samples per problem), "
+                             f"not {wrong[0]}; lower k or raise --n")
+    adapters = _adapters(args)
+    dataset = load_math(args.data, split=args.split, limit=args.limit, on_bad_rows=args.on_bad_rows)
     with _sampler(args, adapters) as sampler:
         results, samples = evaluate_math(sampler, adapters, dataset, n=args.n, ks=ks, temperature=args.temperature,
                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -331,6 +395,7 @@ def _cmd_passk(args) -> int:
 def _cmd_report(args) -> int:
     from .report import build_report, load_inputs, write_report
 
+    check_output(args.output_dir, "--output-dir", folder=True)
     written = write_report(build_report(load_inputs(args.inputs)), args.output_dir)
     for kind, path in written.items():
         print(f"{kind:>8}: {path}")
@@ -344,6 +409,7 @@ def _cmd_table2(args) -> int:
     from .table2 import run
 
     args.extra_body = _extra_body(args)
+    check_output(args.output_dir, "--output-dir", folder=True)
     return run(args)
 
 
@@ -431,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     passk.add_argument("--limit", type=_count, help="use only the first LIMIT problems")
     passk.add_argument("--n", type=_count, default=100, help="samples per problem (100, as the paper)")
     passk.add_argument("--ks", help="comma-separated k values (default: 1,2,4,... and n)")
+    passk.add_argument("--on-bad-rows", choices=("error", "skip"), default="error",
+                       help="a malformed problem stops the run (error, default) or is left out (skip)")
     passk.add_argument("--max-new-tokens", type=_count, default=1024, help="longest answer in tokens (1024)")
     passk.add_argument("--output", required=True, help="the pass@k JSON file to write")
     passk.add_argument("--samples-output", help="also save the answers as samples JSONL")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qempo_lite.errors import QempoError
+from qempo_lite.errors import QempoError, not_a_file
 
 from .sampling import Sample, Sampler
 
@@ -55,7 +55,7 @@ def resolve_mtbench_file(source: str | os.PathLike, kind: str = "questions") -> 
     if str(source) != MTBENCH:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise QempoError(f"{kind.replace('_', ' ')} file {path} not found; pass an existing JSONL file or "
+            raise QempoError(f"{kind.replace('_', ' ')} file {path} {not_a_file(path)}; pass an existing JSONL file or "
                              "'mtbench'")
         return path
     env, name = (QUESTIONS_ENV, "question.jsonl") if kind == "questions" else (JUDGE_PROMPTS_ENV, "judge_prompts.jsonl")

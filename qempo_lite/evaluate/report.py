@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qempo_lite.errors import QempoError
+from qempo_lite.errors import QempoError, not_a_file
 
 from .diversity import PROTOCOL
 from .metrics import AVERAGE, SCORES
@@ -49,7 +49,7 @@ def load_inputs(paths: Sequence[str | os.PathLike]) -> list[dict]:
     inputs = []
     for path in map(Path, paths):
         if not path.is_file():
-            raise QempoError(f"report input {path} not found; pass files written by 'qempo-lite eval ...'")
+            raise QempoError(f"report input {path} {not_a_file(path)}; pass files written by 'qempo-lite eval ...'")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -58,9 +58,42 @@ def load_inputs(paths: Sequence[str | os.PathLike]) -> list[dict]:
         if not isinstance(data, dict) or data.get("kind") not in KINDS or not isinstance(data.get("adapters"), dict):
             raise QempoError(f"report input {path} is not a diversity, judge or passk result (field 'kind' or "
                              "'adapters'); pass files written by 'qempo-lite eval diversity|judge|passk'")
+        problem = _row_problem(data)
+        if problem:
+            raise QempoError(f"report input {path}: {problem}; pass files written by 'qempo-lite eval "
+                             f"{data['kind']}' (or write it again)")
         data["_path"] = str(path)
         inputs.append(data)
     return inputs
+
+
+def _is_score(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _row_problem(data: dict) -> str | None:
+    """What is wrong with the per-adapter values of a result file (None when they are as 'eval' writes them)."""
+    for name, values in data["adapters"].items():
+        where = f"adapter {name!r}"
+        if not isinstance(values, dict):
+            return f"{where} holds {str(values)[:40]!r}, not an object of scores"
+        if data["kind"] == "diversity":
+            for key in (*DIVERSITY, "n_texts", "n_sentences"):
+                if not _is_score(values.get(key)):
+                    return f"{where}: field '{key}' is {values[key]!r}, not a number"
+        elif data["kind"] == "judge":
+            if not _is_score(values.get("judge")):
+                return f"{where}: field 'judge' is {values['judge']!r}, not a number"
+        else:
+            curve = values.get("pass@k")
+            if curve is None:
+                continue
+            if not isinstance(curve, dict):
+                return f"{where}: field 'pass@k' is {str(curve)[:40]!r}, not an object of k: value"
+            for k, value in curve.items():
+                if not str(k).isdigit() or int(k) < 1 or not _is_score(value):
+                    return f"{where}: field 'pass@k' has {k!r}: {value!r}, not a whole k >= 1 and a number"
+    return None
 
 
 def build_report(inputs: Sequence[dict]) -> dict[str, Any]:

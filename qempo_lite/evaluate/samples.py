@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from qempo_lite.errors import QempoError
+from qempo_lite.errors import QempoError, not_a_file
 
 ROLES = ("system", "user", "assistant")
 
@@ -67,7 +67,7 @@ def load_samples(path: str | os.PathLike) -> list[Sample]:
     """Read a JSONL file written by :func:`save_samples`; a bad line raises QempoError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise QempoError(f"samples file {path} not found; create it with 'qempo-lite eval sample --output {path}'")
+        raise QempoError(f"samples file {path} {not_a_file(path)}; create it with 'qempo-lite eval sample --output {path}'")
     samples = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
