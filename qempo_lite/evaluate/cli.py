@@ -34,37 +34,22 @@ logger = logging.getLogger("qempo_lite")
 # ------------------------------------------------------------------------------ shared options
 
 
-def _count(value: str) -> int:
-    """argparse type: a positive integer."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def _argparse_number(convert, accept, expected: str):
+    """An argparse type: ``convert(value)`` where ``accept`` holds it, else a usage error saying ``expected``."""
+    def parse(value: str):
+        try:
+            number = convert(value)
+        except ValueError:
+            number = None
+        if number is None or not accept(number):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+        return number
+    return parse
 
 
-def _temperature(value: str) -> float:
-    """argparse type: a sampling temperature, a finite number >= 0 (0: greedy decoding)."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0.0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy decoding), got {value!r}")
-    return number
-
-
-def _top_p(value: str) -> float:
-    """argparse type: a nucleus sampling threshold in (0, 1]."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = 0.0
-    if not 0.0 < number <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1: off), got {value!r}")
-    return number
+_count = _argparse_number(int, lambda n: n >= 1, "a positive integer")
+_temperature = _argparse_number(float, lambda t: 0.0 <= t < float("inf"), "a number >= 0 (0: greedy decoding)")
+_top_p = _argparse_number(float, lambda p: 0.0 < p <= 1.0, "a number in (0, 1] (1: off)")
 
 
 def check_output(path: str | Path, flag: str, *, folder: bool = False) -> Path:
