@@ -184,8 +184,10 @@ def test_user_errors_are_one_line_qempo_errors(tmp_path):
         load_preferences(path, on_bad_rows="ignore")
     with pytest.raises(QempoError, match="unknown preference data shape"):
         load_preferences(path, shape="sharegpt")
-    with pytest.raises(QempoError, match="no row has the expected columns"):
+    with pytest.raises(QempoError, match=r"no row has the expected columns .*first row has question \(str\)"):
         load_preferences(write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "a"}]))
+    with pytest.raises(QempoError, match=r"first row has chosen \(int\), rejected \(str\)"):
+        load_preferences(write_jsonl(tmp_path / "n.jsonl", [{"chosen": 5, "rejected": "b"}]))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(QempoError, match="has no rows"):
         load_preferences(tmp_path / "empty.jsonl")

@@ -81,7 +81,10 @@ def load_rows(
         unreadable = next(((where, row) for where, row in pending if isinstance(row, BadRow)), None)
         if unreadable:  # no row could be read at all: say why rather than "no expected columns"
             raise QempoError(f"{name}: {unreadable[1].describe(unreadable[0])}; fix the row")
-        raise QempoError(f"{name}: no row has the expected columns ({expected}); check the dataset")
+        first = next((row for _, row in pending if isinstance(row, dict)), None)
+        seen = "" if first is None else "; the first row has " + (", ".join(
+            f"{key} ({type(value).__name__})" for key, value in list(first.items())[:6]) or "no columns")
+        raise QempoError(f"{name}: no row has the expected columns ({expected}){seen}; check the dataset")
     shape, convert = picked
 
     report = LoadReport(source=name, shape=shape)
