@@ -103,7 +103,10 @@ def cli(argv: list[str]) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        raise QempoError(f"unrecognized arguments: {' '.join(unknown)}; options of 'vllm serve' go after '--', "
+                         f"e.g. qempo-lite serve BASE -- {' '.join(unknown)}")
     input_read()
     command, env = serve_command(args, extra)
     shown = "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True " + " ".join(shlex.quote(a) for a in command)

@@ -196,6 +196,14 @@ def test_serve_runs_vllm_serve_with_runtime_lora_updating():
         serve_command(build_parser().parse_args(["org/base", "--max-lora-rank", "12"]), [])
 
 
+def test_serve_names_where_vllms_own_options_go():
+    from qempo_lite.serve import cli
+
+    with pytest.raises(QempoError, match="options of 'vllm serve' go after '--', e.g. qempo-lite serve BASE -- "
+                                         "--gpu-memory-utilization 0.5"):
+        cli(["org/base", "--gpu-memory-utilization", "0.5"])
+
+
 def test_serve_refuses_a_base_that_is_no_model_before_starting_vllm(tmp_path, tiny_model_dir):
     from qempo_lite.serve import build_parser, serve_command
 
