@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None,
                         help="output directory (default: ./qempo-demo, or ./qempo-demo-online with --online)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a shorter run (about 1 minute on 2 CPU cores; the full run takes about 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a shorter run (about 1 minute on 2 CPU cores; the full run takes about 2)")
     parser.add_argument("--rollout", choices=ROLLOUTS, default=None,
                         help="online only: sample with transformers (hf, default) or the vLLM engine (vllm)")
     return parser

@@ -67,7 +67,8 @@ def load_samples(path: str | os.PathLike) -> list[Sample]:
     """Read a JSONL file written by :func:`save_samples`; a bad line raises QempoError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise QempoError(f"samples file {path} {not_a_file(path)}; create it with 'qempo-lite eval sample --output {path}'")
+        raise QempoError(f"samples file {path} {not_a_file(path)}; create it with 'qempo-lite eval sample --output "
+                         f"{path}'")
     samples = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
