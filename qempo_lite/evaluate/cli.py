@@ -23,146 +23,11 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from qempo_lite.console import input_read
 from qempo_lite.errors import QempoError, not_a_file
 
-logger = logging.getLogger("qempo_lite")
-
-
-# ------------------------------------------------------------------------------ shared options
-
-
-def _argparse_number(convert, accept, expected: str):
-    """An argparse type: ``convert(value)`` where ``accept`` holds it, else a usage error saying ``expected``."""
-    def parse(value: str):
-        try:
-            number = convert(value)
-        except ValueError:
-            number = None
-        if number is None or not accept(number):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
-        return number
-    return parse
-
-
-_count = _argparse_number(int, lambda n: n >= 1, "a positive integer")
-_temperature = _argparse_number(float, lambda t: 0.0 <= t < float("inf"), "a number >= 0 (0: greedy decoding)")
-_top_p = _argparse_number(float, lambda p: 0.0 < p <= 1.0, "a number in (0, 1] (1: off)")
-
-
-def check_output(path: str | Path, flag: str, *, folder: bool = False) -> Path:
-    """Refuse, before any work, an output that cannot be written: a file where a folder is asked for
-    (``folder``), a folder where a file is, or a parent that is a file."""
-    path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise QempoError(f"{flag} {path} is a file; pass a folder (new or existing)")
-    if not folder and path.is_dir():
-        raise QempoError(f"{flag} {path} is a directory; pass a file name, e.g. {path / 'out.json'}")
-    for parent in (path if folder else path.parent, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise QempoError(f"{flag} {path}: {parent} is a file, not a folder; pass another path")
-            break
-    return path
-
-
-def _adapters(args) -> dict[str, str | None]:
-    """--adapter NAME=PATH (or PATH, named after its directory) plus --include-base; each adapter's files checked."""
-    from qempo_lite.adapters import ANYWHERE, check_adapter_files
-
-    adapters: dict[str, str | None] = {}
-    for spec in args.adapter or []:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec.rstrip("/")).name, spec
-        if not name or not path:
-            raise QempoError(f"--adapter {spec!r} must be NAME=PATH or PATH")
-        if name in adapters:
-            raise QempoError(f"--adapter name {name!r} is given twice; name each adapter once")
-        # Checked before any model loads, so that a mistyped path is what the one error line names.
-        check_adapter_files(Path(path).expanduser(), ANYWHERE, f"adapter {name!r} at {path}")
-        adapters[name] = path
-    if args.include_base:
-        if args.base_name in adapters:
-            raise QempoError(f"--base-name {args.base_name!r} is also an adapter name; pick another --base-name")
-        adapters[args.base_name] = None
-    if not adapters:
-        raise QempoError("nothing to sample: pass --adapter NAME=PATH (repeatable) and/or --include-base")
-    return adapters
-
-
-def _base_model(args, adapters: dict[str, str | None]) -> str:
-    if args.base_model:
-        return args.base_model
-    from qempo_lite.adapters import ANYWHERE, CONFIG_FILE, recorded_base_model
-
-    for name, path in adapters.items():
-        if path and (Path(path) / CONFIG_FILE).is_file():
-            base = recorded_base_model(Path(path), ANYWHERE)
-            if base:
-                logger.info("base model %s, as recorded by adapter %r", base, name)
-                return base
-    raise QempoError("no --base-model given and no adapter records one; pass --base-model")
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model and adapters")
-    group.add_argument("--base-model", "--base",
-                       help="base model directory or Hub id (default: the one the first adapter records)")
-    group.add_argument("--adapter", action="append", metavar="NAME=PATH",
-                       help="a LoRA adapter directory, repeatable; NAME defaults to the directory name, which is "
-                            "what the model card of 'qempo-lite push' looks up in report.json")
-    group.add_argument("--include-base", action="store_true", help="also sample the base model with no adapter")
-    group.add_argument("--base-name", default="base", help="the name of the base model's rows (default: base)")
-    group.add_argument("--allow-base-mismatch", action="store_true",
-                       help="accept adapters recorded for a differently named base model (weights must still fit)")
-    engine = parser.add_argument_group("sampling engine")
-    engine.add_argument("--backend", choices=("auto", "vllm", "hf"), default="auto",
-                        help="vllm: one engine serving every adapter (multi-LoRA); hf: transformers + PEFT; "
-                             "auto: vllm when installed (default)")
-    engine.add_argument("--dtype", default="auto", help="model dtype: auto (default), bfloat16, float16, float32")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="vLLM: share of GPU memory to reserve (on vLLM's CPU backend, of CPU memory) (0.9)")
-    engine.add_argument("--max-model-len", type=_count,
-                        help="vLLM: longest prompt + answer in tokens (default: the model's context, at most 4096)")
-    engine.add_argument("--max-lora-rank", type=_count, default=64, help="vLLM: largest adapter rank served (64)")
-    engine.add_argument("--batch-size", type=_count, default=64, help="hf: sequences per generate call (64)")
-    decoding = parser.add_argument_group("decoding")
-    decoding.add_argument("--temperature", type=_temperature, default=1.0, help="sampling temperature (1.0)")
-    decoding.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling threshold (1.0: off)")
-    decoding.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same samples")
-
-
-def _sampler(args, adapters):
-    """The Sampler of the command; loading's progress bars and warnings are shown only if it loads."""
-    from qempo_lite.console import quiet_setup
-
-    from .sampling import Sampler
-
-    with quiet_setup():
-        return Sampler(_base_model(args, adapters), backend=args.backend, adapters=adapters, dtype=args.dtype,
-                       allow_base_mismatch=args.allow_base_mismatch, batch_size=args.batch_size,
-                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                       max_lora_rank=args.max_lora_rank)
-
-
-def _write_json(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
-
-
-def _print_table(header: list[str], rows: list[list[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*header)
-    for row in rows:
-        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else ("–" if v is None else str(v)) for v in row])
-    Console().print(table)
+from . import options
 
 
 # ------------------------------------------------------------------------------ sample
@@ -208,12 +73,12 @@ def _cmd_sample(args) -> int:
     from .mtbench import sample_mtbench
     from .sampling import save_samples
 
-    check_output(args.output, "--output")
-    adapters = _adapters(args)
+    options.check_output(args.output, "--output")
+    adapters = options.adapters_from_args(args)
     questions, plain = _read_prompt_file(args.prompts, args.limit)
     decoding = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed}
-    with _sampler(args, adapters) as sampler:
+    with options.sampler_from_args(args, adapters) as sampler:
         if questions is not None:
             samples = sample_mtbench(sampler, adapters, questions, **decoding)
         else:
@@ -227,81 +92,25 @@ def _cmd_sample(args) -> int:
 # ------------------------------------------------------------------------------ diversity
 
 
-def _scorer(args):
-    """The diversity scorer with its spaCy parser and sentence encoder loaded; their progress bars and
-    warnings are shown only if both load."""
-    from qempo_lite.console import quiet_setup
-
-    from .metrics import PROTOCOL_SAMPLES, DiversityScorer
-
-    sizes = {k: None for k in PROTOCOL_SAMPLES} if args.sample_size == "all" else None
-    scorer = DiversityScorer(args.spacy_model, args.encoder, sample_sizes=sizes, seed=args.diversity_seed,
-                             device=args.device, encoder_dtype=args.encoder_dtype)
-    with quiet_setup():
-        scorer.load("parser")
-        scorer.load("encoder")
-    return scorer
-
-
-def _diversity_result(scorer, scores: dict, samples: str) -> dict:
-    """The JSON of 'eval diversity': the protocol and the models named at the top, for reports and model cards."""
-    return {"kind": "diversity", **scorer.models(), "encoder_dtype": str(scorer.encoder.dtype).removeprefix("torch."),
-            "samples": samples, "sample_sizes": scorer.sample_sizes, "seed": scorer.seed, "adapters": scores}
-
-
-def _say_models(result: dict) -> None:
-    print(f"diversity by protocol {result['protocol']} (Guo et al. 2024) with spaCy '{result['parser']}' and "
-          f"encoder '{result['encoder']}' ({result['encoder_dtype']})")
-
-
 def _cmd_diversity(args) -> int:
     from .metrics import SCORES
     from .mtbench import diversity_scores
     from .sampling import load_samples
 
-    check_output(args.output, "--output")
+    options.check_output(args.output, "--output")
     samples = load_samples(args.samples)
-    scorer = _scorer(args)
+    scorer = options.scorer_from_args(args)
     scores = diversity_scores(samples, scorer, per_question=not args.no_per_question)
-    result = _diversity_result(scorer, scores, str(args.samples))
-    _write_json(args.output, result)
-    _print_table(["adapter", *SCORES.values(), "texts", "sentences"],
+    result = options.diversity_result(scorer, scores, str(args.samples))
+    options.write_json(args.output, result)
+    options.print_table(["adapter", *SCORES.values(), "texts", "sentences"],
                  [[n, *(r[k] for k in SCORES), r["n_texts"], r["n_sentences"]] for n, r in scores.items()])
-    _say_models(result)
+    options.say_models(result)
     print(f"diversity written to {args.output}")
     return 0
 
 
-def _add_diversity_options(parser: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
-    group = parser.add_argument_group("diversity (Guo et al. 2024's protocol, guo2024)")
-    group.add_argument("--spacy-model", help="installed spaCy pipeline with a parser (default: en_core_web_sm, else "
-                                             "an installed English one; $QEMPO_SPACY_MODEL)")
-    group.add_argument("--encoder", help="sentence-transformers model id or directory (default: all-mpnet-base-v2, "
-                                         "else an installed stand-in when it cannot be had; $QEMPO_ENCODER)")
-    group.add_argument("--encoder-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                       help="encoder precision; auto: bfloat16 where the device computes it natively (auto)")
-    group.add_argument("--sample-size", choices=("protocol", "all"), default="protocol",
-                       help="protocol: 40,000 n-grams per order, 3,000 sentences (syntactic), 2,000 (semantic), "
-                            "seeded, as Guo et al.; all: every n-gram and sentence (protocol)")
-    group.add_argument("--device", help="device of the sentence encoder (default: automatic)")
-    group.add_argument(seed_flag, dest="diversity_seed", type=int, default=42,
-                       help="seed of the protocol's samples (42, as Guo et al.'s scripts)")
-
-
 # ------------------------------------------------------------------------------ judge
-
-
-def _extra_body(args) -> dict | None:
-    if not args.extra_body:
-        return None
-    try:
-        extra_body = json.loads(args.extra_body)
-    except json.JSONDecodeError as err:
-        raise QempoError(f"--extra-body is not JSON ({err.msg}); pass an object such as "
-                         "'{\"structured_outputs\": {\"regex\": \"...\"}}'") from None
-    if not isinstance(extra_body, dict):
-        raise QempoError("--extra-body must be a JSON object")
-    return extra_body
 
 
 def _cmd_judge(args) -> int:
@@ -309,8 +118,8 @@ def _cmd_judge(args) -> int:
     from .mtbench import load_questions
     from .sampling import load_samples
 
-    extra_body = _extra_body(args)
-    check_output(args.output, "--output")
+    extra_body = options.extra_body(args)
+    options.check_output(args.output, "--output")
     samples = load_samples(args.samples)
     templates = load_judge_prompts(args.judge_prompts)
     questions = load_questions(args.questions) if args.questions else None
@@ -327,8 +136,8 @@ def _cmd_judge(args) -> int:
                         "prompts": sorted({i.template for i in items})},
               "items": len(items), "failures": judge.stats["failures"], "requests": judge.stats["requests"],
               "cached": judge.stats["cached"], "adapters": scores}
-    _write_json(args.output, result)
-    _print_table(["adapter", "judge", "rated", "failed"],
+    options.write_json(args.output, result)
+    options.print_table(["adapter", "judge", "rated", "failed"],
                  [[n, r["judge"], r["n_rated"], r["n_failed"]] for n, r in scores.items()])
     print(f"{len(items)} samples judged ({judge.stats['cached']} from the cache, {judge.stats['failures']} without a "
           f"rating); written to {args.output}")
@@ -344,9 +153,9 @@ def _cmd_passk(args) -> int:
     from .math_eval import evaluate_math
     from .sampling import save_samples
 
-    check_output(args.output, "--output")
+    options.check_output(args.output, "--output")
     if args.samples_output:
-        check_output(args.samples_output, "--samples-output")
+        options.check_output(args.samples_output, "--samples-output")
     ks = None
     if args.ks:
         try:
@@ -357,18 +166,18 @@ def _cmd_passk(args) -> int:
         if wrong:
             raise QempoError(f"--ks {args.ks!r}: each k must be between 1 and --n {args.n} (the samples per problem), "
                              f"not {wrong[0]}; lower k or raise --n")
-    adapters = _adapters(args)
+    adapters = options.adapters_from_args(args)
     dataset = load_math(args.data, split=args.split, limit=args.limit, on_bad_rows=args.on_bad_rows)
-    with _sampler(args, adapters) as sampler:
+    with options.sampler_from_args(args, adapters) as sampler:
         results, samples = evaluate_math(sampler, adapters, dataset, n=args.n, ks=ks, temperature=args.temperature,
                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.samples_output:
         save_samples(args.samples_output, samples)
     result = {"kind": "passk", "data": str(args.data), "split": args.split, "n": args.n,
               "temperature": args.temperature, "adapters": results}
-    _write_json(args.output, result)
+    options.write_json(args.output, result)
     ks_shown = list(next(iter(results.values()))["pass@k"])
-    _print_table(["adapter", *(f"pass@{k}" for k in ks_shown)],
+    options.print_table(["adapter", *(f"pass@{k}" for k in ks_shown)],
                  [[n, *r["pass@k"].values()] for n, r in results.items()])
     print(f"pass@k written to {args.output}")
     return 0
@@ -380,7 +189,7 @@ def _cmd_passk(args) -> int:
 def _cmd_report(args) -> int:
     from .report import build_report, load_inputs, write_report
 
-    check_output(args.output_dir, "--output-dir", folder=True)
+    options.check_output(args.output_dir, "--output-dir", folder=True)
     written = write_report(build_report(load_inputs(args.inputs)), args.output_dir)
     for kind, path in written.items():
         print(f"{kind:>8}: {path}")
@@ -393,31 +202,12 @@ def _cmd_report(args) -> int:
 def _cmd_table2(args) -> int:
     from .table2 import run
 
-    args.extra_body = _extra_body(args)
-    check_output(args.output_dir, "--output-dir", folder=True)
+    args.extra_body = options.extra_body(args)
+    options.check_output(args.output_dir, "--output-dir", folder=True)
     return run(args)
 
 
 # ------------------------------------------------------------------------------ parser
-
-
-def _add_judge_options(parser, *, required: bool, prefix: str = "") -> None:
-    """The judge's endpoint and request options, shared by 'eval judge' and 'eval table2' (whose own
-    --max-new-tokens makes it prefix the judge's per-prompt and max-tokens options with ``judge-``)."""
-    parser.add_argument("--judge-url", required=required, help="OpenAI-compatible base URL, e.g. "
-                                                                "https://api.openai.com/v1")
-    parser.add_argument("--judge-model", required=required, help="judge model name, e.g. gpt-4o-2024-08-06 (the "
-                                                                  "paper's)")
-    parser.add_argument("--api-key-env", help="environment variable holding the key (default: QEMPO_JUDGE_API_KEY, "
-                                              "then OPENAI_API_KEY); the key is never printed")
-    parser.add_argument("--judge-prompts", default="mtbench", help="MT-Bench judge_prompts.jsonl ('mtbench' default)")
-    parser.add_argument(f"--{prefix}per-prompt", type=_count,
-                        help="judge only the first K samples of each prompt and turn (default: all)")
-    parser.add_argument("--concurrency", type=_count, default=8, help="requests in flight at once (8)")
-    parser.add_argument(f"--{prefix}max-tokens", type=_count, default=1024, help="longest judgment in tokens (1024)")
-    parser.add_argument("--judge-temperature", type=float, default=0.0, help="judge sampling temperature (0)")
-    parser.add_argument("--extra-body", help="JSON object sent with every request, e.g. a server's structured-output "
-                                             "options")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "'turns') the paper's protocol runs: n first-turn samples per question, then n second-turn "
                     "samples, each after a random first-turn sample. Other JSONL files have rows with 'prompt' (a "
                     "string or a chat) and optional 'id'. Writes one JSON line per sample.")
-    _add_model_options(sample)
+    options.add_model_options(sample)
     sample.add_argument("--prompts", default="mtbench", help="'mtbench' (default) or a JSONL file")
-    sample.add_argument("--limit", type=_count, help="use only the first LIMIT questions or prompts")
-    sample.add_argument("--n", type=_count, default=16, help="samples per prompt and turn (16, as the paper)")
-    sample.add_argument("--max-new-tokens", type=_count, default=1024, help="longest answer in tokens (1024)")
+    sample.add_argument("--limit", type=options.positive_int, help="use only the first LIMIT questions or prompts")
+    sample.add_argument("--n", type=options.positive_int, default=16,
+                        help="samples per prompt and turn (16, as the paper)")
+    sample.add_argument("--max-new-tokens", type=options.positive_int, default=1024,
+                        help="longest answer in tokens (1024)")
     sample.add_argument("--output", required=True, help="the samples JSONL file to write")
     sample.set_defaults(run=_cmd_sample)
 
@@ -452,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     diversity.add_argument("--samples", required=True, help="samples JSONL from 'qempo-lite eval sample'")
     diversity.add_argument("--output", required=True, help="the diversity JSON file to write")
     diversity.add_argument("--no-per-question", action="store_true", help="skip the per-question scores")
-    _add_diversity_options(diversity)
+    options.add_diversity_options(diversity)
     diversity.set_defaults(run=_cmd_diversity)
 
     judge = commands.add_parser(
@@ -465,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--output", required=True, help="the judge JSON file to write")
     judge.add_argument("--questions", help="'mtbench' or the questions file sampled from: grades math, reasoning "
                                            "and coding answers against its reference answers, as MT-Bench does")
-    _add_judge_options(judge, required=True)
-    judge.add_argument("--max-attempts", type=_count, default=3,
+    options.add_judge_options(judge, required=True)
+    judge.add_argument("--max-attempts", type=options.positive_int, default=3,
                        help="requests per sample before it counts as failed (3)")
     judge.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
     judge.add_argument("--cache", help="ratings cache (default: judge_cache.jsonl beside --output)")
@@ -476,15 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
         "passk", help="pass@k on math problems (GSM8K, MATH)",
         description="Sample --n answers per math problem from every adapter, check each final answer against the "
                     "gold one, and estimate pass@k (unbiased) for k = 1, 2, 4, ... up to n.")
-    _add_model_options(passk)
+    options.add_model_options(passk)
     passk.add_argument("--data", required=True, help="GSM8K/MATH JSONL file or Hub dataset (e.g. openai/gsm8k)")
     passk.add_argument("--split", default="test", help="dataset split (test)")
-    passk.add_argument("--limit", type=_count, help="use only the first LIMIT problems")
-    passk.add_argument("--n", type=_count, default=100, help="samples per problem (100, as the paper)")
+    passk.add_argument("--limit", type=options.positive_int, help="use only the first LIMIT problems")
+    passk.add_argument("--n", type=options.positive_int, default=100, help="samples per problem (100, as the paper)")
     passk.add_argument("--ks", help="comma-separated k values (default: 1,2,4,... and n)")
     passk.add_argument("--on-bad-rows", choices=("error", "skip"), default="error",
                        help="a malformed problem stops the run (error, default) or is left out (skip)")
-    passk.add_argument("--max-new-tokens", type=_count, default=1024, help="longest answer in tokens (1024)")
+    passk.add_argument("--max-new-tokens", type=options.positive_int, default=1024,
+                       help="longest answer in tokens (1024)")
     passk.add_argument("--output", required=True, help="the pass@k JSON file to write")
     passk.add_argument("--samples-output", help="also save the answers as samples JSONL")
     passk.set_defaults(run=_cmd_passk)
@@ -501,17 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
                "      --adapter qempo=runs/qempo --adapter dpo=runs/dpo \\\n"
                "      --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-08-06 --output-dir eval/table2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_options(table2)
+    options.add_model_options(table2)
     table2.add_argument("--output-dir", required=True, help="folder for samples/, diversity.json, judge.json, "
                                                             "judge_cache.jsonl and the report")
     table2.add_argument("--questions", default="mtbench", help="'mtbench' (default) or an MT-Bench-shaped file")
-    table2.add_argument("--limit", type=_count, help="use only the first LIMIT questions")
-    table2.add_argument("--n", type=_count, default=16, help="samples per question and turn (16, as the paper)")
-    table2.add_argument("--max-new-tokens", type=_count, default=1024, help="longest answer in tokens (1024)")
+    table2.add_argument("--limit", type=options.positive_int, help="use only the first LIMIT questions")
+    table2.add_argument("--n", type=options.positive_int, default=16,
+                        help="samples per question and turn (16, as the paper)")
+    table2.add_argument("--max-new-tokens", type=options.positive_int, default=1024,
+                        help="longest answer in tokens (1024)")
     table2.add_argument("--per-question", action="store_true",
                         help="also score each question turn's samples as a set (not in Table 2; slower)")
-    _add_diversity_options(table2, seed_flag="--diversity-seed")
-    _add_judge_options(table2.add_argument_group("judge (optional: without it the report has diversity only)"),
+    options.add_diversity_options(table2, seed_flag="--diversity-seed")
+    options.add_judge_options(table2.add_argument_group("judge (optional: without it the report has diversity only)"),
                        required=False, prefix="judge-")
     table2.set_defaults(run=_cmd_table2)
 

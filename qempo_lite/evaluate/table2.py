@@ -63,13 +63,13 @@ def _read_json(path: Path) -> dict | None:
 
 def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, Path]:
     """Samples of every model, drawn only where none with the same record exist; name -> samples file."""
-    from .cli import _base_model, _sampler
+    from .options import base_model_from_args, sampler_from_args
     from .mtbench import load_questions, resolve_mtbench_file, sample_mtbench
     from .sampling import save_samples
 
     questions_path = resolve_mtbench_file(args.questions)
     questions = load_questions(questions_path, limit=args.limit)
-    base_model = _base_model(args, adapters)
+    base_model = base_model_from_args(args, adapters)
     folder = out / "samples"
     todo, files = {}, {}
     for name, adapter in adapters.items():
@@ -83,7 +83,7 @@ def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, 
             todo[name] = (adapter, record)
     if not todo:
         return files
-    with _sampler(args, adapters) as sampler:
+    with sampler_from_args(args, adapters) as sampler:
         for i, (name, (adapter, record)) in enumerate(todo.items(), start=1):
             print(f"[1/4] sampling: {name} ({i}/{len(todo)}): {len(questions)} questions x {args.n} samples per turn")
             samples = sample_mtbench(sampler, {name: adapter}, questions, n=args.n, temperature=args.temperature,
@@ -96,13 +96,13 @@ def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, 
 
 def diversity_stage(args, files: dict[str, Path], out: Path) -> Path:
     """diversity.json for every model, reusing the rows whose samples and settings are unchanged."""
-    from .cli import _diversity_result, _say_models, _scorer, _write_json
+    from .options import diversity_result, say_models, scorer_from_args, write_json
     from .mtbench import diversity_scores
     from .sampling import load_samples
 
     path = out / "diversity.json"
-    scorer = _scorer(args)
-    fresh = _diversity_result(scorer, {}, str(out / "samples"))
+    scorer = scorer_from_args(args)
+    fresh = diversity_result(scorer, {}, str(out / "samples"))
     previous = _read_json(path) or {}
     same_settings = all(previous.get(k) == fresh[k] for k in fresh if k not in ("adapters", "samples"))
     scores = {}
@@ -116,10 +116,10 @@ def diversity_stage(args, files: dict[str, Path], out: Path) -> Path:
         print(f"[2/4] diversity: {name}")
         row = diversity_scores(load_samples(samples_file), scorer, per_question=args.per_question)[name]
         scores[name] = {**row, "samples_sha256": digest}
-        _write_json(path, {**fresh, "adapters": scores})  # kept as each model is done
+        write_json(path, {**fresh, "adapters": scores})  # kept as each model is done
     result = {**fresh, "adapters": scores}
-    _write_json(path, result)
-    _say_models(result)
+    write_json(path, result)
+    say_models(result)
     return path
 
 
@@ -131,7 +131,7 @@ def judge_stage(args, files: dict[str, Path], out: Path) -> Path | None:
                              "diversity only")
         print(f"[3/4] judge: skipped. {NO_JUDGE}")
         return None
-    from .cli import _write_json
+    from .options import write_json
     from .judge import Judge, build_items, load_judge_prompts, summarize
     from .mtbench import load_questions
     from .sampling import load_samples
@@ -153,15 +153,15 @@ def judge_stage(args, files: dict[str, Path], out: Path) -> Path | None:
               "cached": judge.stats["cached"], "adapters": summarize(verdicts)}
     print(f"[3/4] judge: {judge.stats['cached']} ratings from {cache.name}, {judge.stats['requests']} requests, "
           f"{judge.stats['failures']} samples without a rating (asked again on a rerun)")
-    return _write_json(out / "judge.json", result)
+    return write_json(out / "judge.json", result)
 
 
 def run(args) -> int:
     """The four stages; prints the Table 2 rows and where the report is."""
-    from .cli import _adapters, _print_table
+    from .options import adapters_from_args, print_table
     from .report import COLUMNS, build_report, load_inputs, write_report
 
-    adapters = _adapters(args)
+    adapters = adapters_from_args(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.judge_url and not args.judge_model or args.judge_model and not args.judge_url:
@@ -175,7 +175,7 @@ def run(args) -> int:
     if judged is None:
         report["no_judge"] = NO_JUDGE
     written = write_report(report, out)
-    _print_table(["model", *(header for header, _ in COLUMNS)],
+    print_table(["model", *(header for header, _ in COLUMNS)],
                  [[n, *(r[key] for _, key in COLUMNS)] for n, r in report["adapters"].items()])
     for kind, path in written.items():
         print(f"{kind:>8}: {path}")
