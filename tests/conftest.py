@@ -44,3 +44,39 @@ def make_adapter(base_dir, out_dir, seed, r=8):
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def max_logprob_gap(model, prompt_ids, groups) -> float:
+    """Largest |log π(token) − the engine's sampled log-prob| over every completion token, from one plain
+    forward pass of ``model`` (in eval mode) per completion."""
+    model.eval()
+    gaps = []
+    for prompt, group in zip(prompt_ids, groups):
+        for c in group:
+            logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1].float()
+            ours = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            gaps.append((ours - torch.tensor(c.logprobs)).abs().max().item())
+    return max(gaps)
+
+
+@torch.no_grad()
+def restore_parameters(model, saved: dict) -> None:
+    """Copy ``saved`` (name -> tensor) back into the model's parameters, e.g. the adapter before a step."""
+    for name, param in model.named_parameters():
+        if name in saved:
+            param.copy_(saved[name])
+
+
+def stop_process_group(proc, timeout: float = 30) -> None:
+    """Stop a process started in its own group (a server and the engine processes it started)."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

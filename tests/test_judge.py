@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import urllib.request
 
 import pytest
 
+from conftest import stop_process_group
 from qempo_lite.cli import main
 from qempo_lite.errors import QempoError
 from qempo_lite.evaluate.judge import (
@@ -41,17 +41,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    # The server runs in its own process group (its engine core is a child): stop the group.
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +79,7 @@ def server(tiny_model_dir, tmp_path_factory):
             time.sleep(1)
         yield {"url": f"{url}/v1", "key": key}
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 @pytest.fixture

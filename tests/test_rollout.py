@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import max_logprob_gap, restore_parameters
 from qempo_lite.errors import QempoError
-from qempo_lite.rollout import Completion, HFRollout, VLLMLoRARollout, prompt_token_ids
+from qempo_lite.rollout import HFRollout, VLLMLoRARollout, prompt_token_ids
 
 PROMPTS = [[{"role": "user", "content": "Name a colour."}], "What is two plus three?"]
 MAX_LORA_RANK = 16
@@ -37,23 +38,8 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-@torch.no_grad()
-def _model_logprobs(model, prompt_ids, completion: Completion) -> torch.Tensor:
-    """log π(token) of each completion token, from one plain forward pass of ``model``."""
-    model.eval()
-    full = torch.tensor([prompt_ids + completion.token_ids])
-    logits = model(full).logits[0, len(prompt_ids) - 1:-1].float()
-    return logits.log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
-
-
 def _max_gap(model, tokenizer, groups) -> float:
-    ids = prompt_token_ids(tokenizer, PROMPTS)
-    gaps = [
-        (_model_logprobs(model, p, c) - torch.tensor(c.logprobs)).abs().max().item()
-        for p, group in zip(ids, groups)
-        for c in group
-    ]
-    return max(gaps)
+    return max_logprob_gap(model, prompt_token_ids(tokenizer, PROMPTS), groups)
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -164,10 +150,7 @@ def test_vllm_serves_the_adapter_with_the_peft_models_logprobs(vllm_engine, tiny
     assert _max_gap(model, tokenizer, updated) <= 1e-3
 
     # The same completions scored by the old adapter are clearly different: the engine really moved.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in old:
-                param.copy_(old[name])
+    restore_parameters(model, old)
     assert _max_gap(model, tokenizer, updated) > 1e-2
 
 

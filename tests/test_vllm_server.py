@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import max_logprob_gap, restore_parameters, stop_process_group
 from qempo_lite.errors import QempoError
 from qempo_lite.rollout import RolloutServerError, VLLMServerRollout, prompt_token_ids
 
@@ -69,13 +69,7 @@ def server(tiny_model_dir, tmp_path_factory):
                 time.sleep(1)
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the server and its engine process, which it started
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process, timeout=60)  # the server and its engine process, which it started
 
 
 class Relay:
@@ -160,17 +154,8 @@ def _peft_model(model_dir, seed=1, r=8):
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False))
 
 
-@torch.no_grad()
 def _max_gap(model, tokenizer, groups) -> float:
-    """Largest |log π(token) − the server's log-prob| over every sampled token."""
-    model.eval()
-    gaps = []
-    for prompt, group in zip(prompt_token_ids(tokenizer, PROMPTS), groups):
-        for c in group:
-            logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1].float()
-            ours = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-            gaps.append((ours - torch.tensor(c.logprobs)).abs().max().item())
-    return max(gaps)
+    return max_logprob_gap(model, prompt_token_ids(tokenizer, PROMPTS), groups)
 
 
 def _tokens(groups):
@@ -256,10 +241,7 @@ def test_server_samples_with_the_synced_adapters_logprobs(server, tiny_model_dir
         updated = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=1)
         assert _max_gap(model, tokenizer, updated) <= 1e-3
         # A stale adapter (the one before the step) scores the same samples clearly differently.
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in old:
-                    param.copy_(old[name])
+        restore_parameters(model, old)
         assert _max_gap(model, tokenizer, updated) > 1e-2
     assert not (tmp_path / "adapters").exists()  # close() unloaded it and removed the files
     assert Path(second.path).name not in _models(server)
