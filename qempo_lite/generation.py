@@ -178,6 +178,58 @@ def hf_generate(model, tokenizer, ids: Sequence[Sequence[int]], *, eos_ids: Sequ
     return new_tokens.repeat_interleave(n, dim=0) if greedy else new_tokens
 
 
+@torch.no_grad()
+def shared_prompt_sample(model, tokenizer, ids: Sequence[Sequence[int]], *, eos_ids: Sequence[int], n: int,
+                         temperature: float, top_p: float, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, logps)``, each (len(ids) * n, steps): ``n`` samples per prompt whose prompt is computed once.
+
+    ``model.generate`` with ``num_return_sequences=n`` runs every prompt ``n`` times through the
+    model; here each prompt's forward pass is done once, its KV cache repeated ``n`` times, and
+    the completions decoded token by token. With short answers to long prompts (few-shot
+    prompts, a CPU) the prompt is most of the work, so this is several times faster. Draws from
+    ``temperature`` + ``top_p`` only; ``logps`` are the log-probs of the sampled tokens under
+    the raw (temperature 1) distribution, 0 after a row's end-of-sequence token, which is kept,
+    followed by padding.
+    """
+    from transformers import TopPLogitsWarper
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    device = next(model.parameters()).device
+    input_ids, attention = (t.to(device) for t in left_pad(ids, pad_id))
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+    attention = attention.repeat_interleave(n, dim=0)
+    position = positions[:, -1:].repeat_interleave(n, dim=0)
+    eos = torch.tensor(list(eos_ids), device=device)
+    done = torch.zeros(logits.size(0), dtype=torch.bool, device=device)
+    top_p_warper = TopPLogitsWarper(top_p) if 0 < top_p < 1.0 else None
+    tokens, logps = [], []
+    for _ in range(max_new_tokens):
+        logp = logits.log_softmax(-1)
+        if temperature == 0:
+            token = logits.argmax(-1)
+        else:
+            scores = logits / temperature
+            if top_p_warper is not None:
+                scores = top_p_warper(None, scores)
+            token = torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logps.append(torch.where(done, torch.zeros_like(logits[:, 0]), logp.gather(-1, token[:, None]).squeeze(-1)))
+        done = done | torch.isin(token, eos)
+        if bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        logits = out.logits[:, -1].float()
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
 # ---------------------------------------------------------------------------------------------- vLLM
 
 

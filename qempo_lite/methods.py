@@ -32,6 +32,7 @@ class Method:
     card_text: str
     meanings: Mapping[str, str] = None  # what each coefficient is, for help texts
     gate: str = "correct"  # online: the quality gate of the variance term when a run sets none
+    trl_loss: bool = False  # online: train the TRL parent's own loss (a baseline), not the family's weights
 
     @property
     def coefficient_names(self) -> tuple[str, ...]:
@@ -146,6 +147,12 @@ register_method(Method(
     title="GVPO (Eq. 8 with a = c = β, the paper's online RLHF baseline)", meanings={"beta": "β"},
     card_text="GVPO (the paper's online RLHF baseline). Optimal policy π ∝ π_ref exp(r/β).",
     gate="none"))  # the paper gates QEMPO and QEMPO-KL only (Section 3.4); GVPO as published is ungated
+register_method(Method(
+    "grpo", ("online",), {},
+    policy_coef=lambda k: 0.0, ref_coef=lambda k: 0.0,
+    title="GRPO (TRL's own loss, the baseline users reach for; its entropy bonus and clip-higher allowed)",
+    card_text="GRPO (TRL's GRPOTrainer loss, unchanged): group-normalised advantages, PPO-style clipped ratio.",
+    gate="none", trl_loss=True))
 
 
 __all__ = ["MODES", "Method", "coefficient_help", "get_method", "loss_coefficients", "method_help", "method_names",

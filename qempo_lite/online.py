@@ -54,7 +54,7 @@ from trl import GRPOTrainer
 from .configs import QEMPOOnlineConfig
 from .errors import QempoError, one_line
 from .losses import online_objective, online_weights
-from .methods import loss_coefficients
+from .methods import get_method, loss_coefficients
 from .runs import TRL_VERSION_RANGE, PickleFreeSave, warn_if_untested_trl
 
 
@@ -114,6 +114,8 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
             )
         self.beta = 0.0  # TRL's KL coefficient; QEMPO's β lives in args.beta
         self.policy_coef, self.ref_coef = loss_coefficients(args.loss_method, args.coefficients(), "online")
+        # grpo: TRL's own scoring and loss, unchanged (only the rollouts go through qempo-lite's engines).
+        self.trl_loss = get_method(args.loss_method, "online").trl_loss
         policy = self.accelerator.unwrap_model(self.model)
         if self.ref_coef != 0.0 and not _is_peft(policy):
             raise QempoError(
@@ -334,6 +336,8 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        if self.trl_loss:
+            return output
         mode = "train" if self.model.training else "eval"
         k = self.num_generations if mode == "train" else self.num_generations_eval
         device = self.accelerator.device
@@ -406,7 +410,10 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
         """``-(w ℓ).sum()``: its gradient is ``-Σ w_i ∇ℓ_i``, i.e. ``-∇J`` of Eq. 8/9 for this micro-batch.
 
         ℓ_i = Σ_t log π(y_it | x_i, y_i<t) under the current policy; ``w`` from the scoring step.
+        ``loss_method: grpo`` trains TRL's GRPO loss instead, unchanged.
         """
+        if self.trl_loss:
+            return super()._compute_loss(model, inputs)
         completion_mask = inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
