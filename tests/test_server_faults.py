@@ -1,0 +1,202 @@
+"""rollout: vllm_server against a misbehaving server: a real HTTP server on loopback, in a thread, that speaks
+vLLM's API (models, adapter loading, completions) and then trickles, or answers with malformed bodies.
+
+What a real vLLM server does is tested in tests/test_vllm_server.py; here the server is one a
+test can make slow or broken on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from qempo_lite.rollout import RolloutServerError, VLLMServerRollout
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Name a colour."]
+
+
+class FakeVLLM(BaseHTTPRequestHandler):
+    """vLLM's routes; ``server.mode`` says how /v1/completions answers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802
+        self._json(200, {"object": "list", "data": [{"id": self.server.model_id, "parent": None,
+                                                     "max_model_len": 256}]})
+
+    def do_POST(self):  # noqa: N802
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/completions":
+            self._json(200, "Success")  # load / unload an adapter
+            return
+        self.server.completions += 1
+        mode = self.server.mode
+        if mode == "bad-once":
+            mode = "html" if self.server.completions == 1 else "good"
+        n = payload["n"]
+        choices = [{"index": j, "text": "red", "token_ids": [5 + j, 6, 7], "finish_reason": "length",
+                    "logprobs": {"token_logprobs": [-1.0, -2.0, -0.5]}} for j in range(n)]
+        if mode == "html":
+            self._send(200, "text/html", b"<html><body>502 Bad Gateway (but a 200)</body></html>")
+        elif mode == "one-short":
+            self._json(200, {"choices": choices[:-1]})
+        elif mode == "logprobs-null":
+            self._json(200, {"choices": [dict(c, logprobs=None) for c in choices]})
+        elif mode == "no-token-ids":
+            self._json(200, {"choices": [{k: v for k, v in c.items() if k != "token_ids"} for c in choices]})
+        elif mode.startswith("trickle"):
+            self._trickle(json.dumps({"choices": choices}).encode(), headers_too=mode == "trickle-headers")
+        else:
+            self._json(200, {"choices": choices})
+
+    def _trickle(self, body: bytes, headers_too: bool, seconds: float = 20.0) -> None:
+        """A padding sent one byte every 0.1 s, in a header or before the body: every read is quick, the
+        whole answer takes ``seconds``."""
+        padding = int(seconds * 10)
+        if headers_too:
+            head, slow = b"HTTP/1.1 200 OK\r\nX-Slow: ", b"s" * padding
+            rest = f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        else:
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body) + padding}"
+                    "\r\n\r\n").encode()
+            slow, rest = b" " * padding, body
+        try:
+            self.wfile.write(head)
+            for i in range(padding):
+                self.wfile.write(slow[i:i + 1])
+                time.sleep(0.1)
+            self.wfile.write(rest)
+        except OSError:  # the client gave up
+            pass
+        self.close_connection = True
+
+    def _json(self, status: int, body) -> None:
+        self._send(status, "application/json", json.dumps(body).encode())
+
+    def _send(self, status: int, kind: str, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake(tiny_model_dir):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)
+    server.daemon_threads = True
+    server.mode, server.completions, server.model_id = "good", 0, str(tiny_model_dir)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.url = f"http://127.0.0.1:{server.server_port}"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _engine(url, adapter_dir, tokenizer, **kwargs) -> VLLMServerRollout:
+    return VLLMServerRollout(url, tokenizer=tokenizer, adapter_dir=adapter_dir, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- a trickling server
+
+
+@pytest.mark.parametrize("mode", ["trickle-body", "trickle-headers"])
+def test_a_trickling_server_times_out_within_the_request_timeout(fake, tokenizer, tmp_path, mode):
+    engine = _engine(fake.url, tmp_path, tokenizer, request_timeout=1.5, retries=1, retry_wait=0.1)
+    engine.probe()
+    fake.mode = mode
+    start = time.monotonic()
+    with pytest.raises(RolloutServerError) as err:
+        engine.generate(PROMPTS, n=2, max_new_tokens=3, seed=0)
+    assert time.monotonic() - start < 8  # two attempts of 1.5 s, not two of the 20 s the answer takes
+    message = str(err.value)
+    assert "\n" not in message and "after 2 attempts" in message and "within 1.5 s" in message
+    assert fake.completions == 2
+
+
+# ---------------------------------------------------------------------------------- malformed answers
+
+
+@pytest.mark.parametrize("mode, problem", [("html", "no 'choices'"), ("one-short", "1 choices"),
+                                           ("logprobs-null", "no log-prob per token"),
+                                           ("no-token-ids", "no list of token ids")])
+def test_a_malformed_answer_is_retried_within_the_bound_then_one_line(fake, tokenizer, tmp_path, mode, problem):
+    engine = _engine(fake.url, tmp_path, tokenizer, retries=2, retry_wait=0.05)
+    fake.mode = mode
+    with pytest.raises(RolloutServerError) as err:
+        engine.generate(PROMPTS, n=2, max_new_tokens=3, seed=0)
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 400
+    assert "after 3 attempts" in message and "a malformed answer" in message and problem in message
+    assert fake.completions == 3
+
+
+def test_one_malformed_answer_then_a_good_one_samples(fake, tokenizer, tmp_path):
+    engine = _engine(fake.url, tmp_path, tokenizer, retries=2, retry_wait=0.05)
+    fake.mode = "bad-once"
+    groups = engine.generate(PROMPTS, n=2, max_new_tokens=3, seed=0)
+    assert fake.completions == 2
+    assert [c.token_ids for c in groups[0]] == [[5, 6, 7], [6, 6, 7]] and groups[0][0].logprobs == [-1.0, -2.0, -0.5]
+
+
+def _contains_e(completions, **kwargs):
+    return [1.0 if "e" in c[0]["content"] else 0.0 for c in completions]
+
+
+def test_training_checkpoints_and_stops_in_one_line_when_answers_turn_malformed(fake, tiny_model_dir, tokenizer,
+                                                                                tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
+    from qempo_lite.runs import checkpoint_problem
+
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Name a colour, number {i}."}]
+                                            for i in range(8)]})
+    args = QEMPOOnlineConfig(
+        output_dir=str(tmp_path / "run"), rollout="vllm_server", vllm_server_url=fake.url, vllm_server_retries=1,
+        num_generations=2, per_device_train_batch_size=4, max_completion_length=3, max_steps=4,
+        learning_rate=1e-2, bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0,
+        disable_tqdm=True)
+
+    class MalformedAfterStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                fake.mode = "logprobs-null"
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = QEMPOOnlineTrainer(model, reward_funcs=_contains_e, args=args, train_dataset=prompts,
+                                 processing_class=tokenizer, callbacks=[MalformedAfterStep2()],
+                                 peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with pytest.raises(RolloutServerError) as err:
+        try:
+            trainer.train()
+        finally:
+            trainer.close_rollout()
+    message = str(err.value)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert "\n" not in message and "a malformed answer" in message
+    assert f"saved in {checkpoint}" in message and "--resume" in message
+    assert checkpoint_problem(checkpoint) is None and trainer.state.global_step == 2
