@@ -200,3 +200,53 @@ def test_training_checkpoints_and_stops_in_one_line_when_answers_turn_malformed(
     assert "\n" not in message and "a malformed answer" in message
     assert f"saved in {checkpoint}" in message and "--resume" in message
     assert checkpoint_problem(checkpoint) is None and trainer.state.global_step == 2
+
+
+# ---------------------------------------------------------------------------------- served-adapter folders
+
+_KILLED_RUN = """
+import sys, time
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from qempo_lite.rollout import VLLMServerRollout
+
+base, url, adapter_dir = sys.argv[1:]
+model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
+engine = VLLMServerRollout(url, tokenizer=AutoTokenizer.from_pretrained(base), adapter_dir=adapter_dir)
+print(engine.sync(model).path, flush=True)
+time.sleep(600)
+"""
+
+
+def test_folders_of_ended_runs_are_deleted_on_start_and_finish_never_a_live_runs(fake, tiny_model_dir, tokenizer,
+                                                                                  tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    served = tmp_path / "served"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(tiny_model_dir), fake.url, str(served)],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        killed_folder = Path(killed.stdout.readline().strip())
+        assert killed_folder.parent == served and killed_folder.is_dir()
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(r=4, target_modules="all-linear"))
+        live = _engine(fake.url, served, tokenizer)
+        live_folder = Path(live.sync(model).path)
+        assert killed_folder.is_dir()  # that run is still alive: its folder stays
+    finally:
+        killed.send_signal(signal.SIGKILL)  # an interrupted run: nothing of it runs after this
+        killed.wait(timeout=30)
+    older = served / "qempo-abcdef-7"  # left by a run of an older version, which took no lock
+    older.mkdir()
+    (older / "adapter_model.safetensors").write_bytes(b"x")
+
+    third = _engine(fake.url, served, tokenizer)
+    third_folder = Path(third.sync(model).path)  # on start: what ended runs left is deleted
+    assert not killed_folder.exists() and not older.exists()
+    assert live_folder.is_dir() and third_folder.is_dir()
+    third.close()  # on finish: its own folder; the live run's stays
+    assert not third_folder.exists() and live_folder.is_dir()
+    live.close()
+    assert not served.exists()

@@ -18,6 +18,7 @@ from ..errors import QempoError, short_repr
 from .. import generation
 from ..generation import Prompt, check_sampling, prompt_token_ids
 from .common import Completion, SyncInfo, directory_bytes, served_lora_name
+from .served_dirs import ServedDirs
 from .transport import send_json
 
 logger = logging.getLogger("qempo_lite")
@@ -124,6 +125,7 @@ class VLLMServerRollout:
         self.base_model: str | None = None
         self.max_model_len: int | None = None
         self._run = os.urandom(3).hex()  # adapter names stay unique on a server shared by runs or resumed runs
+        self._dirs = ServedDirs(self.adapter_dir, self._run)
         self._next_id = 1
         self._current: tuple[str, Path] | None = None  # (name on the server, directory)
         import threading
@@ -195,6 +197,7 @@ class VLLMServerRollout:
         adapter = served_lora_name(peft_model, None)  # the server checks the rank against its --max-lora-rank
         lora_id = self._next_id
         name = f"qempo-{self._run}-{lora_id}"
+        self._dirs.claim()  # the first time: also deletes what ended runs left in adapter_dir
         path = save_adapter(peft_model, self.adapter_dir / name, adapter_name=adapter, state_dict=state_dict)
         try:
             self._load(name, path)
@@ -291,14 +294,14 @@ class VLLMServerRollout:
                          "check that only this run loads and unloads adapters on it")
 
     def close(self) -> None:
-        """Unload the served adapter (one try; the server may already be gone) and delete its files."""
+        """Unload the served adapter (one try; the server may already be gone) and delete its files and those
+        of ended runs (:class:`~qempo_lite.rollout.served_dirs.ServedDirs`)."""
         current, self._current = self._current, None
         if current is not None:
             with contextlib.suppress(QempoError):
                 self._unload(current[0], attempts=1, timeout=5.0)
             shutil.rmtree(current[1], ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.adapter_dir.rmdir()  # only when nothing else is left in it
+        self._dirs.release()  # also deletes what ended runs left, then adapter_dir once it is empty
 
     def __enter__(self) -> "VLLMServerRollout":
         return self
