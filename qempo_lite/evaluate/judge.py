@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qempo_lite.data.files import read_written_lines
 from qempo_lite.errors import QempoError, missing_extra, one_line
 
 from .mtbench import MTBENCH, Question, resolve_mtbench_file
@@ -307,17 +308,14 @@ class Judge:
         cache: dict[str, dict] = {}
         if self.cache_path is None or not self.cache_path.is_file():
             return cache
-        # split on "\n" only: a judgment may hold U+2028 and the like, which splitlines() breaks on
-        for number, line in enumerate(self.cache_path.read_text(encoding="utf-8").split("\n"), start=1):
-            if not line.strip():
-                continue
+        # A last line cut short by an interrupted run is dropped (and cut from the file): that rating is asked again.
+        for number, row in read_written_lines(self.cache_path, "judge cache", repair=True):
             try:
-                row = json.loads(line)
                 if parse_rating(f"[[{row['rating']}]]") is not None:
                     cache[row["key"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                # A line cut short by an interrupted run: that rating is simply asked again.
-                logger.warning("judge cache %s line %d unreadable; ignored", self.cache_path, number)
+            except (KeyError, TypeError):
+                raise QempoError(f"judge cache {self.cache_path} line {number}: not a rating ('key' and 'rating'); "
+                                 "fix or remove the line (or delete the file)") from None
         return cache
 
     def _remember(self, key: str, rating: float, judgment: str) -> None:
