@@ -56,3 +56,15 @@ def test_a_long_value_of_the_wrong_type_is_not_printed_whole(tmp_path):
     recipe.write_text("learning_rate: [" + ", ".join(["lol"] * 5000) + "]\n")  # within the bound, still long
     line = _one_short_line(_train(recipe), "config key 'learning_rate' expects float")
     assert line.count("lol") <= 4
+
+
+def test_a_hub_token_in_a_recipe_or_a_flag_is_refused_without_being_printed(tmp_path):
+    token = "hf_" + "Q7x" * 12
+    recipe = tmp_path / "token.yaml"
+    recipe.write_text((ROOT / "tests" / "data" / "offline_tiny.yaml").read_text() + f"hub_token: {token}\n")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text((ROOT / "tests" / "data" / "offline_tiny.yaml").read_text())
+    for done in (_train(recipe), _train(plain, "--hub_token", token)):
+        assert token not in done.stdout + done.stderr
+        _one_short_line(done, "hub_token=... is not accepted", "saved with every checkpoint", "HF_TOKEN")
+        assert not (tmp_path / "out").exists()
