@@ -1,5 +1,6 @@
-"""Files the evaluation writes and reads back (samples, the judge cache): a last line cut short by an interrupted
-write is dropped with a warning; any other bad line is one line naming the file and the line."""
+"""The evaluation when things go wrong: files it reads back (samples, the judge cache) with a last line cut short
+by an interrupted write (dropped with a warning) or another bad line (one line naming the file and the line),
+and a judge URL holding credentials (never written or logged). The judge is a real HTTP server on loopback."""
 
 from __future__ import annotations
 
@@ -139,3 +140,22 @@ def test_load_samples_names_a_non_utf8_line(tmp_path):
     samples.write_bytes(samples.read_bytes() + b"\x80\n")
     with pytest.raises(QempoError, match=r"line 5: is not UTF-8"):
         load_samples(samples)
+
+
+def test_credentials_in_the_judge_url_are_written_and_logged_nowhere(judge_url, tmp_path):
+    key = "sk-" + "Zk4" * 12
+    url = judge_url.replace("http://", f"http://qempo:{key}@")
+    samples = _samples_file(tmp_path / "samples.jsonl")
+    prompts = tmp_path / "judge_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"name": name, "system_prompt": "Rate it.", "prompt_template": template})
+                               + "\n" for name, template in (("single-v1", "{question} {answer}"),
+                                                             ("single-v1-multi-turn", "{question_1} {answer_1}"))))
+    output = tmp_path / "judge.json"
+    done = _eval("judge", "--samples", str(samples), "--output", str(output), "--judge-url", url,
+                 "--judge-model", "judge", "--judge-prompts", str(prompts))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(output.read_text())["judge"]["url"] == judge_url.replace("http://", "http://***@")
+    written = "".join(path.read_text() for path in tmp_path.iterdir() if path.is_file())
+    for text in (done.stdout, done.stderr, written):
+        assert key not in text and "qempo:" not in text
+    assert "HTTP Request" not in done.stderr  # httpx's INFO line per request
