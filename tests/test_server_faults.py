@@ -12,21 +12,20 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import (QuietHandler, http_answer, loopback_http, server_rollout_trainer,
+                      stopped_with_checkpoint)
 from qempo_lite.rollout import RolloutServerError, VLLMServerRollout
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Name a colour."]
 
 
-class FakeVLLM(BaseHTTPRequestHandler):
+class FakeVLLM(QuietHandler):
     """vLLM's routes; ``server.mode`` says how /v1/completions answers."""
 
     protocol_version = "HTTP/1.1"
@@ -48,7 +47,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
         choices = [{"index": j, "text": "red", "token_ids": [5 + j, 6, 7], "finish_reason": "length",
                     "logprobs": {"token_logprobs": [-1.0, -2.0, -0.5]}} for j in range(n)]
         if mode == "html":
-            self._send(200, "text/html", b"<html><body>502 Bad Gateway (but a 200)</body></html>")
+            http_answer(self, 200, b"<html><body>502 Bad Gateway (but a 200)</body></html>", "text/html")
         elif mode == "one-short":
             self._json(200, {"choices": choices[:-1]})
         elif mode == "logprobs-null":
@@ -82,29 +81,16 @@ class FakeVLLM(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _json(self, status: int, body) -> None:
-        self._send(status, "application/json", json.dumps(body).encode())
+        http_answer(self, status, json.dumps(body))
 
-    def _send(self, status: int, kind: str, data: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
 def fake(tiny_model_dir):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)
-    server.daemon_threads = True
-    server.mode, server.completions, server.model_id = "good", 0, str(tiny_model_dir)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    server.url = f"http://127.0.0.1:{server.server_port}"
-    yield server
-    server.shutdown()
-    server.server_close()
+    with loopback_http(FakeVLLM) as server:
+        server.mode, server.completions, server.model_id = "good", 0, str(tiny_model_dir)
+        server.url = f"http://127.0.0.1:{server.server_port}"
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -160,46 +146,18 @@ def test_one_malformed_answer_then_a_good_one_samples(fake, tokenizer, tmp_path)
     assert [c.token_ids for c in groups[0]] == [[5, 6, 7], [6, 6, 7]] and groups[0][0].logprobs == [-1.0, -2.0, -0.5]
 
 
-def _contains_e(completions, **kwargs):
-    return [1.0 if "e" in c[0]["content"] else 0.0 for c in completions]
-
-
 def test_training_checkpoints_and_stops_in_one_line_when_answers_turn_malformed(fake, tiny_model_dir, tokenizer,
                                                                                 tmp_path):
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
-
-    from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
-    from qempo_lite.runs import checkpoint_problem
-
-    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Name a colour, number {i}."}]
-                                            for i in range(8)]})
-    args = QEMPOOnlineConfig(
-        output_dir=str(tmp_path / "run"), rollout="vllm_server", vllm_server_url=fake.url, vllm_server_retries=1,
-        num_generations=2, per_device_train_batch_size=4, max_completion_length=3, max_steps=4,
-        learning_rate=1e-2, bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0,
-        disable_tqdm=True)
+    from transformers import TrainerCallback
 
     class MalformedAfterStep2(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:
                 fake.mode = "logprobs-null"
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    trainer = QEMPOOnlineTrainer(model, reward_funcs=_contains_e, args=args, train_dataset=prompts,
-                                 processing_class=tokenizer, callbacks=[MalformedAfterStep2()],
-                                 peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with pytest.raises(RolloutServerError) as err:
-        try:
-            trainer.train()
-        finally:
-            trainer.close_rollout()
-    message = str(err.value)
-    checkpoint = tmp_path / "run" / "checkpoint-2"
-    assert "\n" not in message and "a malformed answer" in message
-    assert f"saved in {checkpoint}" in message and "--resume" in message
-    assert checkpoint_problem(checkpoint) is None and trainer.state.global_step == 2
+    trainer = server_rollout_trainer(tiny_model_dir, tokenizer, fake.url, tmp_path / "run", 4, [MalformedAfterStep2()],
+                                     max_completion_length=3)
+    assert "a malformed answer" in stopped_with_checkpoint(trainer, tmp_path / "run", 2)
 
 
 # ---------------------------------------------------------------------------------- served-adapter folders
