@@ -22,6 +22,16 @@ def missing_extra(module: str, extra: str, hint: str = "") -> QempoError:
     return QempoError(f"{module} is not installed: pip install 'qempo-lite[{extra}]'{suffix}")
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)`` for a message, bounded however large or deeply shared ``value`` is."""
+    import reprlib
+
+    shortened = reprlib.Repr()  # keyword arguments only from Python 3.12
+    shortened.maxlevel, shortened.maxstring, shortened.maxother, shortened.maxlong = 2, limit, limit, 40
+    shortened.maxlist = shortened.maxtuple = shortened.maxdict = shortened.maxset = 4
+    return shortened.repr(value)[: limit + 20]
+
+
 def one_line(err: BaseException | str, *, lines: int = 1, limit: int = 300) -> str:
     """A message on one line: the first ``lines`` non-empty lines of ``err`` joined, at most ``limit`` characters
     (the exception's type name when it has no message)."""

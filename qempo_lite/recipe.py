@@ -28,7 +28,11 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import QempoError, not_a_file
+from .errors import QempoError, not_a_file, short_repr
+
+MAX_RECIPE_VALUES = 10_000
+"""Most values (scalars, lists and mappings, counted with every YAML alias written out) a recipe may hold:
+a few aliases nested in each other ("billion laughs") would otherwise expand to gigabytes."""
 
 _NONE_WORDS = ("none", "null", "~")
 _TRUE_WORDS = ("true", "yes", "on", "1")
@@ -48,6 +52,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise QempoError(f"config file {str(path)!r} {not_a_file(path)}; pass an existing YAML file to --config")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise QempoError(f"config file {str(path)!r} nests lists or mappings too deeply; write plain "
+                         "key: value lines") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -60,8 +67,43 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise QempoError(f"config file {str(path)!r} must be a YAML mapping of key: value, got {type(data).__name__}")
     for key in data:
         if not isinstance(key, str):
-            raise QempoError(f"config file {str(path)!r} has a non-string key {key!r}; keys are field names")
+            raise QempoError(f"config file {str(path)!r} has a non-string key {short_repr(key)}; keys are field "
+                             "names")
+    _check_expanded_size(data, path)
     return data
+
+
+def _check_expanded_size(data: Any, path: Path) -> None:
+    """Refuse a recipe whose aliases expand past :data:`MAX_RECIPE_VALUES` values or refer to themselves.
+
+    PyYAML shares an aliased node instead of copying it, so loading is cheap; what would take
+    gigabytes is walking the values (checking them, printing them). Sizes are counted once per
+    shared node, so this walk stays as small as the file.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        key = id(node)
+        items = list(node.values()) if isinstance(node, dict) else node
+        if children_done:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes.get(id(item), 1) for item in items)
+            if sizes[key] > MAX_RECIPE_VALUES:
+                raise QempoError(f"config file {str(path)!r} expands to more than {MAX_RECIPE_VALUES:,} values "
+                                 "(YAML aliases nested in each other); write the values out")
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise QempoError(f"config file {str(path)!r} has a YAML alias that refers to itself; write the values "
+                             "out")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((item, False) for item in items)
 
 
 class _Bare(str):
@@ -227,7 +269,7 @@ def coerce_value(key: str, value: Any, tp, *, from_flag: bool = False) -> Any:
             return _coerce(value, tp, convert=True)
         except _Mismatch:
             pass
-    raise QempoError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise QempoError(f"config key {key!r} expects {_type_name(tp)}, got {short_repr(value)} ({type(value).__name__})")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -251,7 +293,7 @@ def known_keys(dataclass_types: Iterable[type]) -> dict[str, tuple[type, Any]]:
 def _unknown_key(key: str, keys: Iterable[str], source: str, help_hint: str) -> QempoError:
     close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
     suggestion = f"did you mean {close[0]!r}? " if close else ""
-    return QempoError(f"unknown config key {key!r} {source}; {suggestion}{help_hint}")
+    return QempoError(f"unknown config key {short_repr(key)} {source}; {suggestion}{help_hint}")
 
 
 def merge_values(yaml_values: dict[str, Any], flags: dict[str, str], dataclass_types: Sequence[type], *,

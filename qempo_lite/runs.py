@@ -211,7 +211,8 @@ def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | Non
 def checkpoint_to_resume(output_dir: str, resume: bool, *, needs_optimizer: bool = True) -> str | None:
     """The newest complete ``checkpoint-N`` of ``output_dir`` when resuming; refuse to overwrite one otherwise.
 
-    A checkpoint whose save was cut short (a kill during ``save``) is skipped, and said so on stderr.
+    A checkpoint whose save was cut short (a kill during ``save``) is skipped, and said so on stderr; when every
+    one was cut short (a kill during the first save), ``--resume`` starts the run over.
     """
     import re
     import sys
@@ -231,9 +232,10 @@ def checkpoint_to_resume(output_dir: str, resume: bool, *, needs_optimizer: bool
         if problem is None:
             return str(path)
         print(f"skipping {path.name}: {problem} (its save was cut short)", file=sys.stderr)
-    if found:
-        raise QempoError(f"no complete checkpoint to resume from in {output_dir} (all {len(found)} were cut short); "
-                         "drop --resume to start again")
+    if found:  # a kill during the first save: nothing to lose, so the run starts over (its saves replace these)
+        print(f"no complete checkpoint in {output_dir} (all {len(found)} were cut short): starting from step 0",
+              file=sys.stderr)
+        return None
     raise QempoError(f"no checkpoint to resume from in {output_dir}; drop --resume to start a new run")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable
 
-from .errors import QempoError
+from .errors import QempoError, short_repr
 
 # transformers.TrainingArguments: none of these changes the loss being optimised.
 TRAINING_ARGUMENTS = frozenset({
@@ -34,7 +34,7 @@ TRAINING_ARGUMENTS = frozenset({
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node",
     "restore_callback_states_from_checkpoint", "load_best_model_at_end", "metric_for_best_model",
     "greater_is_better", "ignore_data_skip",
-    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision",
     "dataloader_drop_last", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
     "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "dataloader_in_order",
     "train_sampling_strategy", "length_column_name",
@@ -81,11 +81,16 @@ REASONS = {
     "padding_free": "TRL turns it off for preference training", "model_init_kwargs":
     "the model is loaded by qempo-lite (use the model keys: dtype, quantization, attn_implementation)",
     "resume_from_checkpoint": "the training commands resume with --resume",
+    "hub_token": "a token given to the run would be saved with every checkpoint; the push reads HF_TOKEN or the "
+                 "login of `hf auth login`",
     **{name: "TRL's vLLM server mode merges the adapter and streams every weight; set rollout: vllm_server and "
              "vllm_server_url (adapter-only sync)"
        for name in ("vllm_mode", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
                     "vllm_server_timeout", "vllm_group_port")},
 }
+
+
+SECRETS = frozenset({"hub_token"})  # refused without their value being printed
 
 
 def field_default(f: dataclasses.Field) -> Any:
@@ -109,7 +114,8 @@ def refuse_unlisted_fields(config, inherited_from: type, allowed: Iterable[str],
         if default is dataclasses.MISSING or _same(value, default):
             continue
         reason = REASONS.get(f.name, "qempo-lite does not support it: it may change the objective being trained")
-        raise QempoError(f"{f.name}={value!r} is not accepted by {what} ({reason}); remove {f.name}")
+        shown = "..." if f.name in SECRETS else short_repr(value)
+        raise QempoError(f"{f.name}={shown} is not accepted by {what} ({reason}); remove {f.name}")
 
 
 def _same(value: Any, default: Any) -> bool:
@@ -119,4 +125,4 @@ def _same(value: Any, default: Any) -> bool:
     return isinstance(default, list) and len(default) == 1 and value == default[0]
 
 
-__all__ = ["DPO", "GRPO", "REASONS", "TRAINING_ARGUMENTS", "field_default", "refuse_unlisted_fields"]
+__all__ = ["DPO", "GRPO", "REASONS", "SECRETS", "TRAINING_ARGUMENTS", "field_default", "refuse_unlisted_fields"]

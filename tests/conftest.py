@@ -1,11 +1,13 @@
 """Shared fixtures: tiny real models built on the spot (never downloaded)."""
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,83 @@ def stop_process_group(proc, timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler without a line on stderr per request, for the test servers to subclass."""
+
+    def log_message(self, *args):
+        pass
+
+
+def http_answer(handler, status: int, body, kind: str = "application/json") -> None:
+    """A whole HTTP answer from a ``BaseHTTPRequestHandler``: ``body`` as bytes, as text, or (anything else) as JSON."""
+    import json
+
+    data = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", kind)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@contextlib.contextmanager
+def loopback_http(handler_class):
+    """A real HTTP server of ``handler_class`` on 127.0.0.1 (a free port), serving from a thread; the server."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def contains_e(completions, **kwargs):
+    """A reward for online tests: 1 for a completion with an 'e' in it."""
+    return [1.0 if "e" in c[0]["content"] else 0.0 for c in completions]
+
+
+def server_rollout_trainer(model_dir, tokenizer, url, output_dir, max_steps, callbacks=(), **config):
+    """A QEMPO online trainer on the tiny model whose rollouts come from the vLLM server at ``url`` (LoRA r=8, 8
+    prompts, groups of 2, four completions per step, no checkpoints)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
+
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Name a colour, number {i}."}]
+                                            for i in range(8)]})
+    args = QEMPOOnlineConfig(**{
+        "output_dir": str(output_dir), "rollout": "vllm_server", "vllm_server_url": url, "vllm_server_retries": 1,
+        "num_generations": 2, "per_device_train_batch_size": 4, "max_completion_length": 8, "max_steps": max_steps,
+        "learning_rate": 1e-2, "bf16": False, "use_cpu": True, "report_to": [], "save_strategy": "no",
+        "logging_steps": 1, "seed": 0, "disable_tqdm": True, **config})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return QEMPOOnlineTrainer(model, reward_funcs=contains_e, args=args, train_dataset=prompts,
+                              processing_class=tokenizer, callbacks=list(callbacks),
+                              peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+
+
+def stopped_with_checkpoint(trainer, output_dir, step: int) -> str:
+    """Train ``trainer`` until its rollouts fail for good; check that it stopped after a complete checkpoint of
+    ``step`` named in a one-line RolloutServerError, and return that line."""
+    from qempo_lite.rollout import RolloutServerError
+    from qempo_lite.runs import checkpoint_problem
+
+    with pytest.raises(RolloutServerError) as err:
+        try:
+            trainer.train()
+        finally:
+            trainer.close_rollout()
+    message, checkpoint = str(err.value), Path(output_dir) / f"checkpoint-{step}"
+    assert "\n" not in message and f"saved in {checkpoint}" in message and "--resume" in message, message
+    assert checkpoint_problem(checkpoint) is None  # a complete checkpoint: weights, optimizer, scheduler, state
+    assert trainer.state.global_step == step
+    return message

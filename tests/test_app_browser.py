@@ -6,6 +6,7 @@ Needs Debian's chromium at /usr/bin/chromium (``apt-get install -y chromium``), 
 the Python playwright package; playwright's own browser download is never used.
 """
 
+import contextlib
 import json
 import os
 import queue
@@ -56,10 +57,17 @@ def app_url(tiny_model_dir, tmp_path_factory):
     settings.prompt = "Name a colour."
     settings.max_new_tokens = 64
     assert settings.selection == [BASE, str(first), str(second)]
+    with serve_app(settings) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_app(settings):
+    """The app of ``settings`` on a free loopback port, in this process; its URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    page, url = launch_app(settings, port=port, prevent_thread_lock=True, quiet=True)
+    page, _ = launch_app(settings, port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -72,35 +80,45 @@ def need_chromium():
                     "chromium` (never `playwright install`)")
 
 
-def test_generate_in_a_real_browser_fills_every_column(app_url, tmp_path):
+@contextlib.contextmanager
+def generated(url: str, samples: int, max_new_tokens: int):
+    """The app at ``url`` in headless chromium, after Generate with ``samples`` samples of at most
+    ``max_new_tokens`` tokens per column; the page."""
     need_chromium()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(app_url)
-            samples = page.locator("#qempo-samples input[type=number]")
-            samples.fill(str(SAMPLES))
-            samples.press("Enter")
-            page.locator("#qempo-max-new-tokens input[type=number]").fill("16")
+            page.goto(url)
+            count = page.locator("#qempo-samples input[type=number]")
+            count.fill(str(samples))
+            count.press("Enter")
+            page.locator("#qempo-max-new-tokens input[type=number]").fill(str(max_new_tokens))
             page.click("#qempo-generate")
-            columns = [page.locator(f"#qempo-column-{i}") for i in range(3)]
-            for column in columns:
-                expect(column.locator(".qempo-sample")).to_have_count(SAMPLES, timeout=60_000)
-            expect(page.locator("#qempo-column-3 .qempo-sample")).to_have_count(0)
-            expect(page.locator("#qempo-errors")).to_be_hidden()
-            names = [c.locator(".qempo-name").inner_text() for c in columns]
-            assert names == ["base", "qempo-a", "qempo-b"]
-            assert "method qempo" in columns[1].locator(".qempo-meta").inner_text()
-            for column in columns:
-                metrics = column.locator(".qempo-metrics").inner_text()
-                assert "semantic" in metrics and "distinct-2" in metrics and "n/a" not in metrics, metrics
-            expect(page.locator("#qempo-chart img, #qempo-chart svg").first).to_be_visible(timeout=10_000)
-            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            yield page
         finally:
             browser.close()
+
+
+def test_generate_in_a_real_browser_fills_every_column(app_url, tmp_path):
+    from playwright.sync_api import expect
+
+    with generated(app_url, SAMPLES, 16) as page:
+        columns = [page.locator(f"#qempo-column-{i}") for i in range(3)]
+        for column in columns:
+            expect(column.locator(".qempo-sample")).to_have_count(SAMPLES, timeout=60_000)
+        expect(page.locator("#qempo-column-3 .qempo-sample")).to_have_count(0)
+        expect(page.locator("#qempo-errors")).to_be_hidden()
+        names = [c.locator(".qempo-name").inner_text() for c in columns]
+        assert names == ["base", "qempo-a", "qempo-b"]
+        assert "method qempo" in columns[1].locator(".qempo-meta").inner_text()
+        for column in columns:
+            metrics = column.locator(".qempo-metrics").inner_text()
+            assert "semantic" in metrics and "distinct-2" in metrics and "n/a" not in metrics, metrics
+        expect(page.locator("#qempo-chart img, #qempo-chart svg").first).to_be_visible(timeout=10_000)
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
     assert (tmp_path / "app.png").stat().st_size > 10_000
 
 

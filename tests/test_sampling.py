@@ -189,7 +189,7 @@ def test_bad_sample_files_name_the_line_and_field(tmp_path):
         "missing.jsonl": (good + "\n" + json.dumps({"prompt_id": 1, "adapter": "a", "sample_index": 0, "text": "x"}),
                           "line 2: field 'num_tokens' is missing"),
         "type.jsonl": (good.replace('"sample_index": 0', '"sample_index": "0"'), "line 1: field 'sample_index'"),
-        "json.jsonl": (good + "\n{oops", "line 2: not JSON"),
+        "json.jsonl": (good + "\n{oops", "line 2: is not valid JSON"),
         "chat.jsonl": (good[:-1] + ', "prompt": [{"role": "user"}]}', "line 1: field 'prompt'"),
     }
     for name, (content, words) in cases.items():

@@ -21,14 +21,12 @@ import random
 import shutil
 import socket
 import struct
-import threading
 import time
 import tracemalloc
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import make_adapter
+from conftest import QuietHandler, http_answer, loopback_http, make_adapter
 
 from qempo_lite.cli import main
 from qempo_lite.errors import QempoError
@@ -385,7 +383,7 @@ def test_default_backend_on_a_cpu_with_vllm_installed_is_transformers():
 # ================================================================================== the judge
 
 
-class _Garbage(BaseHTTPRequestHandler):
+class _Garbage(QuietHandler):
     """An OpenAI-compatible endpoint whose 200 replies are whatever ``mode`` says."""
 
     mode = "truncated"
@@ -421,23 +419,14 @@ class _Garbage(BaseHTTPRequestHandler):
         self._send(200, *bodies[mode])
 
     def _send(self, status, kind, body):
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        http_answer(self, status, body, kind)
 
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
 def garbage_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
+    with loopback_http(_Garbage) as server:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
 
 
 def _judge(url, **kw):

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import max_logprob_gap, restore_parameters, stop_process_group
+from conftest import (max_logprob_gap, restore_parameters, server_rollout_trainer, stop_process_group,
+                      stopped_with_checkpoint)
 from qempo_lite.errors import QempoError
 from qempo_lite.rollout import RolloutServerError, VLLMServerRollout, prompt_token_ids
 
@@ -252,7 +253,8 @@ def test_an_adapter_the_server_cannot_serve_is_refused_in_one_line(server, tiny_
     with VLLMServerRollout(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
         with pytest.raises(QempoError) as err:
             engine.sync(too_big)
-        assert not any((tmp_path / "adapters").iterdir())  # its files are gone again
+        assert not list((tmp_path / "adapters").glob("qempo-*"))  # its files are gone again (the run's lock stays)
+    assert not (tmp_path / "adapters").exists()
     message = str(err.value)
     assert "\n" not in message and "refused adapter" in message and "--max-lora-rank" in message
     assert str(2 * MAX_LORA_RANK) in message  # the server's own reason: the rank
@@ -334,50 +336,20 @@ def test_probe_refuses_a_server_without_runtime_adapter_loading(tokenizer, tmp_p
 # ---------------------------------------------------------------------------------- training
 
 
-def _contains_e(completions, **kwargs):
-    return [1.0 if "e" in c[0]["content"] else 0.0 for c in completions]
-
-
 def test_training_checkpoints_and_stops_in_one_line_when_the_server_goes_down(relay, tiny_model_dir, tokenizer,
                                                                                tmp_path):
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
-
-    from qempo_lite.runs import checkpoint_problem
-    from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
-
-    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Name a colour, number {i}."}]
-                                            for i in range(8)]})
+    from transformers import TrainerCallback
 
     def trainer(max_steps, callbacks=()):
-        args = QEMPOOnlineConfig(
-            output_dir=str(tmp_path / "run"), rollout="vllm_server", vllm_server_url=relay.url, vllm_server_retries=1,
-            num_generations=2, per_device_train_batch_size=4, max_completion_length=8, max_steps=max_steps,
-            learning_rate=1e-2, bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0,
-            disable_tqdm=True)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        return QEMPOOnlineTrainer(model, reward_funcs=_contains_e, args=args, train_dataset=prompts,
-                                  processing_class=tokenizer, callbacks=list(callbacks),
-                                  peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        return server_rollout_trainer(tiny_model_dir, tokenizer, relay.url, tmp_path / "run", max_steps, callbacks)
 
     class ServerDownAfterStep2(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:
                 relay.stop()
 
-    first = trainer(4, [ServerDownAfterStep2()])
-    with pytest.raises(RolloutServerError) as err:
-        try:
-            first.train()
-        finally:
-            first.close_rollout()
-    message = str(err.value)
+    assert "did not answer" in stopped_with_checkpoint(trainer(4, [ServerDownAfterStep2()]), tmp_path / "run", 2)
     checkpoint = tmp_path / "run" / "checkpoint-2"
-    assert "\n" not in message and "did not answer" in message
-    assert f"saved in {checkpoint}" in message and "--resume" in message
-    assert checkpoint_problem(checkpoint) is None  # a complete checkpoint: weights, optimizer, scheduler, state
-    assert first.state.global_step == 2
     assert not (tmp_path / "run" / "served-adapters").exists()
 
     relay.start()  # the server is back: the run continues from the checkpoint

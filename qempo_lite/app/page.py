@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import html
+import logging
 from pathlib import Path
 
 from ..errors import missing_extra
 from .comparison import Comparison
+from .paths import first_line, scrub
 from .render import column_html, comparison_chart, errors_markdown
 from .settings import BASE, BASE_LABEL, MAX_COLUMNS, AppSettings
+
+logger = logging.getLogger("qempo_lite")
 
 MAX_UPLOAD_BYTES = 1024  # the page has no upload control: Gradio's upload endpoint takes next to nothing
 
@@ -40,15 +45,21 @@ def build_app(settings: AppSettings, comparison: Comparison | None = None):
 
     def generate_page(base_model, adapters, prompt, samples, temperature, top_p, max_new_tokens, seed,
                       progress=gr.Progress()):
-        result = comparison.run(base_model, adapters or [], prompt, samples, temperature, top_p, max_new_tokens,
-                                seed, progress=lambda fraction, desc: progress(fraction, desc=desc))
+        try:  # everything the page shows is built here, inside the error handling (comparison.run has its own)
+            result = comparison.run(base_model, adapters or [], prompt, samples, temperature, top_p, max_new_tokens,
+                                    seed, progress=lambda fraction, desc: progress(fraction, desc=desc))
+            shown = result["columns"][:MAX_COLUMNS]
+            cells = [gr.HTML(value=column_html(c), visible=True) for c in shown]
+            chart = comparison_chart(result)
+        except Exception as err:  # noqa: BLE001 - the page shows one line; the log keeps the traceback
+            logger.exception("app page failed")
+            result = {"ok": False, "columns": [], "errors": [f"unexpected error ({type(err).__name__}: "
+                                                             f"{scrub(first_line(err))}); see the server log"]}
+            cells, chart = [], None
         for error in result["errors"]:
-            gr.Warning(error)
-        shown = result["columns"][:MAX_COLUMNS]
-        cells = [gr.HTML(value=column_html(c), visible=True) for c in shown]
-        cells += [gr.HTML(value="", visible=False)] * (MAX_COLUMNS - len(shown))
-        return [gr.Markdown(value=errors_markdown(result), visible=bool(result["errors"])), *cells,
-                comparison_chart(result), result]
+            gr.Warning(html.escape(error))  # a toast renders HTML: the message is text
+        cells += [gr.HTML(value="", visible=False)] * (MAX_COLUMNS - len(cells))
+        return [gr.Markdown(value=errors_markdown(result), visible=bool(result["errors"])), *cells, chart, result]
 
     choices = [(BASE_LABEL, BASE)] + [(f"{Path(a).name} · {a}", a) for a in settings.adapters]
     questions = [(f"{q['id']} · {q['category']} · {q['prompt'][:70]}", q["id"]) for q in settings.questions]

@@ -58,12 +58,26 @@ def column_html(column: dict) -> str:
 
 
 def comparison_chart(result: dict):
-    """Grouped bars: one group per metric (x100), one bar per column."""
-    from matplotlib.figure import Figure
+    """Grouped bars: one group per metric (x100), one bar per column.
+
+    Labels are plain text (a run named ``run-$\\frac$`` is no math), and the figure is drawn once
+    here, so that anything it cannot draw fails inside the request's error handling.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     columns = [c for c in result.get("columns", []) if c.get("metrics")]
     if not columns:
         return None
+    with matplotlib.rc_context({"text.parse_math": False}):
+        fig = _chart(columns)
+        FigureCanvasAgg(fig).draw()
+    return fig
+
+
+def _chart(columns: list[dict]):
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(8, 3.2), dpi=100)
     ax = fig.add_subplot()
     width = 0.8 / len(columns)
@@ -82,5 +96,13 @@ def comparison_chart(result: dict):
     return fig
 
 
+_MARKDOWN = re.compile(r"([!-%'-/:;=?@\[-`{-~])")  # ASCII punctuation but & < > (written as HTML entities)
+
+
+def plain_markdown(text: str) -> str:
+    """``text`` shown as typed in a Markdown component: no HTML, link, image or emphasis of its own."""
+    return html.escape(_MARKDOWN.sub(r"\\\1", text), quote=False)
+
+
 def errors_markdown(result: dict) -> str:
-    return "\n".join(f"**Error:** {html.escape(e)}  " for e in result.get("errors", []))
+    return "\n".join(f"**Error:** {plain_markdown(e)}  " for e in result.get("errors", []))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -118,6 +119,33 @@ def read_json_lines(handle: BinaryIO, name: str,
             yield number, json.loads(text)
         except json.JSONDecodeError as err:
             yield number, BadRow(None, f"is not valid JSON ({err.msg} at column {err.colno})")
+
+
+def read_written_lines(path: Path, what: str, *, repair: bool = False,
+                       max_row_bytes: int = 64 * MAX_ROW_BYTES) -> list[tuple[int, Row]]:
+    """The ``(line number, row)`` pairs of a JSON Lines file that a command writes (samples, a cache).
+
+    A last line cut short (no newline after it, and not JSON or not UTF-8: a write that was
+    interrupted) is dropped with a warning; with ``repair`` it is also cut from the file, so
+    that lines appended later start on a line of their own. Any other bad line raises
+    QempoError naming the file and the line.
+    """
+    import logging
+
+    data = Path(path).read_bytes()
+    rows = list(read_json_lines(io.BytesIO(data), str(path), max_row_bytes))
+    torn = bool(data) and not data.endswith(b"\n")
+    if torn and rows and isinstance(rows[-1][1], BadRow) and rows[-1][0] == data.count(b"\n") + 1:
+        number, _ = rows.pop()
+        logging.getLogger("qempo_lite").warning("%s line %d was cut short (an interrupted write); dropped", path,
+                                                number)
+        if repair:
+            os.truncate(path, data.rfind(b"\n") + 1)
+    for number, row in rows:
+        if isinstance(row, BadRow):
+            raise QempoError(f"{what} {path} line {number}: {row.problem}; fix or remove the line (or delete the "
+                             "file)")
+    return rows  # type: ignore[return-value]
 
 
 def _text_size(value: Any, limit: int) -> int:

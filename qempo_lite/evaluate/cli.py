@@ -132,7 +132,7 @@ def _cmd_judge(args) -> int:
     verdicts = judge.judge(items)
     scores = summarize(verdicts)
     result = {"kind": "judge", "samples": str(args.samples), "cache": cache,
-              "judge": {"model": args.judge_model, "url": args.judge_url, "temperature": args.judge_temperature,
+              "judge": {"model": args.judge_model, "url": judge.base_url, "temperature": args.judge_temperature,
                         "prompts": sorted({i.template for i in items})},
               "items": len(items), "failures": judge.stats["failures"], "requests": judge.stats["requests"],
               "cached": judge.stats["cached"], "adapters": scores}

@@ -19,7 +19,8 @@ The API key comes from the ``api_key`` argument or the environment (``api_key_en
 ``QEMPO_JUDGE_API_KEY``, else ``OPENAI_API_KEY``); it is never printed, logged or cached. A
 server may echo it back in an error message: once a Judge holds a key (8 characters or
 more), every log record made in the process, by any logger, has it replaced by ``***``
-(:func:`redact_secret`), and so do the error texts of Judgements.
+(:func:`redact_secret`), and so do the error texts of Judgements. So are credentials in the URL
+(``http://user:key@host/v1``): ``Judge.base_url`` (judge.json, messages) shows ``***@host``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from qempo_lite.data.files import read_written_lines
 from qempo_lite.errors import QempoError, missing_extra, one_line
 
 from .mtbench import MTBENCH, Question, resolve_mtbench_file
@@ -105,6 +108,18 @@ def redact_secret(secret: str | None) -> None:
         if not _FACTORY_INSTALLED:
             logging.setLogRecordFactory(_redacting_factory(logging.getLogRecordFactory()))
             _FACTORY_INSTALLED = True
+
+
+def public_url(url: str) -> str:
+    """``url`` with the user and password it may hold (``http://user:key@host/v1``) shown as ``***``; both are
+    also kept out of every log record (:func:`redact_secret`)."""
+    parts = urlsplit(url)
+    credentials, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    redact_secret(credentials)
+    redact_secret(credentials.partition(":")[2])
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def parse_rating(text: str | None) -> float | None:
@@ -284,14 +299,18 @@ class Judge:
         redact_secret(key)
         self.key_source = "the api_key argument" if api_key else next((f"${e}" for e in envs if os.environ.get(e)),
                                                                       "no key")
-        self.base_url, self.model = base_url.rstrip("/"), model
+        for name in ("httpx", "httpx2"):  # the HTTP client's INFO line per request shows the URL
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        self.base_url, self.model = public_url(base_url.rstrip("/")), model  # shown; the client gets the credentials
         self.templates = dict(templates) if isinstance(templates, Mapping) else load_judge_prompts(templates)
         self.concurrency, self.max_attempts, self.retry_wait = concurrency, max_attempts, retry_wait
         self.temperature, self.max_tokens = temperature, max_tokens
         self.extra_body = dict(extra_body) if extra_body else None
         self._openai = openai
         # Retries are ours (bounded, counted); a local server needs some key, any will do.
-        self._client = openai.OpenAI(base_url=self.base_url, api_key=key or "EMPTY", timeout=timeout, max_retries=0)
+        self._client = openai.OpenAI(base_url=base_url.rstrip("/"), api_key=key or "EMPTY", timeout=timeout,
+                                     max_retries=0)
         self.cache_path = Path(cache_path) if cache_path else None
         self._cache = self._read_cache()
         self._lock = threading.Lock()
@@ -307,17 +326,14 @@ class Judge:
         cache: dict[str, dict] = {}
         if self.cache_path is None or not self.cache_path.is_file():
             return cache
-        # split on "\n" only: a judgment may hold U+2028 and the like, which splitlines() breaks on
-        for number, line in enumerate(self.cache_path.read_text(encoding="utf-8").split("\n"), start=1):
-            if not line.strip():
-                continue
+        # A last line cut short by an interrupted run is dropped (and cut from the file): that rating is asked again.
+        for number, row in read_written_lines(self.cache_path, "judge cache", repair=True):
             try:
-                row = json.loads(line)
                 if parse_rating(f"[[{row['rating']}]]") is not None:
                     cache[row["key"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                # A line cut short by an interrupted run: that rating is simply asked again.
-                logger.warning("judge cache %s line %d unreadable; ignored", self.cache_path, number)
+            except (KeyError, TypeError):
+                raise QempoError(f"judge cache {self.cache_path} line {number}: not a rating ('key' and 'rating'); "
+                                 "fix or remove the line (or delete the file)") from None
         return cache
 
     def _remember(self, key: str, rating: float, judgment: str) -> None:
@@ -470,4 +486,4 @@ def summarize(judgements: Sequence[Judgement]) -> dict[str, dict[str, Any]]:
 
 
 __all__ = ["Judge", "JudgeItem", "JudgeTemplate", "Judgement", "build_items", "load_judge_prompts", "parse_rating",
-           "redact", "redact_secret", "summarize", "RATING_REGEX"]
+           "public_url", "redact", "redact_secret", "summarize", "RATING_REGEX"]

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qempo_lite.data.files import read_written_lines
 from qempo_lite.errors import QempoError, not_a_file
 
 ROLES = ("system", "user", "assistant")
@@ -64,21 +65,14 @@ def save_samples(path: str | os.PathLike, samples: Sequence[Sample]) -> Path:
 
 
 def load_samples(path: str | os.PathLike) -> list[Sample]:
-    """Read a JSONL file written by :func:`save_samples`; a bad line raises QempoError naming it."""
+    """Read a JSONL file written by :func:`save_samples`; a bad line raises QempoError naming it (a last line cut
+    short is dropped with a warning)."""
     path = Path(path)
     if not path.is_file():
         raise QempoError(f"samples file {path} {not_a_file(path)}; create it with 'qempo-lite eval sample --output "
                          f"{path}'")
-    samples = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise QempoError(f"{path} line {number}: not JSON ({err.msg}); fix or remove the line") from None
-            samples.append(_sample_from_row(row, f"{path} line {number}"))
+    samples = [_sample_from_row(row, f"{path} line {number}")
+               for number, row in read_written_lines(path, "samples file")]  # a cut-short last line is dropped
     if not samples:
         raise QempoError(f"{path} holds no samples; sample again with 'qempo-lite eval sample'")
     return samples

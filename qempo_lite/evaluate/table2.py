@@ -147,7 +147,7 @@ def judge_stage(args, files: dict[str, Path], out: Path) -> Path | None:
     print(f"[3/4] judge: {len(items)} samples with {args.judge_model}")
     verdicts = judge.judge(items)
     result = {"kind": "judge", "samples": str(out / "samples"), "cache": str(cache),
-              "judge": {"model": args.judge_model, "url": args.judge_url, "temperature": args.judge_temperature,
+              "judge": {"model": args.judge_model, "url": judge.base_url, "temperature": args.judge_temperature,
                         "prompts": sorted({i.template for i in items})},
               "items": len(items), "failures": judge.stats["failures"], "requests": judge.stats["requests"],
               "cached": judge.stats["cached"], "adapters": summarize(verdicts)}

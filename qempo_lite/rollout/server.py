@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -13,10 +14,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import QempoError
+from ..errors import QempoError, short_repr
 from .. import generation
 from ..generation import Prompt, check_sampling, prompt_token_ids
 from .common import Completion, SyncInfo, directory_bytes, served_lora_name
+from .served_dirs import ServedDirs
+from .transport import send_json
 
 logger = logging.getLogger("qempo_lite")
 
@@ -36,6 +39,33 @@ def _error_message(body: Any) -> str:
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     line = lines[0] if lines else "no message"
     return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _completion_problem(body: Any, n: int) -> str | None:
+    """What makes ``body`` no answer to a completion request for ``n`` completions, or None.
+
+    Each of the ``n`` choices (indices 0 to n - 1) needs its text, its token ids and one log-prob per token.
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        return f"no 'choices' in {_error_message(body)[:80]!r}"
+    choices = body["choices"]
+    if not all(isinstance(c, dict) for c in choices) or sorted(c.get("index", -1) for c in choices) != list(range(n)):
+        return f"{len(choices)} choices with indices other than 0 to {n - 1}, for n={n}"
+    for choice in choices:
+        tokens = choice.get("token_ids")
+        logprobs = choice.get("logprobs")
+        values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+        where = f"choice {choice['index']}"
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in tokens):
+            return f"{where} has no list of token ids ('token_ids')"
+        if not isinstance(values, list) or len(values) != len(tokens):
+            return f"{where} has no log-prob per token ('logprobs': {short_repr(logprobs, 40)})"
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in values):
+            return f"{where} has a log-prob that is not a number"
+        if not isinstance(choice.get("text"), str):
+            return f"{where} has no 'text'"
+    return None
 
 
 def _is_missing_route(status: int, body: Any) -> bool:
@@ -65,8 +95,9 @@ class VLLMServerRollout:
     The trainer calls it from the main process only, with every process's prompts
     (``serves_all_processes``), and hands each process its slice; groups stay whole.
 
-    Failures: a connection that fails or times out, or a 502/503/504 answer, is retried
-    ``retries`` times, waiting ``retry_wait`` seconds and doubling (at most 30 s per wait);
+    Failures: a connection that fails, a request not answered in full within ``request_timeout``
+    seconds (a total, not per read: a server that trickles its answer times out), or a
+    502/503/504 answer, is retried ``retries`` times, waiting ``retry_wait`` seconds and doubling (at most 30 s per wait);
     then :class:`RolloutServerError`, one line. A server that restarted has forgotten the
     adapter: a completion request naming it (404) loads it again from its directory and is
     sent again. Any other answer (a refused adapter, a bad request) is a one-line
@@ -94,38 +125,24 @@ class VLLMServerRollout:
         self.base_model: str | None = None
         self.max_model_len: int | None = None
         self._run = os.urandom(3).hex()  # adapter names stay unique on a server shared by runs or resumed runs
+        self._dirs = ServedDirs(self.adapter_dir, self._run)
         self._next_id = 1
         self._current: tuple[str, Path] | None = None  # (name on the server, directory)
         import threading
-        import urllib.request
 
         self._reload_lock = threading.Lock()
-        loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
         # A loopback server is reached directly, whatever http_proxy says.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback \
-            else urllib.request.build_opener()
+        self._direct = parsed.hostname in ("127.0.0.1", "localhost", "::1")
 
     # ------------------------------------------------------------------ HTTP
     def _send(self, method: str, path: str, payload: dict | None, timeout: float) -> tuple[int, Any]:
-        import urllib.error
-        import urllib.request
-
-        data = None if payload is None else json.dumps(payload).encode("utf-8")
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with self._opener.open(request, timeout=timeout) as response:
-                status, raw = response.status, response.read()
-        except urllib.error.HTTPError as err:
-            status, raw = err.code, err.read()
-        try:
-            return status, json.loads(raw.decode("utf-8") or "null")
-        except (UnicodeDecodeError, ValueError):
-            return status, raw.decode("utf-8", errors="replace")
+        """One request, answered within ``timeout`` seconds in all (not per read: a trickling server times out)."""
+        return send_json(method, self.url + path, payload, timeout, direct=self._direct)
 
     def _call(self, method: str, path: str, payload: dict | None, *, what: str, attempts: int | None = None,
-              timeout: float | None = None) -> tuple[int, Any]:
-        """Send a request; retry connection failures, time-outs and 502/503/504 with a doubling wait."""
+              timeout: float | None = None, check=None) -> tuple[int, Any]:
+        """Send a request; retry connection failures, time-outs, 502/503/504 and a 200 whose body ``check(body)``
+        finds a problem with (a malformed answer), with a doubling wait."""
         import http.client
         import urllib.error
 
@@ -139,15 +156,17 @@ class VLLMServerRollout:
                 reason = getattr(err, "reason", err)
                 last = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
             else:
-                if status not in (502, 503, 504):
+                problem = check(body) if check is not None and status == 200 else None
+                if status not in (502, 503, 504) and problem is None:
                     return status, body
-                last = f"HTTP {status}: {_error_message(body)}"
+                last = f"a malformed answer: {problem}" if problem else f"HTTP {status}: {_error_message(body)}"
             if attempt + 1 < attempts:
                 time.sleep(min(self.retry_wait * 2 ** attempt, 30.0))
         raise RolloutServerError(
             f"the vLLM server at {self.url} did not answer {what} after {attempts} attempt"
             f"{'s' if attempts != 1 else ''} over {time.perf_counter() - start:.0f} s ({_error_message(last)}); "
-            "check that it is running (qempo-lite serve BASE) and reachable")
+            + ("check that the URL is a vLLM server (qempo-lite serve BASE)" if last.startswith("a malformed")
+               else "check that it is running (qempo-lite serve BASE) and reachable"))
 
     # ------------------------------------------------------------------ probe
     def probe(self) -> None:
@@ -178,6 +197,7 @@ class VLLMServerRollout:
         adapter = served_lora_name(peft_model, None)  # the server checks the rank against its --max-lora-rank
         lora_id = self._next_id
         name = f"qempo-{self._run}-{lora_id}"
+        self._dirs.claim()  # the first time: also deletes what ended runs left in adapter_dir
         path = save_adapter(peft_model, self.adapter_dir / name, adapter_name=adapter, state_dict=state_dict)
         try:
             self._load(name, path)
@@ -243,7 +263,7 @@ class VLLMServerRollout:
         with ThreadPoolExecutor(max_workers=min(len(payloads), 32)) as pool:
             answers = list(pool.map(self._complete, payloads))
         groups = []
-        for answer in answers:
+        for answer in answers:  # each checked by _completion_problem
             choices = sorted(answer["choices"], key=lambda c: c["index"])
             group = []
             for choice in choices:
@@ -259,7 +279,8 @@ class VLLMServerRollout:
         for _ in range(2):
             model = self.model_name
             status, body = self._call("POST", "/v1/completions", dict(payload, model=model),
-                                      what="a completion request (/v1/completions)")
+                                      what="a completion request (/v1/completions)",
+                                      check=lambda body: _completion_problem(body, payload["n"]))
             if status == 200:
                 return body
             current = self._current
@@ -273,14 +294,14 @@ class VLLMServerRollout:
                          "check that only this run loads and unloads adapters on it")
 
     def close(self) -> None:
-        """Unload the served adapter (one try; the server may already be gone) and delete its files."""
+        """Unload the served adapter (one try; the server may already be gone) and delete its files and those
+        of ended runs (:class:`~qempo_lite.rollout.served_dirs.ServedDirs`)."""
         current, self._current = self._current, None
         if current is not None:
             with contextlib.suppress(QempoError):
                 self._unload(current[0], attempts=1, timeout=5.0)
             shutil.rmtree(current[1], ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.adapter_dir.rmdir()  # only when nothing else is left in it
+        self._dirs.release()  # also deletes what ended runs left, then adapter_dir once it is empty
 
     def __enter__(self) -> "VLLMServerRollout":
         return self
