@@ -309,10 +309,10 @@ def test_every_online_recipe_parses_and_follows_the_paper():
     assert len(seen) == 6
 
 
-def _cli_recipe(tmp_path, tiny_model_dir, shared_data, **overrides):
+def _cli_recipe(tmp_path, tiny_model_dir, real_data, **overrides):
     values = dict(
         model_name_or_path=str(tiny_model_dir), quantization="none", lora_r=8, lora_alpha=16,
-        datasets=[str(shared_data / "gsm8k" / "test.jsonl")], limit=4,
+        datasets=[str(real_data / "gsm8k" / "test.jsonl")], limit=4,
         loss_method="qempo", rollout="hf", output_dir=str(tmp_path / "run"), num_generations=K,
         per_device_train_batch_size=K, gradient_accumulation_steps=1, max_completion_length=6, max_steps=2,
         learning_rate=1e-3, bf16=False, gradient_checkpointing=False, save_strategy="steps", save_steps=1,
@@ -326,13 +326,13 @@ def _cli_recipe(tmp_path, tiny_model_dir, shared_data, **overrides):
     return path
 
 
-def test_cli_trains_saves_and_resumes(tmp_path, tiny_model_dir, shared_data, capsys):
+def test_cli_trains_saves_and_resumes(tmp_path, tiny_model_dir, real_data, capsys):
     import json
     import shutil
 
     from qempo_lite.cli import main
 
-    recipe = _cli_recipe(tmp_path, tiny_model_dir, shared_data)
+    recipe = _cli_recipe(tmp_path, tiny_model_dir, real_data)
     assert main(["train", "online", "--config", str(recipe)]) == 0
     run = tmp_path / "run"
     saved = {p.name for p in run.iterdir()}
@@ -355,10 +355,10 @@ def test_cli_trains_saves_and_resumes(tmp_path, tiny_model_dir, shared_data, cap
     assert state["global_step"] == 3 and not (run / "checkpoint-1").exists()
 
 
-def test_cli_bad_key_is_a_one_line_error(tmp_path, tiny_model_dir, shared_data, capsys):
+def test_cli_bad_key_is_a_one_line_error(tmp_path, tiny_model_dir, real_data, capsys):
     from qempo_lite.cli import main
 
-    recipe = _cli_recipe(tmp_path, tiny_model_dir, shared_data)
+    recipe = _cli_recipe(tmp_path, tiny_model_dir, real_data)
     assert main(["train", "online", "--config", str(recipe), "--num_generation", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown config key 'num_generation'" in err and "num_generations" in err and "\n" not in err
