@@ -23,6 +23,7 @@ COMMANDS = {
                           f"train an adapter online with verifiable rewards ({', '.join(method_names('online'))})"),
     ("serve",): ("qempo_lite.serve", "start a vLLM server for rollout: vllm_server (adapters loaded at run time)"),
     ("eval",): ("qempo_lite.evaluate.cli", "sample, diversity, judge, passk, report; table2: all in one"),
+    ("recipes",): ("qempo_lite.recipe_files", "list, show, copy the shipped recipes, or print one's path"),
     ("push",): ("qempo_lite.hub", "push an adapter with its model card to the Hugging Face Hub"),
     ("app",): ("qempo_lite.app_launcher", "open the Gradio app comparing adapters side by side"),
 }

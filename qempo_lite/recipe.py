@@ -1,8 +1,9 @@
 """Recipes: a YAML file of config keys, overridden by ``--key value`` flags, checked against dataclasses.
 
 A training command declares the dataclasses its keys belong to (e.g. ``QEMPOConfig``, the
-model keys, the data keys); :func:`parse_recipe` reads ``--config FILE``, merges the
-command-line flags over it, and builds one instance per dataclass. Every mistake is a
+model keys, the data keys); :func:`parse_recipe` reads ``--config FILE`` (a YAML file, or a
+recipe shipped in the package named by ``NAME`` or ``KIND/NAME``: :mod:`qempo_lite.recipe_files`),
+merges the command-line flags over it, and builds one instance per dataclass. Every mistake is a
 one-line :class:`~qempo_lite.errors.QempoError` naming the key and the fix:
 
 * an unknown key, with the closest known key as a suggestion;
@@ -55,7 +56,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise QempoError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix the file") from err
     if data is None:
         raise QempoError(f"config file {str(path)!r} is empty; write the recipe's key: value lines in it (see "
-                         "recipes/ for complete ones)")
+                         "'qempo-lite recipes list' for complete ones)")
     if not isinstance(data, dict):
         raise QempoError(f"config file {str(path)!r} must be a YAML mapping of key: value, got {type(data).__name__}")
     for key in data:
@@ -94,7 +95,8 @@ def split_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
                 value = args[i + 1]
                 i += 1
             elif key == "config":
-                raise QempoError("--config needs the path of a YAML recipe: --config recipes/offline/FILE.yaml")
+                raise QempoError("--config needs a YAML recipe: a file or a shipped recipe's name (see 'qempo-lite "
+                                 "recipes list')")
             else:
                 value = _BARE
         i += 1
@@ -294,9 +296,14 @@ def build_dataclass(cls: type, values: dict[str, Any]):
 
 
 def parse_recipe(argv: Sequence[str], dataclass_types: Sequence[type], *,
-                 help_hint: str = "see --help for the keys") -> tuple[Any, ...]:
-    """Parse ``[--config FILE] [--key value ...]`` into one instance of each of ``dataclass_types``."""
+                 help_hint: str = "see --help for the keys", mode: str | None = None) -> tuple[Any, ...]:
+    """Parse ``[--config FILE|NAME] [--key value ...]`` into one instance of each of ``dataclass_types``;
+    a recipe name is looked up among ``mode``'s shipped recipes first."""
+    from .recipe_files import config_file
+
     config_path, flags = split_flags(argv)
+    if config_path is not None:
+        config_path = str(config_file(config_path, mode))
     yaml_values = read_yaml(config_path) if config_path is not None else {}
     values = merge_values(yaml_values, flags, dataclass_types, config_path=config_path, help_hint=help_hint)
     return tuple(build_dataclass(cls, values) for cls in dataclass_types)

@@ -268,7 +268,7 @@ def save_finished_run(trainer, config, repo_id: str | None, write_metadata) -> P
     return Path(config.output_dir)
 
 
-def run_training_command(argv: list[str], usage, config_types: tuple, help_hint: str, train) -> int:
+def run_training_command(argv: list[str], usage, config_types: tuple, help_hint: str, train, mode: str) -> int:
     """``--help`` or: parse the recipe and flags into ``config_types``, then ``train(config, model_args, run_args)``."""
     from .console import input_read
     from .recipe import parse_recipe
@@ -276,7 +276,7 @@ def run_training_command(argv: list[str], usage, config_types: tuple, help_hint:
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
-    config, model_args, run_args = parse_recipe(argv, config_types, help_hint=help_hint)
+    config, model_args, run_args = parse_recipe(argv, config_types, help_hint=help_hint, mode=mode)
     input_read()
     output_dir = train(config, model_args, run_args)
     print(f"adapter, tokenizer and {METADATA_FILE} saved to {output_dir}")

@@ -82,10 +82,11 @@ def _usage(mode: str, task: str, run_args: type, config: type, objective_keys: t
     from .recipe import describe_keys
 
     lines = [
-        f"usage: qempo-lite train {mode} --config RECIPE.yaml [--key value ...] [--resume]",
+        f"usage: qempo-lite train {mode} --config RECIPE [--key value ...] [--resume]",
         "",
         f"Train a LoRA/QLoRA adapter {task} with {', '.join(method_names(mode))}.",
-        f"Keys come from the YAML recipe (see recipes/{mode}/); --key value flags override them.",
+        f"Keys come from the YAML recipe: a file, or a shipped recipe's name ('qempo-lite recipes list {mode}');",
+        "--key value flags override them.",
         "",
         "model keys:", *describe_keys(ModelArgs),
         "",
@@ -171,7 +172,7 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
 
 def offline_cli(argv: list[str]) -> int:
     """``qempo-lite train offline --config recipe.yaml [--key value ...] [--resume]``."""
-    return run_training_command(argv, offline_usage, _OFFLINE_TYPES, _OFFLINE_HINT, train_offline)
+    return run_training_command(argv, offline_usage, _OFFLINE_TYPES, _OFFLINE_HINT, train_offline, "offline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
 
 def online_cli(argv: list[str]) -> int:
     """``qempo-lite train online --config recipe.yaml [--key value ...] [--resume]``."""
-    return run_training_command(argv, online_usage, _ONLINE_TYPES, _ONLINE_HINT, train_online)
+    return run_training_command(argv, online_usage, _ONLINE_TYPES, _ONLINE_HINT, train_online, "online")
 
 
 __all__ = ["OfflineRunArgs", "OnlineRunArgs", "load_eval_pairs", "load_problems", "offline_cli", "offline_usage",

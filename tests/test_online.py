@@ -284,9 +284,9 @@ def test_every_online_recipe_parses_and_follows_the_paper():
     from qempo_lite.models import PAPER_MODELS, memory_plan
     from qempo_lite.train_cli import _ONLINE_TYPES
     from qempo_lite.recipe import parse_recipe
+    from qempo_lite.resources import package_file
 
-    root = Path(__file__).resolve().parents[1]
-    recipes = sorted(glob.glob(str(root / "recipes" / "online" / "*.yaml")))
+    recipes = sorted(glob.glob(str(package_file("recipes", "online") / "*.yaml")))
     assert len(recipes) == 6
     paper = {"qempo": {"beta": 4e-3}, "qempo_kl": {"beta1": 4e-3, "beta2": 1e-2}, "gvpo": {"beta": 1e-2}}
     seen = set()

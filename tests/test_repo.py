@@ -25,3 +25,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_console_script_declared():
     assert 'qempo-lite = "qempo_lite.cli:main"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_no_message_of_the_package_advises_an_editable_install():
+    """A user of the wheel has no checkout: advice names the package and its extra, never '-e .'."""
+    for path in (ROOT / "qempo_lite").rglob("*.py"):
+        assert "pip install -e" not in path.read_text(encoding="utf-8"), path
