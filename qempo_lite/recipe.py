@@ -15,7 +15,9 @@ Why not ``trl.TrlParser``: it copies YAML values into argparse defaults unchecke
 where a float belongs fails deep inside training), reports unknown keys as a list without a
 suggestion, and argparse errors print a usage block rather than one line.
 
-YAML 1.1 reads ``5e-7`` as a string; numeric strings are accepted wherever a number is.
+A flag means what the same value means in the YAML file: ``--report_to none`` is ``report_to: none``
+(the string 'none', transformers' "no integrations"), ``--limit null`` is None. YAML 1.1 reads ``5e-7``
+as a string; numeric strings are accepted wherever a number is.
 """
 
 from __future__ import annotations
@@ -256,6 +258,25 @@ def _unknown_key(key: str, keys: Iterable[str], source: str, help_hint: str) -> 
     return QempoError(f"unknown config key {key!r} {source}; {suggestion}{help_hint}")
 
 
+def _flag_value(key: str, raw: str, tp) -> Any:
+    """``--key raw`` means what ``key: raw`` means in a YAML recipe (``--report_to none`` is the string 'none',
+    ``--limit null`` is None, ``--target_modules [q_proj, v_proj]`` a list); a value YAML would refuse for the
+    key is then read as the plain string the shell passed (``--run_name 2024``, ``--eval_strategy no``)."""
+    import yaml
+
+    if raw is not _BARE:
+        try:
+            as_yaml = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            pass
+        else:
+            try:
+                return coerce_value(key, as_yaml, tp)
+            except QempoError:
+                pass
+    return coerce_value(key, raw, tp, from_flag=True)
+
+
 def merge_values(yaml_values: dict[str, Any], flags: dict[str, str], dataclass_types: Sequence[type], *,
                  config_path: str | None = None, help_hint: str = "see --help for the keys") -> dict[str, Any]:
     """Check and coerce YAML values and flag overrides (flags win) into ``{key: typed value}``."""
@@ -269,7 +290,7 @@ def merge_values(yaml_values: dict[str, Any], flags: dict[str, str], dataclass_t
         if key not in keys:
             raise _unknown_key(key, keys, f"(--{key})", help_hint)
         try:
-            values[key] = coerce_value(key, raw, keys[key][1], from_flag=True)
+            values[key] = _flag_value(key, raw, keys[key][1])
         except QempoError:
             values[key] = None
             if raw is not _BARE:
