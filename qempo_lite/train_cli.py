@@ -14,7 +14,8 @@ from .configs import COEFFICIENT_NAMES, QEMPOConfig, QEMPOOnlineConfig
 from .errors import QempoError
 from .methods import method_names
 from .runs import (ModelArgs, check_evaluation, checkpoint_to_resume, load_model_for, lora_metadata,
-                   run_training_command, save_finished_run, take_over_hub_push, use_rich_progress, write_run_metadata)
+                   run_metadata, run_training_command, save_finished_run, take_over_hub_push, use_rich_progress,
+                   write_run_metadata)
 
 # ----------------------------------------------------------------------------------------------
 # qempo-lite train offline
@@ -160,14 +161,16 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
               f"{dropped.get('train', 0)} training and {dropped.get('eval', 0)} evaluation pairs")
     if eval_data is not None:
         eval_data["dropped_for_length"] = dropped.get("eval", 0)
+    rows = len(train) - dropped.get("train", 0)
+    facts = dict(base_model=model_args.model_name_or_path, quantization=model_args.quantization,
+                 lora=lora_metadata(model_args, config),
+                 data={"dataset": run_args.dataset, "split": split, "rows": rows, "skipped": report.skipped,
+                       "dropped_for_length": dropped.get("train", 0), "eval": eval_data})
+    trainer.run_description = lambda steps: run_metadata(config, steps=steps, **facts)  # each saved folder's card
     use_rich_progress(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
-    rows = len(train) - dropped.get("train", 0)
-    return save_finished_run(trainer, config, repo_id, lambda steps: write_run_metadata(
-        config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
-        lora=lora_metadata(model_args, config), steps=steps,
-        data={"dataset": run_args.dataset, "split": split, "rows": rows, "skipped": report.skipped,
-              "dropped_for_length": dropped.get("train", 0), "eval": eval_data}))
+    return save_finished_run(trainer, config, repo_id,
+                             lambda steps: write_run_metadata(config.output_dir, config, steps=steps, **facts))
 
 
 def offline_cli(argv: list[str]) -> int:
@@ -229,12 +232,12 @@ def load_problems(run_args: OnlineRunArgs, seed: int):
     return concatenate_datasets([part.select_columns(columns) for part in parts]).shuffle(seed=seed)
 
 
-def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs, rows: int, steps: int) -> Path:
-    return write_run_metadata(
-        config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
+def _online_facts(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs, rows: int) -> dict:
+    """The keywords of :func:`~qempo_lite.runs.run_metadata` for an online run, but the steps."""
+    return dict(
+        base_model=model_args.model_name_or_path, quantization=model_args.quantization,
         lora=lora_metadata(model_args, config),
-        data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows},
-        steps=steps, mode="online",
+        data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows}, mode="online",
         extra={"online": {"rollout": config.rollout, "num_generations": config.num_generations,
                           "temperature": config.temperature, "gate": config.gate, "advantage": config.advantage,
                           "reward": "math_reward"}},
@@ -257,13 +260,15 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
         model, tokenizer, peft_config = load_model_for(model_args, config)
         trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
                                      processing_class=tokenizer, peft_config=peft_config)
+    facts = _online_facts(config, model_args, run_args, len(problems))
+    trainer.run_description = lambda steps: run_metadata(config, steps=steps, **facts)  # each saved folder's card
     use_rich_progress(trainer)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         trainer.close_rollout()
     return save_finished_run(trainer, config, repo_id,
-                             lambda steps: _write_metadata(config, model_args, run_args, len(problems), steps))
+                             lambda steps: write_run_metadata(config.output_dir, config, steps=steps, **facts))
 
 
 def online_cli(argv: list[str]) -> int:
