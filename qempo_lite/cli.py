@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"error: unknown command {' '.join(argv[:2])!r}; see 'qempo-lite --help'", file=sys.stderr)
         return 2
-    # TRL warns on import about vLLM releases newer than it has seen; the rollout code pins its own range.
+    # TRL warns on import about vLLM releases newer than it has seen; qempo-lite checks its own tested range
+    # (qempo_lite.vllm_version: one line when the installed vLLM is outside it, once an engine or server starts).
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
     hold_output()  # until the command has read its arguments (console.input_read)
     try:

@@ -187,6 +187,7 @@ def test_syntactic_agrees_with_grakel_on_real_sentences(nlp, hh_sentences):
         reference.reference_syntactic(hh_sentences, nlp, n=60, seed=3, split=list), abs=0.5)
 
 
+@pytest.mark.slow
 def test_syntactic_agrees_with_grakel_on_whole_texts(nlp, hh_texts, mt_bench_turns):
     # whole multi-sentence texts: the reference splits them by the parser's own sentence
     # boundaries, a different splitter from qempo-lite's
@@ -196,6 +197,7 @@ def test_syntactic_agrees_with_grakel_on_whole_texts(nlp, hh_texts, mt_bench_tur
         assert syntactic_diversity(texts, nlp) == pytest.approx(reference.reference_syntactic(texts, nlp), abs=1.0)
 
 
+@pytest.mark.slow
 def test_semantic_agrees_with_the_reference_on_real_texts(nlp, encoder, hh_texts, hh_sentences):
     assert semantic_diversity(hh_sentences, encoder) == pytest.approx(
         reference.reference_semantic(hh_sentences, encoder, split=list), abs=0.5)

@@ -164,6 +164,7 @@ def test_unreachable_endpoint_is_a_one_line_error(templates):
 # ---------------------------------------------------------------------------------- against the server
 
 
+@pytest.mark.vllm
 def test_forced_ratings_are_parsed_and_cached(server, key_env, questions, templates, tmp_path):
     items = build_items(_samples(questions), templates, list(questions.values()))
     cache = tmp_path / "cache.jsonl"
@@ -189,6 +190,7 @@ def test_forced_ratings_are_parsed_and_cached(server, key_env, questions, templa
     assert key_env not in cache.read_text() and key_env not in repr(rerun)
 
 
+@pytest.mark.vllm
 def test_malformed_judgments_are_counted_not_fatal(server, key_env, templates, tmp_path):
     cache = tmp_path / "cache.jsonl"
     no_brackets = {"structured_outputs": {"regex": r"Rating: [1-9]"}}
@@ -206,6 +208,7 @@ def test_malformed_judgments_are_counted_not_fatal(server, key_env, templates, t
     assert free.stats["failures"] == 1
 
 
+@pytest.mark.vllm
 def test_refused_key_and_unknown_model_are_one_line_errors(server, key_env, templates, monkeypatch):
     wrong = "sk-not-the-right-key-0123"
     with pytest.raises(QempoError, match="refused the API key from the api_key argument") as err:
@@ -221,6 +224,7 @@ def test_refused_key_and_unknown_model_are_one_line_errors(server, key_env, temp
     assert judge.rate_answers("q", ["a"])[0] in range(1, 11)
 
 
+@pytest.mark.vllm
 def test_cli_judge_then_report(server, key_env, questions, mt_bench_dir, tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
     save_samples(samples, _samples(questions))
@@ -258,6 +262,7 @@ def test_cli_judge_then_report(server, key_env, questions, mt_bench_dir, tmp_pat
 # ---------------------------------------------------------------------------------- eval table2
 
 
+@pytest.mark.vllm
 def test_table2_end_to_end_and_resumable(server, key_env, tiny_model_dir, mt_bench_dir, tmp_path, capsys):
     """One command for Table 2 rows on the tiny model: diversity only, then with the judge; reruns continue."""
     from conftest import make_adapter

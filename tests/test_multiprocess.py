@@ -68,6 +68,7 @@ def _compare(one: Path, two: Path) -> tuple[float, float]:
     return loss_gap, adapter_gap
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", TRAINING_CASES)
 def test_two_processes_train_what_one_process_trains(one_process, two_processes, case):
     loss_gap, adapter_gap = _compare(one_process / case, two_processes / case)
@@ -75,6 +76,7 @@ def test_two_processes_train_what_one_process_trains(one_process, two_processes,
     assert adapter_gap <= 1e-5, f"{case}: adapters differ by {adapter_gap:.2e}"
 
 
+@pytest.mark.multiprocess
 def test_only_the_main_process_writes_metadata_and_pushes(one_process, two_processes):
     for out in (one_process, two_processes):
         calls = [json.loads(line) for line in (out / "offline" / "calls.jsonl").read_text().splitlines()]
@@ -83,6 +85,7 @@ def test_only_the_main_process_writes_metadata_and_pushes(one_process, two_proce
         assert metadata["steps"] == 3 and metadata["method"] == "dpo"
 
 
+@pytest.mark.multiprocess
 def test_fsdp_sharded_adapters_are_gathered_whole(two_processes):
     from safetensors.torch import load_file
 
@@ -99,6 +102,7 @@ def test_fsdp_sharded_adapters_are_gathered_whole(two_processes):
     assert (two_processes / "gather" / "fsdp2-adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.multiprocess
 def test_two_processes_refuse_the_in_process_vllm_engine_and_name_the_server(two_processes):
     for rank in (0, 1):  # every process stops with the same one-line message, none is left waiting
         message = json.loads((two_processes / "refusals" / f"refusal-rank{rank}.json").read_text())["rollout: vllm"]

@@ -379,6 +379,7 @@ def vllm_engine(tiny_model_dir):
     engine.close()
 
 
+@pytest.mark.vllm
 def test_online_run_with_vllm_rollout(vllm_engine, tiny_model_dir, tokenizer, prompts, tmp_path):
     args = _config(tmp_path, loss_method="qempo_kl", rollout="vllm", max_steps=3)
     trainer = _trainer(RecordingTrainer, tiny_model_dir, tokenizer, prompts, args, rollout_engine=vllm_engine)

@@ -49,3 +49,9 @@ def test_sdist_carries_what_its_tests_read():
     """MANIFEST.in puts the tests, their fixtures and data, and the files they check into the source distribution."""
     manifest = (ROOT / "MANIFEST.in").read_text().split()
     assert {"tests", "docs", "benchmarks", "app", "LICENSE", ".ci/run"} <= set(manifest)
+
+
+def test_the_vllm_extra_is_the_range_the_version_check_holds():
+    from qempo_lite.vllm_version import VLLM_VERSION_RANGE
+
+    assert f'vllm = ["vllm{VLLM_VERSION_RANGE}"]' in (ROOT / "pyproject.toml").read_text()
