@@ -85,8 +85,8 @@ def test_the_installed_wheel_runs_every_shipped_file_from_outside_the_checkout(v
 
     # The shipped recipe by name, made tiny: the local tiny model and preference pairs, 2 steps on the CPU.
     shutil.copyfile(ROOT / "tests" / "data" / "offline_tiny_prefs.jsonl", work / "pairs.jsonl")
-    tiny = ["--model_name_or_path", tiny_model_dir, "--dataset", "pairs.jsonl", "--eval_split", "null",
-            "--eval_strategy", "no", "--load_best_model_at_end", "false", "--dtype", "float32", "--bf16", "false",
+    tiny = ["--model_name_or_path", tiny_model_dir, "--dataset", "pairs.jsonl", "--dataset_split", "null",
+            "--eval_split", "null", "--eval_strategy", "no", "--load_best_model_at_end", "false", "--dtype", "float32", "--bf16", "false",
             "--use_cpu", "true", "--gradient_checkpointing", "false", "--max_steps", "2", "--max_length", "64",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--save_steps", "1",
             "--report_to", "none", "--output_dir", "run"]
