@@ -191,13 +191,16 @@ def model_card(adapter_dir: Path, repo_id: str, *, base_model_id: str | None = N
                      location=repo_id, tokenizer_here=tokenizer_uploaded, pushed=True)
 
 
-def write_adapter_card(adapter_dir: str | Path, meta: dict, location: str) -> Path:
+def write_adapter_card(adapter_dir: str | Path, meta: dict, location: str) -> Path | None:
     """Write the card of an adapter folder as it is saved (the final one or a ``checkpoint-N``), replacing the
     template README that PEFT writes: the base model as given, the run's metadata ``meta``, and ``location``
-    (the folder as the run names it) in the usage snippets."""
+    (the folder as the run names it) in the usage snippets. A folder without an adapter (a whole model
+    trained without LoRA) gets none."""
     from huggingface_hub import ModelCard
 
     adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        return None
     base = meta.get("base_model") or recorded_base_model(adapter_dir) or "unknown"
     tokenizer_here = any((adapter_dir / name).is_file() for name in TOKENIZER_FILES)
     path = adapter_dir / "README.md"

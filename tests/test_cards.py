@@ -79,3 +79,15 @@ def test_a_paper_base_gets_its_licence_and_hub_datasets(tiny_model_dir, tmp_path
     assert "- **licence**: `llama3.2`, the base model's" in card.text
     assert "vllm serve meta-llama/Llama-3.2-1B-Instruct --enable-lora --lora-modules l1b=runs/l1b" in card.text
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_a_whole_model_trained_without_lora_saves_without_a_card(tiny_model_dir, tmp_path):
+    from test_offline import make_config, make_trainer
+
+    config = make_config(tmp_path, "qempo", max_steps=1, save_strategy="steps", save_steps=1)
+    trainer = make_trainer(tiny_model_dir, config, peft=False, with_eval=False)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    checkpoint = Path(config.output_dir) / "checkpoint-1"
+    assert (checkpoint / "model.safetensors").is_file() and (tmp_path / "final" / "model.safetensors").is_file()
+    assert not (checkpoint / "README.md").exists() and not (tmp_path / "final" / "README.md").exists()
