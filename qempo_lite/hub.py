@@ -43,6 +43,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 PAPER = "Quality-constrained Entropy Maximization Policy Optimization for LLM Diversity"
 ARXIV_ID = "2602.15894"
+# The Hub licence ids of the paper's base models (an adapter is under its base model's licence); the card of
+# an adapter on another base says so and names that base.
+BASE_LICENSES = {"Qwen/Qwen2.5-1.5B-Instruct": "apache-2.0", "Qwen/Qwen2.5-7B-Instruct": "apache-2.0",
+                 "meta-llama/Llama-3.2-1B-Instruct": "llama3.2", "meta-llama/Llama-3.1-8B-Instruct": "llama3.1"}
 
 # ---------------------------------------------------------------- the base model
 
@@ -113,10 +117,24 @@ def _format_value(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _is_hub_dataset(value: Any) -> bool:
+    value = str(value)
+    return bool(HUB_ID.match(value)) and not Path(value).exists() and not value.endswith(
+        (".jsonl", ".json", ".gz", ".parquet"))
+
+
+def _hub_datasets(data: Any) -> list[str]:
+    """The Hub datasets a run's ``data`` record names (local files are not Hub metadata)."""
+    if not isinstance(data, dict):
+        return []
+    sources = data.get("datasets") if isinstance(data.get("datasets"), list) else [data.get("dataset")]
+    return [str(s) for s in sources if s and _is_hub_dataset(s)]
+
+
 def _source(value: Any) -> str:
     """A data source for the card: a Hub dataset id as it is, a local file by its name only."""
     value = str(value)
-    if HUB_ID.match(value) and not Path(value).exists() and not value.endswith((".jsonl", ".json", ".gz", ".parquet")):
+    if _is_hub_dataset(value):
         return f"`{value}` (Hub dataset)"
     return f"a local file `{Path(value).name}`" if "/" in value or Path(value).suffix else f"`{value}`"
 
@@ -168,44 +186,74 @@ def _max_lora_rank(config: dict) -> int:
 
 def model_card(adapter_dir: Path, repo_id: str, *, base_model_id: str | None = None,
                tokenizer_uploaded: bool = False) -> str:
-    """The model card (README.md) of an adapter: metadata, method, data, results, usage."""
+    """The model card (README.md) a push uploads: the Hub ids of the base and the repository, and the results."""
+    return card_text(adapter_dir, read_metadata(adapter_dir), hub_base_model(adapter_dir, base_model_id),
+                     location=repo_id, tokenizer_here=tokenizer_uploaded, pushed=True)
+
+
+def write_adapter_card(adapter_dir: str | Path, meta: dict, location: str) -> Path | None:
+    """Write the card of an adapter folder as it is saved (the final one or a ``checkpoint-N``), replacing the
+    template README that PEFT writes: the base model as given, the run's metadata ``meta``, and ``location``
+    (the folder as the run names it) in the usage snippets. A folder without an adapter (a whole model
+    trained without LoRA) gets none."""
+    from huggingface_hub import ModelCard
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        return None
+    base = meta.get("base_model") or recorded_base_model(adapter_dir) or "unknown"
+    tokenizer_here = any((adapter_dir / name).is_file() for name in TOKENIZER_FILES)
+    path = adapter_dir / "README.md"
+    ModelCard(card_text(adapter_dir, meta, str(base), location=location, tokenizer_here=tokenizer_here)).save(path)
+    return path
+
+
+def card_text(adapter_dir: Path, meta: dict, base: str, *, location: str, tokenizer_here: bool,
+              pushed: bool = False) -> str:
+    """A card: metadata (base model, peft, licence, datasets, the paper), method, data, results, usage.
+
+    ``location`` is where the snippets load the adapter from (a Hub id when ``pushed``, else its folder);
+    ``tokenizer_here``: the adapter's own tokenizer is there (else the base model's is loaded).
+    """
     from huggingface_hub import ModelCardData
 
-    meta = read_metadata(adapter_dir)
     config = adapter_config(adapter_dir)
-    base = hub_base_model(adapter_dir, base_model_id)
     method = meta.get("method") if isinstance(meta.get("method"), str) else "unknown"
+    on_hub = not _is_local_path(base, adapter_dir)
     data = ModelCardData(
         base_model=base,
         library_name="peft",
+        license=BASE_LICENSES.get(base, "other"),
+        datasets=_hub_datasets(meta.get("data")) or None,
         pipeline_tag="text-generation",
         tags=["qempo-lite", "qempo", "lora", "peft", f"arxiv:{ARXIV_ID}", *([method] if method != "unknown" else [])],
     )
     coefs = meta.get("coefficients") if isinstance(meta.get("coefficients"), dict) else {}
     evaluation, report_path, report = _find_report(adapter_dir)
-    name = repo_id.split("/")[-1]
-    lines = ["---", data.to_yaml(), "---", "", f"# {name}", "",
-             f"A LoRA adapter for [`{base}`](https://huggingface.co/{base}) trained with **{method}** by qempo-lite, "
+    name = location.rstrip("/").split("/")[-1]
+    title = f"{Path(location).parent.name} ({name})" if re.fullmatch(r"checkpoint-\d+", name) else name
+    base_text = f"[`{base}`](https://huggingface.co/{base})" if on_hub else f"the local model `{base}`"
+    lines = ["---", data.to_yaml(), "---", "", f"# {title}", "",
+             f"A LoRA adapter for {base_text} trained with **{method}** by qempo-lite, "
              f"an implementation of QEMPO ([arXiv:{ARXIV_ID}](https://arxiv.org/abs/{ARXIV_ID})).", "",
              "## Method", "", _method_text(method), ""]
     if coefs:
         lines += ["| coefficient | value |", "|---|---|"] + [f"| `{k}` | {v} |" for k, v in coefs.items()] + [""]
     lines += [f"Paper: *{PAPER}*, arXiv:{ARXIV_ID} (<https://arxiv.org/abs/{ARXIV_ID}>).", "", "## Training", ""]
     steps = meta.get("steps")
+    licence = (f"`{BASE_LICENSES[base]}`, the base model's" if base in BASE_LICENSES
+               else f"the base model's (`{base}`); check it before use")
     facts = {
         "mode": meta.get("mode") if isinstance(meta.get("mode"), str) else None,
         "data": _data_text(meta.get("data")),
         "steps": f"{steps:,} optimizer steps" if isinstance(steps, int) and not isinstance(steps, bool) else None,
         "quantization": meta.get("quantization") if isinstance(meta.get("quantization"), str) else None,
         "LoRA": _lora_text(meta.get("lora")),
+        "licence": licence,
         "qempo-lite version": meta.get("qempo_lite_version") if isinstance(meta.get("qempo_lite_version"), str)
         else None,
     }
-    facts = {k: v for k, v in facts.items() if v}
-    if facts:
-        lines += [f"- **{k}**: {v}" for k, v in facts.items()] + [""]
-    else:
-        lines += ["No `qempo_lite.json` was found next to the adapter, so the training details are unknown.", ""]
+    lines += [f"- **{k}**: {v}" for k, v in facts.items() if v] + [""]
     lines += ["## Evaluation", ""]
     shown = {k: v for k, v in (evaluation or {}).items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -217,19 +265,21 @@ def model_card(adapter_dir: Path, repo_id: str, *, base_model_id: str | None = N
         if protocol:
             lines += [protocol, ""]
     else:
-        lines += ["No evaluation results were found (run `qempo-lite eval report` and push again).", ""]
-    tokenizer_from = repo_id if tokenizer_uploaded else base
+        lines += ["No evaluation results were found (run `qempo-lite eval report`"
+                  f"{' and push again' if pushed else ', then `qempo-lite push` publishes them in this card'}).", ""]
+    tokenizer_from = location if tokenizer_here else base
+    where = "repository" if pushed else "folder"
     lines += [
-        "## Usage", "", "With PEFT (the base model is fetched from the Hub as recorded in `adapter_config.json`):", "",
+        "## Usage", "", "With PEFT (the base model is loaded as recorded in `adapter_config.json`):", "",
         "```python",
         "from peft import AutoPeftModelForCausalLM",
         "from transformers import AutoTokenizer", "",
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_from}")', "```", "",
-        ("This repository holds the adapter's own tokenizer (it differs from the base model's)." if tokenizer_uploaded
-         else "The adapter uses the base model's tokenizer, so it is loaded from the base model's repository."), "",
-        "Served by vLLM next to the base model (no merging):", "", "```bash",
-        f"vllm serve {base} --enable-lora --lora-modules {name}={repo_id} --max-lora-rank {_max_lora_rank(config)}",
+        (f"This {where} holds the adapter's own tokenizer" + (" (it differs from the base model's)." if pushed else ".")
+         if tokenizer_here else "The adapter uses the base model's tokenizer, so it is loaded from the base model."),
+        "", "Served by vLLM next to the base model (no merging):", "", "```bash",
+        f"vllm serve {base} --enable-lora --lora-modules {name}={location} --max-lora-rank {_max_lora_rank(config)}",
         "```", ""]
     return "\n".join(lines)
 

@@ -234,8 +234,8 @@ def load_policy(
             # Each process quantises the whole base onto its own GPU (uint8 storage, device_map): there is
             # nothing for the sharding to split, and it cannot shard 4-bit blocks stored as uint8.
             raise QempoError(f"quantization={quantization} (QLoRA) runs with one whole quantised base per GPU, which "
-                             f"{sharding} cannot shard; launch with recipes/accelerate/ddp.yaml or "
-                             "deepspeed_zero2.yaml, or set quantization: none to shard a bf16 base")
+                             f"{sharding} cannot shard; launch with the ddp or deepspeed_zero2 accelerate config "
+                             "('qempo-lite recipes path ddp'), or set quantization: none to shard a bf16 base")
     peft_config = lora_config(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               target_modules=target_modules)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)

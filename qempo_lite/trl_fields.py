@@ -27,6 +27,7 @@ TRAINING_ARGUMENTS = frozenset({
     "optim_args", "num_train_epochs", "max_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
     "seed", "data_seed", "full_determinism", "bf16", "fp16", "bf16_full_eval", "fp16_full_eval", "tf32", "use_cpu",
     "gradient_checkpointing", "gradient_checkpointing_kwargs", "enable_jit_checkpoint", "torch_compile",
+    "activation_checkpointing", "activation_checkpointing_kwargs",  # its new names (transformers 5.25)
     "torch_compile_backend", "torch_compile_mode", "torch_empty_cache_steps", "use_cache",
     "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level",
     "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id",

@@ -17,8 +17,9 @@ import torch
 # many times faster on a busy one (thread oversubscription).
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHARED_DATA = Path(os.environ.get("QEMPO_SHARED_DATA", SHARED / "data"))
+# Real third-party data, each folder with its licence: GSM8K test and HH-RLHF harmless-base test
+# here; MT-Bench's questions and judge prompts ship inside the package (the default of 'eval').
+REAL_DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
@@ -30,10 +31,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA}; set QEMPO_SHARED_DATA")
-    return SHARED_DATA
+def real_data() -> Path:
+    """``tests/data``: ``gsm8k/test.jsonl`` and ``hh_rlhf_harmless/test.jsonl.gz``."""
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def mt_bench_dir() -> Path:
+    """The package's MT-Bench folder: ``question.jsonl`` and ``judge_prompts.jsonl``."""
+    from qempo_lite.resources import package_file
+
+    return package_file("evaluate", "data", "mt_bench")
 
 
 def make_adapter(base_dir, out_dir, seed, r=8):

@@ -76,12 +76,12 @@ def adapters(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model_dir, adapters, shared_data, tmp_path_factory):
+def app(tiny_model_dir, adapters, mt_bench_dir, tmp_path_factory):
     from gradio_client import Client
 
     settings = discover_settings(
         demo_dir=tmp_path_factory.mktemp("no-demo") / "qempo-demo", base_model=str(tiny_model_dir),
-        allowed_roots=[str(adapters["root"])], questions=shared_data / "mt_bench" / "question.jsonl",
+        allowed_roots=[str(adapters["root"])], questions=mt_bench_dir / "question.jsonl",
         backend="hf", spacy_model=SPACY_MODEL, encoder=ENCODER,
     )
     port = free_port()
@@ -224,8 +224,8 @@ def test_bad_questions_file_names_the_row_and_field(tmp_path):
         load_questions(path)
 
 
-def test_mt_bench_questions_load(shared_data):
-    questions = load_questions(shared_data / "mt_bench" / "question.jsonl")
+def test_mt_bench_questions_load(mt_bench_dir):
+    questions = load_questions(mt_bench_dir / "question.jsonl")
     assert len(questions) == 80 and questions[0]["id"] == "81" and questions[0]["category"] == "writing"
 
 

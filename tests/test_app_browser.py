@@ -29,6 +29,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-component-update", "--disable-sync"]
 SAMPLES = 4
 
+pytestmark = pytest.mark.browser
+
 
 def save_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     """A real LoRA adapter with non-zero lora_B, so that it changes what the model samples."""

@@ -109,6 +109,7 @@ def _run(argv: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_every_bad_input_is_exit_2_and_one_line(tmp_path, tiny_model_dir):
     cases = _bad_inputs(tmp_path, tiny_model_dir)
     assert len(cases) >= 25
@@ -123,6 +124,7 @@ def test_every_bad_input_is_exit_2_and_one_line(tmp_path, tiny_model_dir):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
     argv = _offline(tmp_path, tiny_model_dir, "debug", truncation_mode="keep_middle")
     result = _run(argv, tmp_path, QEMPO_LITE_DEBUG="1")
@@ -131,6 +133,7 @@ def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
     assert result.stderr.strip().splitlines()[-1].startswith("error: truncation_mode")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["train", "offline", "--help"], ["eval", "--help"]])
 def test_help_is_shown_whole(tmp_path, argv):
     result = _run(argv, tmp_path)

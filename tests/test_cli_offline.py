@@ -114,6 +114,7 @@ def test_missing_config_file_and_required_key(tmp_path, in_repo_root, capsys):
     _one_line_error(capsys, code, "missing required config key 'model_name_or_path'")
 
 
+@pytest.mark.slow
 def test_the_installed_command_exits_non_zero_with_one_line(tmp_path):
     recipe = _recipe_with(tmp_path, "learnin_rate: 1.0e-4\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -228,8 +228,8 @@ def test_in_memory_dataset_source():
     assert ds[0] == {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
 
 
-def test_real_hh_rlhf_harmless_test_split_loads_completely(shared_data):
-    ds, report = load_preferences(shared_data / "hh_rlhf_harmless" / "test.jsonl.gz", return_report=True)
+def test_real_hh_rlhf_harmless_test_split_loads_completely(real_data):
+    ds, report = load_preferences(real_data / "hh_rlhf_harmless" / "test.jsonl.gz", return_report=True)
     assert (len(ds), report.shape, report.skipped) == (2312, "hh", 0)
     roles = [[m["role"] for m in row] for row in ds["prompt"]]
     assert all(r[0] == "user" and r[-1] == "user" for r in roles)
@@ -260,8 +260,8 @@ def test_trl_dpo_trainer_accepts_every_shape(tmp_path, tiny_model_dir):
 # ------------------------------------------------------------------------------ math
 
 
-def test_gsm8k_local_file_loads_all_rows_with_gold_answers(shared_data):
-    ds, report = load_math(shared_data / "gsm8k" / "test.jsonl", return_report=True)
+def test_gsm8k_local_file_loads_all_rows_with_gold_answers(real_data):
+    ds, report = load_math(real_data / "gsm8k" / "test.jsonl", return_report=True)
     assert (len(ds), report.shape, report.skipped) == (1319, "gsm8k", 0)
     assert ds.column_names == ["prompt", "answer", "solution"]
     first = ds[0]

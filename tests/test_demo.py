@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from qempo_lite.cli import main
@@ -14,6 +15,7 @@ from qempo_lite.demo import world
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_offline_quick_reaches_table_1(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
@@ -41,6 +43,7 @@ def test_offline_quick_reaches_table_1(tmp_path, capsys):
         assert json.loads((adapter / "qempo_lite.json").read_text())["method"] == method
 
 
+@pytest.mark.slow
 def test_online_quick_keeps_correct_answers_spread(tmp_path, capsys):
     out = tmp_path / "online"
     assert main(["demo", "--online", "--quick", "--seed", "1", "--output", str(out)]) == 0

@@ -2,7 +2,7 @@
 
 The agreement tests compare qempo_lite.evaluate.diversity with qempo_lite.evaluate.reference, an
 independent implementation after Guo et al.'s released scripts (one parse per sentence,
-networkx graphs, grakel's WeisfeilerLehman), on real texts from ../shared/data.
+networkx graphs, grakel's WeisfeilerLehman), on real texts from tests/data and the package's MT-Bench questions.
 """
 
 import gzip
@@ -45,10 +45,10 @@ def encoder():
 
 
 @pytest.fixture(scope="module")
-def hh_texts(shared_data):
+def hh_texts(real_data):
     """Real model-written answers: the assistant turns of HH-RLHF harmless test dialogues, one text each."""
     texts = []
-    with gzip.open(shared_data / "hh_rlhf_harmless" / "test.jsonl.gz", "rt", encoding="utf-8") as lines:
+    with gzip.open(real_data / "hh_rlhf_harmless" / "test.jsonl.gz", "rt", encoding="utf-8") as lines:
         for line in lines:
             turns = re.split(r"\n\nAssistant: ", json.loads(line)["chosen"])[1:]
             texts.append("\n\n".join(t.split("\n\nHuman:")[0].strip() for t in turns).strip())
@@ -67,8 +67,8 @@ def hh_sentences(hh_texts, nlp):
 
 
 @pytest.fixture(scope="module")
-def mt_bench_turns(shared_data):
-    lines = (shared_data / "mt_bench" / "question.jsonl").read_text().splitlines()
+def mt_bench_turns(mt_bench_dir):
+    lines = (mt_bench_dir / "question.jsonl").read_text().splitlines()
     return [json.loads(line)["turns"][0] for line in lines[:40]]
 
 
@@ -187,6 +187,7 @@ def test_syntactic_agrees_with_grakel_on_real_sentences(nlp, hh_sentences):
         reference.reference_syntactic(hh_sentences, nlp, n=60, seed=3, split=list), abs=0.5)
 
 
+@pytest.mark.slow
 def test_syntactic_agrees_with_grakel_on_whole_texts(nlp, hh_texts, mt_bench_turns):
     # whole multi-sentence texts: the reference splits them by the parser's own sentence
     # boundaries, a different splitter from qempo-lite's
@@ -196,6 +197,7 @@ def test_syntactic_agrees_with_grakel_on_whole_texts(nlp, hh_texts, mt_bench_tur
         assert syntactic_diversity(texts, nlp) == pytest.approx(reference.reference_syntactic(texts, nlp), abs=1.0)
 
 
+@pytest.mark.slow
 def test_semantic_agrees_with_the_reference_on_real_texts(nlp, encoder, hh_texts, hh_sentences):
     assert semantic_diversity(hh_sentences, encoder) == pytest.approx(
         reference.reference_semantic(hh_sentences, encoder, split=list), abs=0.5)

@@ -39,8 +39,8 @@ def _engine(tiny_model_dir):
     return ["--base-model", str(tiny_model_dir), "--backend", "hf", "--dtype", "float32"]
 
 
-def test_eval_end_to_end(run_dir, tiny_model_dir, shared_data, capsys):
-    questions = shared_data / "mt_bench" / "question.jsonl"
+def test_eval_end_to_end(run_dir, tiny_model_dir, real_data, mt_bench_dir, capsys):
+    questions = mt_bench_dir / "question.jsonl"
     adapters = ["--adapter", str(run_dir / "adapters" / "qempo"), "--adapter", f"dpo={run_dir / 'adapters' / 'dpo'}",
                 "--include-base"]
     samples = run_dir / "samples.jsonl"
@@ -77,7 +77,7 @@ def test_eval_end_to_end(run_dir, tiny_model_dir, shared_data, capsys):
 
     passk = run_dir / "passk.json"
     assert main(["eval", "passk", *_engine(tiny_model_dir), *adapters, "--data",
-                 str(shared_data / "gsm8k" / "test.jsonl"), "--limit", "2", "--n", "4", "--max-new-tokens", "8",
+                 str(real_data / "gsm8k" / "test.jsonl"), "--limit", "2", "--n", "4", "--max-new-tokens", "8",
                  "--output", str(passk), "--samples-output", str(run_dir / "gsm8k_samples.jsonl")]) == 0
     pk = json.loads(passk.read_text())
     for name in ("qempo", "dpo", "base"):

@@ -60,6 +60,7 @@ def test_merge_replaces_rows_of_the_same_configuration(tmp_path):
     assert suite.offline_ratios(merged["rows"])[("m", 1)]["qempo / dpo"] == 0.25
 
 
+@pytest.mark.slow
 def test_dry_run_measures_every_configuration_and_the_online_step(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(

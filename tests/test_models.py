@@ -157,8 +157,9 @@ def test_every_offline_recipe_fits_a_24_gb_card_and_says_so():
     from qempo_lite.runs import ModelArgs
     from qempo_lite.train_cli import OfflineRunArgs
     from qempo_lite.recipe import read_yaml
+    from qempo_lite.resources import package_file
 
-    recipes = sorted(glob.glob(str(ROOT / "recipes" / "offline" / "*.yaml")))
+    recipes = sorted(glob.glob(str(package_file("recipes", "offline") / "*.yaml")))
     assert len(recipes) == 16
     results = json.loads((ROOT / "benchmarks" / "results" / "gpu_offline.json").read_text())
     measured = {(r["model"], r["method"], r["micro_batch"]): r for r in results["rows"] if "error" not in r}

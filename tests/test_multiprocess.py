@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def _compare(one: Path, two: Path) -> tuple[float, float]:
     return loss_gap, adapter_gap
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", TRAINING_CASES)
 def test_two_processes_train_what_one_process_trains(one_process, two_processes, case):
     loss_gap, adapter_gap = _compare(one_process / case, two_processes / case)
@@ -74,6 +76,7 @@ def test_two_processes_train_what_one_process_trains(one_process, two_processes,
     assert adapter_gap <= 1e-5, f"{case}: adapters differ by {adapter_gap:.2e}"
 
 
+@pytest.mark.multiprocess
 def test_only_the_main_process_writes_metadata_and_pushes(one_process, two_processes):
     for out in (one_process, two_processes):
         calls = [json.loads(line) for line in (out / "offline" / "calls.jsonl").read_text().splitlines()]
@@ -82,6 +85,7 @@ def test_only_the_main_process_writes_metadata_and_pushes(one_process, two_proce
         assert metadata["steps"] == 3 and metadata["method"] == "dpo"
 
 
+@pytest.mark.multiprocess
 def test_fsdp_sharded_adapters_are_gathered_whole(two_processes):
     from safetensors.torch import load_file
 
@@ -98,6 +102,7 @@ def test_fsdp_sharded_adapters_are_gathered_whole(two_processes):
     assert (two_processes / "gather" / "fsdp2-adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.multiprocess
 def test_two_processes_refuse_the_in_process_vllm_engine_and_name_the_server(two_processes):
     for rank in (0, 1):  # every process stops with the same one-line message, none is left waiting
         message = json.loads((two_processes / "refusals" / f"refusal-rank{rank}.json").read_text())["rollout: vllm"]
@@ -116,9 +121,10 @@ def test_qlora_is_refused_where_the_base_would_be_sharded(monkeypatch, tiny_mode
     from qempo_lite.errors import QempoError
     from qempo_lite.models import load_policy
 
-    for key, value in env.items():  # what accelerate launch exports with recipes/accelerate/fsdp.yaml, zero3
+    for key, value in env.items():  # what accelerate launch exports with the fsdp and zero3 configs
         monkeypatch.setenv(key, value)
-    with pytest.raises(QempoError, match=f"{sharding} cannot shard; launch with recipes/accelerate/ddp.yaml") as err:
+    with pytest.raises(QempoError, match=f"{sharding} cannot shard; launch with the ddp or deepspeed_zero2 "
+                                         "accelerate config") as err:
         load_policy(str(tiny_model_dir), quantization="4bit")
     assert "\n" not in str(err.value)
 
@@ -167,20 +173,23 @@ def test_readme_launch_commands_keep_the_recipes_global_batch():
 
     from qempo_lite import train_cli
     from qempo_lite.recipe import parse_recipe
+    from qempo_lite.recipe_files import recipe_path
 
     launches = _readme_launches()
     assert len(launches) >= 4
     for args in launches:
-        config_file = ROOT / args[args.index("--config_file") + 1]
+        # --config_file "$(qempo-lite recipes path NAME)": what that command prints
+        config_file = recipe_path(re.fullmatch(r"\$\(qempo-lite recipes path (\w+)\)",
+                                               args[args.index("--config_file") + 1]).group(1))
         assert load_config_from_file(str(config_file)).distributed_type.value in ("MULTI_GPU", "DEEPSPEED", "FSDP")
         processes = int(args[args.index("--num_processes") + 1])
         mode = args[args.index("train") + 1]
         rest = args[args.index("train") + 2:]
-        recipe = ["--config", str(ROOT / rest[rest.index("--config") + 1])]
+        recipe = ["--config", rest[rest.index("--config") + 1]]
         types = train_cli._OFFLINE_TYPES if mode == "offline" else train_cli._ONLINE_TYPES
         cpu = ["--bf16", "false", "--use_cpu", "true"]  # the recipes are written for GPUs; these only parse them
-        scaled = parse_recipe([*recipe, *rest[2:], *cpu], types, help_hint="")[0]
-        alone = parse_recipe([*recipe, *cpu], types, help_hint="")[0]
+        scaled = parse_recipe([*recipe, *rest[2:], *cpu], types, help_hint="", mode=mode)[0]
+        alone = parse_recipe([*recipe, *cpu], types, help_hint="", mode=mode)[0]
         assert (scaled.per_device_train_batch_size * processes * scaled.gradient_accumulation_steps
                 == alone.per_device_train_batch_size * alone.gradient_accumulation_steps), args
         if mode == "online":
@@ -191,7 +200,9 @@ def test_readme_launch_commands_keep_the_recipes_global_batch():
 def test_accelerate_configs_are_what_the_readme_says():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    configs = {name: load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
+    from qempo_lite.recipe_files import recipe_path
+
+    configs = {name: load_config_from_file(str(recipe_path(f"accelerate/{name}")))
                for name in ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")}
     assert configs["ddp"].distributed_type.value == "MULTI_GPU"
     assert configs["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2

@@ -284,9 +284,9 @@ def test_every_online_recipe_parses_and_follows_the_paper():
     from qempo_lite.models import PAPER_MODELS, memory_plan
     from qempo_lite.train_cli import _ONLINE_TYPES
     from qempo_lite.recipe import parse_recipe
+    from qempo_lite.resources import package_file
 
-    root = Path(__file__).resolve().parents[1]
-    recipes = sorted(glob.glob(str(root / "recipes" / "online" / "*.yaml")))
+    recipes = sorted(glob.glob(str(package_file("recipes", "online") / "*.yaml")))
     assert len(recipes) == 6
     paper = {"qempo": {"beta": 4e-3}, "qempo_kl": {"beta1": 4e-3, "beta2": 1e-2}, "gvpo": {"beta": 1e-2}}
     seen = set()
@@ -309,10 +309,10 @@ def test_every_online_recipe_parses_and_follows_the_paper():
     assert len(seen) == 6
 
 
-def _cli_recipe(tmp_path, tiny_model_dir, shared_data, **overrides):
+def _cli_recipe(tmp_path, tiny_model_dir, real_data, **overrides):
     values = dict(
         model_name_or_path=str(tiny_model_dir), quantization="none", lora_r=8, lora_alpha=16,
-        datasets=[str(shared_data / "gsm8k" / "test.jsonl")], limit=4,
+        datasets=[str(real_data / "gsm8k" / "test.jsonl")], limit=4,
         loss_method="qempo", rollout="hf", output_dir=str(tmp_path / "run"), num_generations=K,
         per_device_train_batch_size=K, gradient_accumulation_steps=1, max_completion_length=6, max_steps=2,
         learning_rate=1e-3, bf16=False, gradient_checkpointing=False, save_strategy="steps", save_steps=1,
@@ -326,13 +326,13 @@ def _cli_recipe(tmp_path, tiny_model_dir, shared_data, **overrides):
     return path
 
 
-def test_cli_trains_saves_and_resumes(tmp_path, tiny_model_dir, shared_data, capsys):
+def test_cli_trains_saves_and_resumes(tmp_path, tiny_model_dir, real_data, capsys):
     import json
     import shutil
 
     from qempo_lite.cli import main
 
-    recipe = _cli_recipe(tmp_path, tiny_model_dir, shared_data)
+    recipe = _cli_recipe(tmp_path, tiny_model_dir, real_data)
     assert main(["train", "online", "--config", str(recipe)]) == 0
     run = tmp_path / "run"
     saved = {p.name for p in run.iterdir()}
@@ -355,10 +355,10 @@ def test_cli_trains_saves_and_resumes(tmp_path, tiny_model_dir, shared_data, cap
     assert state["global_step"] == 3 and not (run / "checkpoint-1").exists()
 
 
-def test_cli_bad_key_is_a_one_line_error(tmp_path, tiny_model_dir, shared_data, capsys):
+def test_cli_bad_key_is_a_one_line_error(tmp_path, tiny_model_dir, real_data, capsys):
     from qempo_lite.cli import main
 
-    recipe = _cli_recipe(tmp_path, tiny_model_dir, shared_data)
+    recipe = _cli_recipe(tmp_path, tiny_model_dir, real_data)
     assert main(["train", "online", "--config", str(recipe), "--num_generation", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown config key 'num_generation'" in err and "num_generations" in err and "\n" not in err
@@ -379,6 +379,7 @@ def vllm_engine(tiny_model_dir):
     engine.close()
 
 
+@pytest.mark.vllm
 def test_online_run_with_vllm_rollout(vllm_engine, tiny_model_dir, tokenizer, prompts, tmp_path):
     args = _config(tmp_path, loss_method="qempo_kl", rollout="vllm", max_steps=3)
     trainer = _trainer(RecordingTrainer, tiny_model_dir, tokenizer, prompts, args, rollout_engine=vllm_engine)

@@ -25,3 +25,33 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_console_script_declared():
     assert 'qempo-lite = "qempo_lite.cli:main"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_no_message_of_the_package_advises_an_editable_install():
+    """A user of the wheel has no checkout: advice names the package and its extra, never '-e .'."""
+    for path in (ROOT / "qempo_lite").rglob("*.py"):
+        assert "pip install -e" not in path.read_text(encoding="utf-8"), path
+
+
+def test_readme_links_survive_a_package_index():
+    """A package index renders README.md without the repository beside it: every link and image is absolute."""
+    targets = re.findall(r"\]\(([^)]*)\)", (ROOT / "README.md").read_text())
+    assert [t for t in targets if not t.startswith("https://")] == []
+
+
+def test_license_file_is_the_declared_apache_2_0():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_sdist_carries_what_its_tests_read():
+    """MANIFEST.in puts the tests, their fixtures and data, and the files they check into the source distribution."""
+    manifest = (ROOT / "MANIFEST.in").read_text().split()
+    assert {"tests", "docs", "benchmarks", "app", "LICENSE", ".ci/run"} <= set(manifest)
+
+
+def test_the_vllm_extra_is_the_range_the_version_check_holds():
+    from qempo_lite.vllm_version import VLLM_VERSION_RANGE
+
+    assert f'vllm = ["vllm{VLLM_VERSION_RANGE}"]' in (ROOT / "pyproject.toml").read_text()

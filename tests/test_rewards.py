@@ -539,8 +539,8 @@ def test_math_reward_needs_one_answer_per_completion():
 
 
 @pytest.fixture(scope="module")
-def gsm8k(shared_data):
-    return load_math(shared_data / "gsm8k" / "test.jsonl")
+def gsm8k(real_data):
+    return load_math(real_data / "gsm8k" / "test.jsonl")
 
 
 def _body(solution: str) -> str:

@@ -122,6 +122,7 @@ def _lora_state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
 
 
+@pytest.mark.vllm
 def test_vllm_serves_the_adapter_with_the_peft_models_logprobs(vllm_engine, tiny_model_dir, tokenizer):
     model = _peft_model(tiny_model_dir)
     first = vllm_engine.sync(model)
@@ -154,11 +155,13 @@ def test_vllm_serves_the_adapter_with_the_peft_models_logprobs(vllm_engine, tiny
     assert _max_gap(model, tokenizer, updated) > 1e-2
 
 
+@pytest.mark.vllm
 def test_vllm_refuses_a_prompt_longer_than_the_engine_context(vllm_engine):
     with pytest.raises(QempoError, match="prompt 1 has 250 tokens.*raise vllm_max_model_length"):
         vllm_engine.generate([[5, 6], [7] * 250], n=1, max_new_tokens=16)
 
 
+@pytest.mark.vllm
 def test_sync_writes_only_the_adapter(vllm_engine, tiny_model_dir):
     from safetensors import safe_open
 
@@ -178,6 +181,7 @@ def test_sync_writes_only_the_adapter(vllm_engine, tiny_model_dir):
     assert all(torch.equal(base_before[k], after[k]) for k in base_before)
 
 
+@pytest.mark.vllm
 def test_sync_refuses_a_rank_above_the_engine_limit(vllm_engine, tiny_model_dir):
     too_big = _peft_model(tiny_model_dir, r=2 * MAX_LORA_RANK)
     with pytest.raises(QempoError, match="max_lora_rank"):
@@ -186,6 +190,7 @@ def test_sync_refuses_a_rank_above_the_engine_limit(vllm_engine, tiny_model_dir)
         vllm_engine.sync(too_big.get_base_model())
 
 
+@pytest.mark.vllm
 def test_sync_from_a_4bit_qlora_model(vllm_engine, tiny_model_dir, tokenizer):
     """The adapter of a QLoRA (NF4) model syncs as is: vLLM serves it on the full-precision base."""
     from peft import PeftModel, get_peft_model

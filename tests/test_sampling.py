@@ -278,6 +278,7 @@ def vllm_sampler(tiny_model_dir, adapters):
     sampler.close()
 
 
+@pytest.mark.vllm
 def test_vllm_one_engine_serves_two_adapters_and_the_base(vllm_sampler, hf_sampler, adapters):
     llm = vllm_sampler.llm
     assert len(llm.llm_engine.list_loras()) == 2  # both adapters resident in the one engine
@@ -301,6 +302,7 @@ def test_vllm_one_engine_serves_two_adapters_and_the_base(vllm_sampler, hf_sampl
     assert _texts(again) == {k: v for k, v in _texts(sampled).items() if k[0] == "b"}
 
 
+@pytest.mark.vllm
 def test_vllm_refuses_a_rank_above_the_engine_limit(vllm_sampler, tiny_model_dir, tmp_path):
     big = make_adapter(tiny_model_dir, tmp_path / "big", seed=4, r=32)
     with pytest.raises(QempoError, match="rank 32, above max_lora_rank=16"):
@@ -308,6 +310,7 @@ def test_vllm_refuses_a_rank_above_the_engine_limit(vllm_sampler, tiny_model_dir
     assert "big" not in vllm_sampler.adapters
 
 
+@pytest.mark.vllm
 def test_vllm_sampler_gives_the_process_back(vllm_sampler):
     """vLLM drops torch to one thread and exports variables for workers it never spawns
     (VLLM_*, LOCAL_WORLD_SIZE, LD_LIBRARY_PATH): the thread count and the loader variables

@@ -261,6 +261,7 @@ def _checkpoints(tmp_path, tiny_model_dir):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, reason", [
     (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
     (lambda c: (c / "trainer_state.json").write_text('{"global_st'), "trainer_state.json is missing or unreadable"),

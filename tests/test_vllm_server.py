@@ -210,6 +210,7 @@ def test_serve_refuses_a_base_that_is_no_model_before_starting_vllm(tmp_path, ti
 # ---------------------------------------------------------------------------------- the engine
 
 
+@pytest.mark.vllm
 def test_server_samples_with_the_synced_adapters_logprobs(server, tiny_model_dir, tokenizer, tmp_path):
     model = _peft_model(tiny_model_dir)
     with VLLMServerRollout(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
@@ -248,6 +249,7 @@ def test_server_samples_with_the_synced_adapters_logprobs(server, tiny_model_dir
     assert Path(second.path).name not in _models(server)
 
 
+@pytest.mark.vllm
 def test_an_adapter_the_server_cannot_serve_is_refused_in_one_line(server, tiny_model_dir, tokenizer, tmp_path):
     too_big = _peft_model(tiny_model_dir, r=2 * MAX_LORA_RANK)
     with VLLMServerRollout(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
@@ -260,6 +262,7 @@ def test_an_adapter_the_server_cannot_serve_is_refused_in_one_line(server, tiny_
     assert str(2 * MAX_LORA_RANK) in message  # the server's own reason: the rank
 
 
+@pytest.mark.vllm
 def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir, tokenizer, tmp_path):
     model = _peft_model(tiny_model_dir, seed=2)
     with VLLMServerRollout(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=6,
@@ -286,6 +289,7 @@ def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir
         assert _max_gap(model, tokenizer, after) <= 1e-3
 
 
+@pytest.mark.vllm
 def test_a_server_that_stays_down_is_one_line_after_bounded_retries(relay, tiny_model_dir, tokenizer, tmp_path):
     engine = VLLMServerRollout(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=2, retry_wait=0.2)
     engine.probe()
@@ -336,6 +340,7 @@ def test_probe_refuses_a_server_without_runtime_adapter_loading(tokenizer, tmp_p
 # ---------------------------------------------------------------------------------- training
 
 
+@pytest.mark.vllm
 def test_training_checkpoints_and_stops_in_one_line_when_the_server_goes_down(relay, tiny_model_dir, tokenizer,
                                                                                tmp_path):
     from transformers import TrainerCallback
@@ -364,6 +369,8 @@ def test_training_checkpoints_and_stops_in_one_line_when_the_server_goes_down(re
     assert len(synced) == 2 and all(0 < mb < 1 for mb in synced)  # steps 3 and 4: the adapter only, once per step
 
 
+@pytest.mark.multiprocess
+@pytest.mark.vllm
 def test_two_processes_with_the_server_train_what_one_process_trains(server, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -55,8 +55,8 @@ class AppSettings:
 def load_questions(source: str | Path | None = None) -> list[dict]:
     """MT-Bench questions as ``{"id", "category", "prompt"}`` (their first turns).
 
-    ``source`` is a question.jsonl; ``None`` looks for MT-Bench's copy (see
-    :func:`qempo_lite.evaluate.mtbench.resolve_mtbench_file`) and gives ``[]`` when there is none.
+    ``source`` is a question.jsonl; ``None`` reads the MT-Bench copy shipped in the package (see
+    :func:`qempo_lite.evaluate.mtbench.resolve_mtbench_file`), and ``[]`` if it cannot be read.
     """
     from ..evaluate import mtbench
 

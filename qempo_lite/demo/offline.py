@@ -339,4 +339,4 @@ def print_report(report: dict, output: Path) -> None:
                         report["verdict"], [
                             f"\nReport: {output / 'report.md'}  Picture: {output / 'distributions.png'}",
                             f"Compare the adapters side by side: qempo-lite app --demo-dir {output}"
-                            "  (needs the app extra: pip install -e '.[app]')"])
+                            "  (needs the app extra: pip install 'qempo-lite[app]')"])

@@ -284,14 +284,15 @@ def demo_lora(rank: int):
 
 def save_demo_adapter(trainer, out: Path, base: Path, data_name: str, rows: int, mode: str = "offline") -> Path:
     """The trained adapter and its ``qempo_lite.json`` (what the app and the card read) in ``out``."""
-    from ..runs import write_run_metadata
+    from ..runs import run_metadata, write_run_metadata
 
     lora = trainer.model.peft_config["default"]
+    facts = dict(base_model=str(base), mode=mode, data={"dataset": data_name, "rows": rows},
+                 lora={"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+                       "target_modules": "all-linear"})
+    trainer.run_description = lambda steps: run_metadata(trainer.args, steps=steps, **facts)  # the card's
     trainer.save_model(str(out))
-    write_run_metadata(out, trainer.args, base_model=str(base), steps=trainer.state.global_step, mode=mode,
-                       lora={"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
-                             "target_modules": "all-linear"},
-                       data={"dataset": data_name, "rows": rows})
+    write_run_metadata(out, trainer.args, steps=trainer.state.global_step, **facts)
     return out
 
 

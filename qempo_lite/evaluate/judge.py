@@ -9,7 +9,8 @@ MT-Bench does. The judge must end with ``[[rating]]``; the last such mark is rea
 Robustness: requests run on a bounded thread pool (``concurrency``); a connection error, a
 timeout, a rate limit, a server error, a malformed reply (an HTTP 200 whose body is not a
 chat completion: truncated JSON, an HTML page, no choices, no text) or an answer without a
-rating is retried (at most ``max_attempts`` requests per sample, with exponential back-off),
+rating is retried (at most ``max_attempts`` requests per sample, after the wait a 429 or 503 asks for in
+``Retry-After``, else with exponential back-off),
 then counted as a failure — never raised. A rejected key or an unknown model is the user's
 to fix and raises QempoError at once. Successful ratings are appended to a JSONL cache keyed
 by the hash of (judge model, system prompt, filled prompt — which holds the question and the
@@ -44,6 +45,7 @@ from qempo_lite.data.files import read_written_lines
 from qempo_lite.errors import QempoError, missing_extra, one_line
 
 from .mtbench import MTBENCH, Question, resolve_mtbench_file
+from .retry_after import retry_after_seconds
 from .sampling import Sample
 
 logger = logging.getLogger("qempo_lite")
@@ -375,6 +377,7 @@ class Judge:
         openai = self._openai
         error, judgment = None, None
         for attempt in range(1, self.max_attempts + 1):
+            asked = None  # the wait the server asks for before the next attempt (Retry-After)
             with self._lock:
                 self.stats["requests"] += 1
                 self._in_flight += 1
@@ -404,6 +407,7 @@ class Judge:
             except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
                     openai.InternalServerError, openai.APIStatusError) as err:
                 error = f"{type(err).__name__}: {one_line(err)}"
+                asked = retry_after_seconds(getattr(getattr(err, "response", None), "headers", None))
             except ValueError as err:  # a 200 whose body the client cannot parse (truncated JSON, bad UTF-8)
                 judgment, error = None, f"malformed reply: {type(err).__name__}: {one_line(err)}"
                 with self._lock:
@@ -412,7 +416,7 @@ class Judge:
                 with self._lock:
                     self._in_flight -= 1
             if attempt < self.max_attempts:
-                time.sleep(self.retry_wait * 2 ** (attempt - 1))
+                time.sleep(self.retry_wait * 2 ** (attempt - 1) if asked is None else asked)
         return Judgement(item, None, judgment, error=redact(error or ""), attempts=self.max_attempts)
 
     def judge(self, items: Sequence[JudgeItem], *, progress: bool = True) -> list[Judgement]:

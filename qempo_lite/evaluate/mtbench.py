@@ -9,9 +9,9 @@ adapter) as the context. Diversity is then scored
   over the sets.
 
 Questions come from MT-Bench's ``question.jsonl`` (``question_id``, ``category``, ``turns``,
-optional ``reference``) or any file of that shape; ``"mtbench"`` names the copy found through
-``$QEMPO_MT_BENCH_QUESTIONS``, ``$QEMPO_SHARED_DATA/mt_bench/`` or the ``shared/data`` folder
-beside a source checkout.
+optional ``reference``) or any file of that shape; ``"mtbench"`` names the copy shipped in the
+package (``qempo_lite/evaluate/data/mt_bench/``: FastChat's 80 questions and its judge prompts,
+Apache-2.0, licence beside them).
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from qempo_lite.errors import QempoError, not_a_file
+from qempo_lite.resources import package_file
 
 from .sampling import Sample, Sampler
 
 SAMPLES_PER_TURN = 16
 MTBENCH = "mtbench"
-QUESTIONS_ENV = "QEMPO_MT_BENCH_QUESTIONS"
-JUDGE_PROMPTS_ENV = "QEMPO_MT_BENCH_JUDGE_PROMPTS"
 
 
 @dataclass
@@ -45,11 +44,6 @@ class Question:
     reference: list[str] | None = None
 
 
-def _shared_mt_bench_dir() -> Path:
-    shared = os.environ.get("QEMPO_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data"
-    return Path(shared) / "mt_bench"
-
-
 def resolve_mtbench_file(source: str | os.PathLike, kind: str = "questions") -> Path:
     """A questions (or ``kind="judge_prompts"``) file: ``source`` itself, or the MT-Bench copy for ``"mtbench"``."""
     if str(source) != MTBENCH:
@@ -58,16 +52,8 @@ def resolve_mtbench_file(source: str | os.PathLike, kind: str = "questions") -> 
             raise QempoError(f"{kind.replace('_', ' ')} file {path} {not_a_file(path)}; pass an existing JSONL file or "
                              "'mtbench'")
         return path
-    env, name = (QUESTIONS_ENV, "question.jsonl") if kind == "questions" else (JUDGE_PROMPTS_ENV, "judge_prompts.jsonl")
-    candidates = [Path(os.environ[env])] if os.environ.get(env) else []
-    if kind != "questions" and os.environ.get(QUESTIONS_ENV):
-        candidates.append(Path(os.environ[QUESTIONS_ENV]).with_name(name))
-    candidates.append(_shared_mt_bench_dir() / name)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise QempoError(f"MT-Bench {name} not found (looked in {', '.join(map(str, candidates))}); download it from "
-                     f"FastChat's llm_judge/data/mt_bench and set ${env} to its path, or pass the file itself")
+    return package_file("evaluate", "data", "mt_bench",
+                        "question.jsonl" if kind == "questions" else "judge_prompts.jsonl")
 
 
 def load_questions(source: str | os.PathLike = MTBENCH, *, limit: int | None = None) -> list[Question]:
