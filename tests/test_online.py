@@ -43,7 +43,7 @@ def _config(tmp_path, **overrides):
     )
     settings.update(overrides)
     # Each method takes its own coefficients only (another method's are refused).
-    own = ("beta1", "beta2") if settings.get("loss_method") == "qempo_kl" else ("beta",)
+    own = {"qempo_kl": ("beta1", "beta2"), "grpo": ()}.get(settings.get("loss_method"), ("beta",))
     for name in own:
         settings.setdefault(name, 0.05)
     return QEMPOOnlineConfig(**settings)

@@ -89,6 +89,19 @@ def test_hf_rollout_samples_n_per_prompt_with_the_models_logprobs(tiny_model_dir
     assert engine.sync(model).nbytes == 0  # it samples the live weights: nothing to move
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_shared_prompt_sampling_draws_what_generate_draws(tiny_model_dir, tokenizer, temperature, top_p):
+    """Each prompt computed once for its n samples: the same tokens as model.generate for the same seed,
+    and the policy's own log-probs."""
+    model = _peft_model(tiny_model_dir)
+    kwargs = dict(n=4, max_new_tokens=12, seed=3, temperature=temperature, top_p=top_p)
+    plain = HFRollout(model, tokenizer).generate(PROMPTS, **kwargs)
+    shared = HFRollout(model, tokenizer, shared_prompts=True).generate(PROMPTS, **kwargs)
+    assert [c.token_ids for g in shared for c in g] == [c.token_ids for g in plain for c in g]
+    assert [c.finish_reason for g in shared for c in g] == [c.finish_reason for g in plain for c in g]
+    assert _max_gap(model, tokenizer, shared) < 1e-4
+
+
 def test_sampling_arguments_are_checked(tiny_model_dir, tokenizer):
     engine = HFRollout(_peft_model(tiny_model_dir), tokenizer)
     with pytest.raises(QempoError, match="temperature"):
