@@ -1,0 +1,97 @@
+"""Nothing wrong trains or saves in silence: diverged adapters, out-of-range numbers, finished runs resumed.
+
+Each case runs the installed command in a fresh process (``python -m qempo_lite.cli``), as a
+user's shell does, and checks its exit status, its one stderr line and what it left on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_adapter
+from test_cli_errors import _offline, _online, _run
+
+
+def _one_line(result, *fragments: str) -> str:
+    """Exit 2 and one error line, the last on stderr (a failure during training follows the loading's progress
+    bars, which a successful setup shows), with no traceback."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert result.returncode == 2 and errors == lines[-1:] and "Traceback" not in result.stderr, \
+        f"exit {result.returncode}, stderr {result.stderr[-1500:]!r}"
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def _refused_before_loading(tmp_path: Path, cases: list[tuple[str, list[str], str]]) -> None:
+    """Every case: exit 2, one line with its fragment, and no model loaded (refused while the recipe is read)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case: _run(case[1], tmp_path), cases))
+    failures = []
+    for (name, _, fragment), result in zip(cases, results):
+        lines = result.stderr.strip().splitlines()
+        ok = (result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+              and "preparing the trainer" not in result.stdout)
+        if not ok:
+            failures.append(f"{name}: exit {result.returncode}, stdout {result.stdout[-300:]!r}, "
+                            f"stderr {result.stderr.strip()[-400:]!r}")
+    assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------------------------- item 1
+
+
+@pytest.fixture(scope="module")
+def diverging_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with one infinite weight in its final norm: every forward pass gives NaN, and so does
+    every gradient, whatever the settings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    out = tmp_path_factory.mktemp("diverging-llama")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_a_diverged_adapter_stops_the_run_before_any_save(tmp_path, diverging_model_dir):
+    argv = _offline(tmp_path, diverging_model_dir, "diverged", max_steps=4, save_steps=2)
+    result = _run(argv, tmp_path)
+    _one_line(result, "after step 2", "NaN or infinite", "nothing was saved")
+    out = tmp_path / "diverged" / "out"
+    assert not (out / "checkpoint-2").exists()
+    assert not list(out.rglob("*.safetensors"))
+
+
+def test_settings_that_diverge_are_refused_before_loading(tmp_path, tiny_model_dir):
+    o = lambda name, **kw: _offline(tmp_path, tiny_model_dir, name, **kw)  # noqa: E731
+    _refused_before_loading(tmp_path, [
+        ("weight_decay inf", o("wd-inf", weight_decay=float("inf")), "weight_decay must be a finite number"),
+        ("weight_decay too large", o("wd-big", weight_decay=1e6), "lr * weight_decay >= 1"),
+        ("weight_decay negative", o("wd-neg", weight_decay=-0.1), "weight_decay must be a number in [0, inf)"),
+        ("learning_rate 1e30", o("lr", learning_rate=1e30), "learning_rate=1e+30 is above 1"),
+        ("beta 1e300", o("beta", beta=1e300), "beta=1e+300 is above 1000"),
+        ("max_grad_norm nan", o("clip", max_grad_norm=float("nan")), "max_grad_norm must be a finite number"),
+    ])
+
+
+def test_push_refuses_non_finite_weights(tmp_path, tiny_model_dir):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=0)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    name = sorted(weights)[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, adapter / "adapter_model.safetensors")
+    stage = tmp_path / "stage"
+    result = _run(["push", str(adapter), "--repo-id", "user/name", "--base-model-id", "user/base", "--dry-run",
+                   str(stage)], tmp_path)
+    _one_line(result, name, "NaN or infinite")
+    assert not stage.exists()
