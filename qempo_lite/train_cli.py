@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .configs import COEFFICIENT_NAMES, QEMPOConfig, QEMPOOnlineConfig
 from .errors import QempoError
+from .guards import train_unless_finished
 from .methods import method_names
 from .runs import (ModelArgs, check_evaluation, checkpoint_to_resume, load_model_for, lora_metadata,
                    run_training_command, save_finished_run, take_over_hub_push, use_rich_progress, write_run_metadata)
@@ -160,7 +161,7 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
     if eval_data is not None:
         eval_data["dropped_for_length"] = dropped.get("eval", 0)
     use_rich_progress(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train_unless_finished(trainer, checkpoint, config.max_steps)
     rows = len(train) - dropped.get("train", 0)
     return save_finished_run(trainer, config, repo_id, lambda steps: write_run_metadata(
         config.output_dir, config, base_model=model_args.model_name_or_path, quantization=model_args.quantization,
@@ -258,7 +259,7 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
                                      processing_class=tokenizer, peft_config=peft_config)
     use_rich_progress(trainer)
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        train_unless_finished(trainer, checkpoint, config.max_steps)
     finally:
         trainer.close_rollout()
     return save_finished_run(trainer, config, repo_id,

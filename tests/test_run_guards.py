@@ -95,3 +95,42 @@ def test_push_refuses_non_finite_weights(tmp_path, tiny_model_dir):
                    str(stage)], tmp_path)
     _one_line(result, name, "NaN or infinite")
     assert not stage.exists()
+
+
+# ---------------------------------------------------------------------------------------------- item 2
+
+
+def _steps(out: Path) -> int:
+    return json.loads((out / "qempo_lite.json").read_text())["steps"]
+
+
+def test_resuming_a_finished_offline_run_trains_nothing(tmp_path, tiny_model_dir):
+    argv = _offline(tmp_path, tiny_model_dir, "finished", max_steps=2, save_steps=2)
+    out = tmp_path / "finished" / "out"
+    assert _run(argv, tmp_path).returncode == 0
+    finished = load_file(out / "adapter_model.safetensors")
+    # A rerun, and a kill during the final save (the checkpoint complete, the final adapter not written).
+    for _ in range(2):
+        result = _run(argv + ["--resume"], tmp_path)
+        assert result.returncode == 0, result.stderr[-800:]
+        assert _steps(out) == 2 and not (out / "checkpoint-3").exists()  # not one step past the end
+        assert "checkpoint-2 already reached step 2 (max_steps=2): nothing left to train" in result.stdout
+        again = load_file(out / "adapter_model.safetensors")
+        assert again.keys() == finished.keys() and all(torch.equal(again[k], finished[k]) for k in finished)
+        (out / "adapter_model.safetensors").unlink()
+
+
+def test_resuming_a_finished_online_run_trains_nothing(tmp_path, tiny_model_dir):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"What is {i} + 1?",
+                                            "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}) + "\n" for i in range(4)))
+    argv = _online(tmp_path, tiny_model_dir, problems, "online", learning_rate=1e-2, lr_scheduler_type="constant")
+    out = tmp_path / "online" / "out"
+    assert _run(argv, tmp_path).returncode == 0
+    finished = load_file(out / "adapter_model.safetensors")
+    result = _run(argv + ["--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr[-800:]
+    assert _steps(out) == 1 and not (out / "checkpoint-2").exists()
+    assert "checkpoint-1 already reached step 1 (max_steps=1): nothing left to train" in result.stdout
+    again = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(again[k], finished[k]) for k in finished)
