@@ -112,19 +112,22 @@ def load_eval_pairs(run_args: OfflineRunArgs, train, seed: int):
     """``(train, evaluation, description)``: evaluation pairs from their own file/split, or held out of ``train``.
 
     Never the training rows themselves: a local file has no splits, so its evaluation pairs come
-    from ``eval_dataset`` or a seeded ``eval_fraction`` of the training pairs.
+    from ``eval_dataset`` or a seeded ``eval_fraction`` of the distinct training pairs (every copy
+    of a held-out pair leaves the training set, and the copies are counted: ``duplicates``). An
+    evaluation file's pairs that are training pairs too are counted (``also_in_training``).
     """
     from .data import is_local_source, load_preferences
+    from .data.splits import hold_out_by_content, pairs_also_in
 
     if run_args.eval_fraction is not None:
-        if len(train) < 2:
-            raise QempoError("eval_fraction needs at least 2 training pairs")
-        parts = train.train_test_split(test_size=run_args.eval_fraction, seed=seed)
-        evaluation = parts["test"]
+        train, evaluation, duplicates = hold_out_by_content(train, run_args.eval_fraction, seed)
+        if duplicates:
+            print(f"{duplicates} training rows repeat an earlier pair; held out by content: no copy of an "
+                  "evaluation pair is trained on", flush=True)
         if run_args.eval_limit is not None:
             evaluation = evaluation.select(range(min(run_args.eval_limit, len(evaluation))))
-        return parts["train"], evaluation, {"held_out_fraction": run_args.eval_fraction, "seed": seed,
-                                            "rows": len(evaluation)}
+        return train, evaluation, {"held_out_fraction": run_args.eval_fraction, "seed": seed,
+                                   "rows": len(evaluation), "duplicates": duplicates}
     if not run_args.has_eval:
         return train, None, None
     source = run_args.eval_dataset or run_args.dataset
@@ -132,7 +135,11 @@ def load_eval_pairs(run_args: OfflineRunArgs, train, seed: int):
     evaluation, report = load_preferences(source, split=split or "train", on_bad_rows=run_args.on_bad_rows,
                                           limit=run_args.eval_limit, max_row_bytes=run_args.max_row_bytes,
                                           return_report=True)
-    return train, evaluation, {"dataset": source, "split": split, "rows": len(evaluation), "skipped": report.skipped}
+    shared = pairs_also_in(evaluation, train)
+    if shared:
+        print(f"warning: {shared} of the {len(evaluation)} evaluation pairs are also training pairs", flush=True)
+    return train, evaluation, {"dataset": source, "split": split, "rows": len(evaluation), "skipped": report.skipped,
+                               "also_in_training": shared}
 
 
 def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineRunArgs) -> Path:
