@@ -163,8 +163,9 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
                                processing_class=tokenizer, peft_config=peft_config)
     dropped = trainer.dropped_for_length
     if dropped.get("train") or dropped.get("eval"):
-        print(f"dropped for length (prompt alone >= max_length={config.max_length} tokens): "
-              f"{dropped.get('train', 0)} training and {dropped.get('eval', 0)} evaluation pairs")
+        print(f"dropped for length (the prompt alone fills max_length={config.max_length} tokens, or chosen and "
+              f"rejected are the same once cut to it): {dropped.get('train', 0)} training and "
+              f"{dropped.get('eval', 0)} evaluation pairs")
     if eval_data is not None:
         eval_data["dropped_for_length"] = dropped.get("eval", 0)
     use_rich_progress(trainer)

@@ -134,3 +134,20 @@ def test_resuming_a_finished_online_run_trains_nothing(tmp_path, tiny_model_dir)
     assert "checkpoint-1 already reached step 1 (max_steps=1): nothing left to train" in result.stdout
     again = load_file(out / "adapter_model.safetensors")
     assert all(torch.equal(again[k], finished[k]) for k in finished)
+
+
+# ---------------------------------------------------------------------------------------------- item 6
+
+
+def test_pairs_the_same_once_cut_to_max_length_are_dropped_and_counted(tmp_path, tiny_model_dir):
+    story = "the red fox ran over the green hill and the blue river to the old stone house " * 3
+    rows = [{"prompt": f"Tell story {i}.", "chosen": story + "Red.", "rejected": story + "Blue."} for i in range(3)]
+    rows += [{"prompt": f"Name colour {i}.", "chosen": "Red.", "rejected": "I will not."} for i in range(5)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = _offline(tmp_path, tiny_model_dir, "cut", dataset=str(data), max_length=24, max_steps=1)
+    result = _run(argv, tmp_path)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert "the same once cut to it): 3 training and 0 evaluation pairs" in result.stdout
+    recorded = json.loads((tmp_path / "cut" / "out" / "qempo_lite.json").read_text())["data"]
+    assert recorded["dropped_for_length"] == 3 and recorded["rows"] == 5
