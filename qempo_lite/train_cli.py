@@ -245,7 +245,7 @@ def _write_metadata(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunAr
         steps=steps, mode="online",
         extra={"online": {"rollout": config.rollout, "num_generations": config.num_generations,
                           "temperature": config.temperature, "gate": config.gate, "advantage": config.advantage,
-                          "reward": "math_reward"}},
+                          "correct_threshold": config.correct_threshold, "reward": "math_reward"}},
     )
 
 

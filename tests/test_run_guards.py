@@ -151,3 +151,21 @@ def test_pairs_the_same_once_cut_to_max_length_are_dropped_and_counted(tmp_path,
     assert "the same once cut to it): 3 training and 0 evaluation pairs" in result.stdout
     recorded = json.loads((tmp_path / "cut" / "out" / "qempo_lite.json").read_text())["data"]
     assert recorded["dropped_for_length"] == 3 and recorded["rows"] == 5
+
+
+# ---------------------------------------------------------------------------------------------- item 7
+
+
+def test_correct_threshold_is_finite_and_recorded(tmp_path, tiny_model_dir):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"What is {i} + 1?",
+                                            "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}) + "\n" for i in range(4)))
+    n = lambda name, **kw: _online(tmp_path, tiny_model_dir, problems, name, **kw)  # noqa: E731
+    _refused_before_loading(tmp_path, [
+        ("correct_threshold nan", n("nan", correct_threshold=float("nan")), "correct_threshold must be a finite"),
+        ("correct_threshold inf", n("inf", correct_threshold=float("inf")), "correct_threshold must be a finite"),
+    ])
+    result = _run(n("half", correct_threshold=0.5), tmp_path)
+    assert result.returncode == 0, result.stderr[-1500:]
+    online = json.loads((tmp_path / "half" / "out" / "qempo_lite.json").read_text())["online"]
+    assert online["correct_threshold"] == 0.5 and online["gate"] == "correct"
