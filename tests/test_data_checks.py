@@ -51,3 +51,34 @@ def test_one_distinct_pair_cannot_be_split(tmp_path):
     run_args = OfflineRunArgs(dataset=str(data), eval_fraction=0.2)
     with pytest.raises(QempoError, match="at least 2 distinct training pairs, found 1"):
         load_eval_pairs(run_args, load_preferences(str(data)), seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- item 8
+
+
+def _chat_rows(path: Path, bad: dict) -> Path:
+    good = {"chosen": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}],
+            "rejected": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "No."}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    return path
+
+
+def test_chat_rows_get_the_checks_of_plain_rows(tmp_path, tiny_model_dir):
+    from test_run_guards import _refused_before_loading
+
+    def answers(user: dict) -> dict:
+        return {name: [user, {"role": "assistant", "content": text}] for name, text in (("chosen", "Red."),
+                                                                                        ("rejected", "No."))}
+
+    blank = _chat_rows(tmp_path / "blank.jsonl", answers({"role": "user", "content": "  \n "}))
+    banana = _chat_rows(tmp_path / "banana.jsonl", answers({"role": "banana", "content": "Name a colour."}))
+    no_user = _chat_rows(tmp_path / "system.jsonl", answers({"role": "system", "content": "Be brief."}))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "  \n ", "chosen": "Red.", "rejected": "No."}) + "\n")
+    o = lambda name, data: _offline(tmp_path, tiny_model_dir, name, dataset=str(data))  # noqa: E731
+    _refused_before_loading(tmp_path, [
+        ("blank user prompt", o("blank", blank), "line 2: field 'chosen' message 0 (user) is empty"),
+        ("unknown role", o("banana", banana), "role 'banana', not one of system, user, assistant"),
+        ("no user message", o("system", no_user), "has no user message before the answer"),
+        ("blank plain prompt", o("plain", plain), "'prompt' is empty"),
+    ])

@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qempo_lite.data.rows import CHAT_ROLES as ROLES
 from qempo_lite.errors import QempoError, not_a_file
-
-ROLES = ("system", "user", "assistant")
 
 Messages = list[dict[str, str]]
 
