@@ -72,7 +72,8 @@ def _drop_same_once_cut(dataset, args):
         return {name: _drop_same_once_cut(part, args) for name, part in dataset.items()}
     if dataset is None or _size(dataset) is None:
         return dataset
-    return dataset.filter(lambda example: not _same_once_cut(example, args.max_length, args.truncation_mode))
+    return dataset.filter(lambda example: not _same_once_cut(example, args.max_length, args.truncation_mode),
+                          desc="Dropping pairs whose answers are the same once cut to max_length")
 
 
 def _is_peft_model(model) -> bool:
