@@ -81,10 +81,12 @@ class ModelArgs:
 
     def __post_init__(self):
         # Checked here so that a typo fails before the data and the model are loaded.
+        from .bounds import check_model_numbers
         from .models import check_dtype, normalise_quantization
 
         self.quantization = normalise_quantization(self.quantization)
         check_dtype(self.dtype)
+        check_model_numbers(self)
 
 
 def write_run_metadata(output_dir: str | Path, args, *, base_model: str, data: dict[str, Any],

@@ -169,3 +169,27 @@ def test_correct_threshold_is_finite_and_recorded(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr[-1500:]
     online = json.loads((tmp_path / "half" / "out" / "qempo_lite.json").read_text())["online"]
     assert online["correct_threshold"] == 0.5 and online["gate"] == "correct"
+
+
+# ---------------------------------------------------------------------------------------------- item 19
+
+
+def test_values_that_failed_after_loading_are_refused_before(tmp_path, tiny_model_dir):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    o = lambda name, **kw: _offline(tmp_path, tiny_model_dir, name, **kw)  # noqa: E731
+    n = lambda name, **kw: _online(tmp_path, tiny_model_dir, problems, name, **kw)  # noqa: E731
+    _refused_before_loading(tmp_path, [
+        ("seed 1e29", o("seed-big", seed=10**29), "seed must be a whole number in [0, 4,294,967,295]"),
+        ("seed -1", o("seed-neg", seed=-1), "seed must be a whole number in [0, 4,294,967,295]"),
+        ("adam_beta1 nan", o("beta1", adam_beta1=float("nan")), "adam_beta1 must be a finite number"),
+        ("adam_epsilon -1", o("eps", adam_epsilon=-1.0), "adam_epsilon must be a number in (0, 1]"),
+        ("batch size 1e20", o("batch", per_device_train_batch_size=10**20), "beyond any memory"),
+        ("lora_r 1e9", o("rank", lora_r=10**9), "lora_r must be a whole number in [1, 4,096]"),
+        ("unknown scheduler option", o("sched", lr_scheduler_type="cosine", lr_scheduler_kwargs={"bogus": 1}),
+         "lr_scheduler_kwargs 'bogus' is not an option of lr_scheduler_type 'cosine' (it takes num_cycles)"),
+        ("scheduler option ignored", o("const", lr_scheduler_kwargs={"num_cycles": 2}),
+         "is not an option of lr_scheduler_type 'constant' (it takes none)"),
+        ("request timeout 1e300", n("timeout", vllm_server_request_timeout=1e300),
+         "vllm_server_request_timeout must be a number in (0, 86,400] seconds"),
+    ])
