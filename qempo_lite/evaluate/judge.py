@@ -170,8 +170,7 @@ class JudgeItem:
     user: str = field(repr=False)
 
     def cache_key(self, judge: Mapping[str, Any]) -> str:
-        """The hash of this request as ``judge`` (:attr:`Judge.settings`) sends it: a rating is reused only for the
-        same judge, asked the same way."""
+        """The hash of this request as ``judge`` (:attr:`Judge.settings`) sends it."""
         return hashlib.sha256(json.dumps([judge, self.system, self.user], sort_keys=True).encode()).hexdigest()
 
 
@@ -304,11 +303,8 @@ class Judge:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """What a rating depends on besides the prompts: the endpoint, the model, its temperature and the extra
-        body (structured outputs shape the answer). Not the token limit: a judgment that reached its rating
-        within one limit is kept under another."""
-        return {"url": self.base_url, "model": self.model, "temperature": self.temperature,
-                "extra_body": self.extra_body}
+        """What a rating depends on besides the prompts (not the token limit: a rating given stays given)."""
+        return dict(url=self.base_url, model=self.model, temperature=self.temperature, extra_body=self.extra_body)
 
     def __repr__(self) -> str:  # the key stays out of every repr
         return f"Judge(base_url={self.base_url!r}, model={self.model!r}, key from {self.key_source})"
@@ -439,8 +435,7 @@ class Judge:
                             self.stats["failures"] += 1
                             logger.debug("judge failed on %s: %s", verdict.item, verdict.error)
                         else:
-                            self._remember(verdict.item.cache_key(self.settings), verdict.rating,
-                                           verdict.judgment or "")
+                            self._remember(verdict.item.cache_key(self.settings), verdict.rating, verdict.judgment or "")
                         bar.advance(task)
                 except BaseException:
                     for future in futures:
