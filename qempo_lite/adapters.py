@@ -228,6 +228,19 @@ def check_lora_weights(weights: Path, config: dict, what: str) -> dict[str, dict
     return header
 
 
+def check_finite_weights(weights: Path, what: str) -> None:
+    """Refuse weights holding a NaN or an infinity (a diverged run): QempoError naming the first such tensor."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as tensors:
+        for name in tensors.keys():
+            tensor = tensors.get_tensor(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise QempoError(f"{what}: tensor {name[:120]!r} holds NaN or infinite values (the training run "
+                                 "diverged); train again with a lower learning rate or coefficients")
+
+
 def check_adapter_files(adapter_dir: Path, root: Path | None = None,
                         label: str | None = None) -> tuple[dict, Path, dict[str, dict]]:
     """The whole file check of an adapter directory: (its config, the real weights file, their header).
@@ -312,13 +325,15 @@ def check_adapter(name: str, path: str | Path, base_model: str, *,
     """Refuse an adapter that cannot be served on ``base_model``; returns its directory.
 
     Raises QempoError when the directory fails :func:`check_adapter_files` (its links may lead
-    anywhere on this machine, but must resolve), when it records another base model (unless
-    ``allow_base_mismatch``: then only a warning), and always when its weight shapes do not fit
-    ``base_shapes`` (parameter name -> shape of the base model).
+    anywhere on this machine, but must resolve), when its weights are not finite, when it
+    records another base model (unless ``allow_base_mismatch``: then only a warning), and
+    always when its weight shapes do not fit ``base_shapes`` (parameter name -> shape of the
+    base model).
     """
     adapter_dir = Path(path).expanduser()
     label = f"adapter {name!r} at {adapter_dir}"
-    _, _, header = check_adapter_files(adapter_dir, ANYWHERE, label)
+    _, weights, header = check_adapter_files(adapter_dir, ANYWHERE, label)
+    check_finite_weights(weights, f"{label}: {WEIGHTS_FILE}")
     recorded = recorded_base_model(adapter_dir, ANYWHERE, label)
     problems = adapter_shape_problems(header, base_shapes) if base_shapes else []
     token_problem = _tokenizer_problem(adapter_dir, vocab_size)

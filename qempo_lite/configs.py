@@ -15,6 +15,7 @@ from typing import Any
 from trl import DPOConfig, GRPOConfig
 
 from . import trl_fields
+from .bounds import check_config_numbers
 from .errors import QempoError, one_line
 from .losses import ADVANTAGES, GATES, OFFLINE_METHODS
 from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
@@ -34,7 +35,8 @@ def _positive_finite(value: Any) -> bool:
 def check_training_numbers(config) -> None:
     """One-line errors for step and batch settings that transformers would only refuse (or silently
     accept) once the model is loaded: batch sizes and accumulation steps below 1, a learning rate
-    that is not a positive finite number, ``max_steps: 0`` and no epochs to train."""
+    that is not a positive finite number, ``max_steps: 0`` and no epochs to train; then the
+    bounds of :func:`qempo_lite.bounds.check_config_numbers`."""
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -49,6 +51,7 @@ def check_training_numbers(config) -> None:
     if config.max_steps == -1 and not _positive_finite(config.num_train_epochs):
         raise QempoError(f"num_train_epochs must be a positive number when max_steps is not set, got "
                          f"{config.num_train_epochs!r}")
+    check_config_numbers(config)
 
 
 @dataclass

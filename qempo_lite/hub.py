@@ -10,7 +10,8 @@ push that fails a check is refused with one line:
 * nothing is read through a symlink that leaves the adapter directory (every file is
   resolved; a link to a file elsewhere, a broken link or a loop is refused);
 * the weights must be a safetensors file whose header parses and whose tensors are LoRA
-  weights consistent with ``adapter_config.json`` (target modules, rank);
+  weights consistent with ``adapter_config.json`` (target modules, rank), every value finite
+  (a run that diverged to NaN is not uploaded);
 * ``adapter_config.json``, ``qempo_lite.json`` and ``report.json`` must be UTF-8 JSON objects;
 * the card's ``base_model`` is a Hub id: an adapter trained on a local directory needs
   ``--base-model-id OWNER/NAME`` (the Hub model it is a copy of), which is also written into
@@ -29,8 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .adapters import (CONFIG_FILE, WEIGHTS_FILE, adapter_config, check_adapter_files, contained_file, max_rank,
-                       read_json_object, read_metadata, recorded_base_model)
+from .adapters import (CONFIG_FILE, WEIGHTS_FILE, adapter_config, check_adapter_files, check_finite_weights,
+                       contained_file, max_rank, read_json_object, read_metadata, recorded_base_model)
 from .console import ArgumentParser, input_read
 from .errors import QempoError, one_line
 
@@ -339,6 +340,7 @@ def stage_upload(adapter_dir: Path, repo_id: str, destination: Path, *, base_mod
         raise QempoError(f"--tokenizer must be one of {', '.join(TOKENIZER_CHOICES)}, not {tokenizer!r}")
     given = Path(adapter_dir)
     config, weights, _ = check_adapter_files(given)
+    check_finite_weights(weights, f"{given}: {WEIGHTS_FILE}")
     adapter_dir = given.resolve()
     base = hub_base_model(adapter_dir, base_model_id)
     tokenizer_files = {name: real for name in TOKENIZER_FILES

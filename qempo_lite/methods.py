@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 MODES = ("offline", "online")
+MAX_COEFFICIENT = 1e3  # the largest coefficient accepted: beyond it the loss overflows
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def method_names(mode: str | None = None) -> tuple[str, ...]:
 
 def loss_coefficients(name: str, coefficients: Mapping[str, float | None], mode: str | None = None
                       ) -> tuple[float, float]:
-    """``(a, c)`` of method ``name`` from its named coefficients, each required, positive and finite.
+    """``(a, c)`` of method ``name`` from its named coefficients, each required, positive, finite and at most
+    ``MAX_COEFFICIENT``.
 
     Names the method does not take are refused, so that a coefficient meant for another method
     never passes silently.
@@ -90,6 +92,9 @@ def loss_coefficients(name: str, coefficients: Mapping[str, float | None], mode:
         value = coefficients[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < math.inf):
             raise ValueError(f"{key} must be a positive finite number for method {method.name!r}, got {value!r}")
+        if value > MAX_COEFFICIENT:  # a·Δlog π overflows to inf, and the adapter to NaN
+            raise ValueError(f"{key}={value:g} is above {MAX_COEFFICIENT:g} for method {method.name!r}: the loss "
+                             "overflows and the adapter diverges to NaN (the paper's are about 1e-3 .. 1e-1)")
         values[key] = float(value)
     return method.policy_coef(values), method.ref_coef(values)
 
@@ -155,5 +160,5 @@ register_method(Method(
     gate="none", trl_loss=True))
 
 
-__all__ = ["MODES", "Method", "coefficient_help", "get_method", "loss_coefficients", "method_help", "method_names",
+__all__ = ["MAX_COEFFICIENT", "MODES", "Method", "coefficient_help", "get_method", "loss_coefficients", "method_help", "method_names",
            "register_method", "with_defaults"]

@@ -51,6 +51,31 @@ def _size(dataset) -> int | None:
         return None
 
 
+def _same_once_cut(example, max_length: int | None, truncation_mode: str) -> bool:
+    """Whether a tokenized pair's chosen and rejected sequences (with their completion masks) are the same once
+    TRL's collator cuts them to ``max_length``: such a pair has Δlog π = 0, so it trains nothing but the
+    weight decay, and its loss is ln 2 whatever the policy."""
+    prompt = example["prompt_ids"]
+    sequences = []
+    for name in ("chosen_ids", "rejected_ids"):
+        ids, mask = prompt + example[name], [0] * len(prompt) + [1] * len(example[name])
+        if max_length is not None:
+            cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+            ids, mask = ids[cut], mask[cut]
+        sequences.append((ids, mask))
+    return sequences[0] == sequences[1]
+
+
+def _drop_same_once_cut(dataset, args):
+    """``dataset`` without the pairs :func:`_same_once_cut` finds (a dict of evaluation sets: each one)."""
+    if isinstance(dataset, dict):
+        return {name: _drop_same_once_cut(part, args) for name, part in dataset.items()}
+    if dataset is None or _size(dataset) is None:
+        return dataset
+    return dataset.filter(lambda example: not _same_once_cut(example, args.max_length, args.truncation_mode),
+                          desc="Dropping pairs whose answers are the same once cut to max_length")
+
+
 def _is_peft_model(model) -> bool:
     from accelerate.utils import is_peft_model
 
@@ -72,8 +97,9 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
     ``precompute_ref_log_probs=True`` computes the reference once over the dataset before
     training. ``qempo`` uses no reference at all: no copy, no "ref" adapter, no forward pass.
 
-    Pairs whose prompt alone fills ``max_length`` are dropped by TRL; their number is
-    ``dropped_for_length`` (``{"train": n, "eval": m}``).
+    Pairs whose prompt alone fills ``max_length`` are dropped by TRL, and pairs whose chosen and
+    rejected sequences are the same once cut to ``max_length`` (they differ only past it) by
+    this trainer; their number is ``dropped_for_length`` (``{"train": n, "eval": m}``).
     """
 
     _tag_names = ["trl", "qempo-lite", "qempo"]
@@ -116,14 +142,16 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
                 # The precompute flag only served to skip the reference copy; compute_loss supplies the zeros,
                 # so evaluate() on a new dataset needs no reference either.
                 self.precompute_ref_logps = False
+        self.train_dataset = _drop_same_once_cut(self.train_dataset, args)
+        self.eval_dataset = _drop_same_once_cut(self.eval_dataset, args)
         self.dropped_for_length = {
             name: before - after for name, before, after in
             (("train", sizes["train"], _size(self.train_dataset)), ("eval", sizes["eval"], _size(self.eval_dataset)))
             if before is not None and after is not None
         }
         if _size(self.train_dataset) == 0:
-            raise QempoError(f"every training pair's prompt fills max_length={args.max_length} tokens, so TRL dropped "
-                             "them all; raise max_length")
+            raise QempoError(f"every training pair's prompt fills max_length={args.max_length} tokens, or its chosen "
+                             "and rejected answers are the same once cut to it, so all were dropped; raise max_length")
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of a batch (chosen, rejected); zeros for ``qempo``, with no forward pass."""

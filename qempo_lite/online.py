@@ -146,7 +146,9 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
             engine = VLLMServerRollout(
                 self.args.vllm_server_url, tokenizer=self._tokenizer, adapter_dir=adapter_dir,
                 eos_token_ids=eos_token_ids(self._tokenizer, getattr(policy, "generation_config", None)),
-                retries=self.args.vllm_server_retries, request_timeout=self.args.vllm_server_request_timeout)
+                retries=self.args.vllm_server_retries, request_timeout=self.args.vllm_server_request_timeout,
+                expected_model=policy.get_base_model().config.name_or_path,
+                vocab_size=policy.get_input_embeddings().num_embeddings)
             self._on_main_then_everywhere(engine.probe)
             return engine
         if self.accelerator.num_processes > 1:

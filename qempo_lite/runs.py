@@ -32,8 +32,9 @@ def warn_if_untested_trl(trainer: str, test_file: str) -> None:
 
 
 class PickleFreeSave:
-    """Trainer mixin: the final save holds the adapter (gathered first under ZeRO-3 / FSDP) and the arguments as
-    JSON, never transformers' pickled ``training_args.bin``; every saved adapter folder gets its model card.
+    """Trainer mixin: every save checks that the weights are finite; the final save holds the adapter (gathered
+    first under ZeRO-3 / FSDP) and the arguments as JSON, never transformers' pickled ``training_args.bin``;
+    every saved adapter folder gets its model card.
 
     The final directory is what gets pushed and loaded elsewhere, so it stays pickle-free;
     checkpoints (``_internal_call``) keep theirs, which ``resume_from_checkpoint`` reads. The card
@@ -58,7 +59,9 @@ class PickleFreeSave:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         from .distributed import save_sharded_adapter
         from .hub import write_adapter_card
+        from .guards import refuse_non_finite_adapter
 
+        refuse_non_finite_adapter(self)  # a NaN adapter is never saved, as a checkpoint or as the result
         if not save_sharded_adapter(self, output_dir):  # ZeRO-3 / FSDP: the LoRA tensors gathered first
             super().save_model(output_dir, _internal_call=_internal_call)
         if not self.args.should_save:
@@ -100,10 +103,12 @@ class ModelArgs:
 
     def __post_init__(self):
         # Checked here so that a typo fails before the data and the model are loaded.
+        from .bounds import check_model_numbers
         from .models import check_dtype, normalise_quantization
 
         self.quantization = normalise_quantization(self.quantization)
         check_dtype(self.dtype)
+        check_model_numbers(self)
 
 
 def write_run_metadata(output_dir: str | Path, args, **facts) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .configs import COEFFICIENT_NAMES, QEMPOConfig, QEMPOOnlineConfig
 from .errors import QempoError
+from .guards import train_unless_finished
 from .methods import method_names
 from .runs import (ModelArgs, check_evaluation, checkpoint_to_resume, load_model_for, lora_metadata,
                    run_metadata, run_training_command, save_finished_run, take_over_hub_push, use_rich_progress,
@@ -113,19 +114,22 @@ def load_eval_pairs(run_args: OfflineRunArgs, train, seed: int):
     """``(train, evaluation, description)``: evaluation pairs from their own file/split, or held out of ``train``.
 
     Never the training rows themselves: a local file has no splits, so its evaluation pairs come
-    from ``eval_dataset`` or a seeded ``eval_fraction`` of the training pairs.
+    from ``eval_dataset`` or a seeded ``eval_fraction`` of the distinct training pairs (every copy
+    of a held-out pair leaves the training set, and the copies are counted: ``duplicates``). An
+    evaluation file's pairs that are training pairs too are counted (``also_in_training``).
     """
     from .data import is_local_source, load_preferences
+    from .data.splits import hold_out_by_content, pairs_also_in
 
     if run_args.eval_fraction is not None:
-        if len(train) < 2:
-            raise QempoError("eval_fraction needs at least 2 training pairs")
-        parts = train.train_test_split(test_size=run_args.eval_fraction, seed=seed)
-        evaluation = parts["test"]
+        train, evaluation, duplicates = hold_out_by_content(train, run_args.eval_fraction, seed)
+        if duplicates:
+            print(f"{duplicates} training rows repeat an earlier pair; held out by content: no copy of an "
+                  "evaluation pair is trained on", flush=True)
         if run_args.eval_limit is not None:
             evaluation = evaluation.select(range(min(run_args.eval_limit, len(evaluation))))
-        return parts["train"], evaluation, {"held_out_fraction": run_args.eval_fraction, "seed": seed,
-                                            "rows": len(evaluation)}
+        return train, evaluation, {"held_out_fraction": run_args.eval_fraction, "seed": seed,
+                                   "rows": len(evaluation), "duplicates": duplicates}
     if not run_args.has_eval:
         return train, None, None
     source = run_args.eval_dataset or run_args.dataset
@@ -133,7 +137,11 @@ def load_eval_pairs(run_args: OfflineRunArgs, train, seed: int):
     evaluation, report = load_preferences(source, split=split or "train", on_bad_rows=run_args.on_bad_rows,
                                           limit=run_args.eval_limit, max_row_bytes=run_args.max_row_bytes,
                                           return_report=True)
-    return train, evaluation, {"dataset": source, "split": split, "rows": len(evaluation), "skipped": report.skipped}
+    shared = pairs_also_in(evaluation, train)
+    if shared:
+        print(f"warning: {shared} of the {len(evaluation)} evaluation pairs are also training pairs", flush=True)
+    return train, evaluation, {"dataset": source, "split": split, "rows": len(evaluation), "skipped": report.skipped,
+                               "also_in_training": shared}
 
 
 def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineRunArgs) -> Path:
@@ -157,8 +165,9 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
                                processing_class=tokenizer, peft_config=peft_config)
     dropped = trainer.dropped_for_length
     if dropped.get("train") or dropped.get("eval"):
-        print(f"dropped for length (prompt alone >= max_length={config.max_length} tokens): "
-              f"{dropped.get('train', 0)} training and {dropped.get('eval', 0)} evaluation pairs")
+        print(f"dropped for length (the prompt alone fills max_length={config.max_length} tokens, or chosen and "
+              f"rejected are the same once cut to it): {dropped.get('train', 0)} training and "
+              f"{dropped.get('eval', 0)} evaluation pairs")
     if eval_data is not None:
         eval_data["dropped_for_length"] = dropped.get("eval", 0)
     rows = len(train) - dropped.get("train", 0)
@@ -168,7 +177,7 @@ def train_offline(config: QEMPOConfig, model_args: ModelArgs, run_args: OfflineR
                        "dropped_for_length": dropped.get("train", 0), "eval": eval_data})
     trainer.run_description = lambda steps: run_metadata(config, steps=steps, **facts)  # each saved folder's card
     use_rich_progress(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train_unless_finished(trainer, checkpoint, config.max_steps)
     return save_finished_run(trainer, config, repo_id,
                              lambda steps: write_run_metadata(config.output_dir, config, steps=steps, **facts))
 
@@ -240,7 +249,7 @@ def _online_facts(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs
         data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows}, mode="online",
         extra={"online": {"rollout": config.rollout, "num_generations": config.num_generations,
                           "temperature": config.temperature, "gate": config.gate, "advantage": config.advantage,
-                          "reward": "math_reward"}},
+                          "correct_threshold": config.correct_threshold, "reward": "math_reward"}},
     )
 
 
@@ -264,7 +273,7 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
     trainer.run_description = lambda steps: run_metadata(config, steps=steps, **facts)  # each saved folder's card
     use_rich_progress(trainer)
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        train_unless_finished(trainer, checkpoint, config.max_steps)
     finally:
         trainer.close_rollout()
     return save_finished_run(trainer, config, repo_id,

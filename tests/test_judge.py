@@ -191,6 +191,23 @@ def test_forced_ratings_are_parsed_and_cached(server, key_env, questions, templa
 
 
 @pytest.mark.vllm
+def test_the_cache_answers_only_the_same_judge_asked_the_same_way(server, key_env, questions, templates, tmp_path):
+    items = build_items(_samples(questions, ids=(81,)), templates, list(questions.values()))
+    cache = tmp_path / "cache.jsonl"
+
+    def requests(url: str, **settings) -> int:
+        judge = Judge(url, MODEL, templates=templates, max_tokens=16, extra_body=FORCED, cache_path=cache, **settings)
+        judge.judge(items, progress=False)
+        return judge.stats["requests"]
+
+    assert requests(server["url"]) == len(items)
+    assert requests(server["url"]) == 0  # the same judge: every rating from the cache
+    assert requests(server["url"], temperature=0.7) == len(items)  # another temperature: asked again
+    assert requests(server["url"].replace("127.0.0.1", "localhost")) == len(items)  # another endpoint
+    assert requests(server["url"], temperature=0.7) == 0
+
+
+@pytest.mark.vllm
 def test_malformed_judgments_are_counted_not_fatal(server, key_env, templates, tmp_path):
     cache = tmp_path / "cache.jsonl"
     no_brackets = {"structured_outputs": {"regex": r"Rating: [1-9]"}}
@@ -344,6 +361,7 @@ def test_table2_end_to_end_and_resumable(server, key_env, tiny_model_dir, mt_ben
     # 4. another diversity setting: scored again, nothing sampled or judged again
     assert main(argv + judging + ["--diversity-seed", "7"]) == 0
     printed = capsys.readouterr().out
-    assert all(f"diversity: {name}\n" in printed and f"sampling: {name}: samples on disk" in printed for name in names)
+    assert all(f"diversity: {name} (scored again: seed: 42 -> 7)\n" in printed
+               and f"sampling: {name}: samples on disk" in printed for name in names)
     assert json.loads((out / "diversity.json").read_text())["seed"] == 7
     assert json.loads((out / "judge.json").read_text())["requests"] == 0

@@ -99,7 +99,7 @@ def test_eval_fraction_holds_out_pairs_never_trained_on(tmp_path):
     key = lambda row: json.dumps([row["prompt"], row["chosen"], row["rejected"]])  # noqa: E731
     assert len(train) + len(evaluation) == len(everything) and len(evaluation) == 3
     assert not {key(r) for r in train} & {key(r) for r in evaluation}
-    assert described == {"held_out_fraction": 0.25, "seed": 3, "rows": 3}
+    assert described == {"held_out_fraction": 0.25, "seed": 3, "rows": 3, "duplicates": 0}
     # Seeded: the same split again.
     assert [key(r) for r in load_eval_pairs(run_args, everything, seed=3)[1]] == [key(r) for r in evaluation]
 
@@ -112,7 +112,7 @@ def test_an_eval_file_is_read_as_its_own_data(tmp_path):
     run_args = OfflineRunArgs(dataset=str(PAIRS), eval_dataset=str(other))
     train, evaluation, described = load_eval_pairs(run_args, load_preferences(str(PAIRS)), seed=0)
     assert len(train) == 12 and len(evaluation) == 5
-    assert described == {"dataset": str(other), "split": None, "rows": 5, "skipped": 0}
+    assert described == {"dataset": str(other), "split": None, "rows": 5, "skipped": 0, "also_in_training": 5}
 
 
 def test_trls_explicit_prompt_conversational_rows_are_accepted(tmp_path, tiny_model_dir):

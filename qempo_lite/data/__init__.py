@@ -9,8 +9,9 @@ Both loaders read a Hub dataset by name (``datasets.load_dataset``) or a local `
 * ``load_math`` -> ``prompt`` (conversational) / ``answer`` (gold final answer) /
   ``solution`` for ``GRPOTrainer`` with :func:`qempo_lite.rewards.math_reward`.
 
-A bad row (missing field, wrong type, empty or identical responses, unparseable
-transcript, not JSON, not UTF-8, over ``max_row_bytes``) is an error naming where it is and
+A bad row (missing field, wrong type, empty or identical responses, a blank user message, a
+chat role other than system/user/assistant, unparseable transcript, not JSON, not UTF-8, over
+``max_row_bytes``) is an error naming where it is and
 its field, or, with ``on_bad_rows="skip"``, is dropped and counted in a :class:`LoadReport`.
 Rows are named as an editor shows them: ``line 59`` is the 59th physical line of a JSON Lines
 file (blank lines count; lines split on ``\\n`` only), ``row 3`` the third row (1-based) of a
@@ -19,7 +20,8 @@ it breaks off in.
 
 Modules: :mod:`~qempo_lite.data.files` (sources to located rows), :mod:`~qempo_lite.data.rows`
 (the checking loop, :class:`LoadReport`, field checks), :mod:`~qempo_lite.data.preferences`
-and :mod:`~qempo_lite.data.math_problems` (the two loaders and their row shapes).
+and :mod:`~qempo_lite.data.math_problems` (the two loaders and their row shapes),
+:mod:`~qempo_lite.data.splits` (evaluation pairs held out by content).
 """
 
 from .files import LOCAL_SUFFIXES, MAX_ROW_BYTES, BadRow, Row, is_local_source, read_json_lines

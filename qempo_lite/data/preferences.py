@@ -42,6 +42,8 @@ def _convert_messages(row: Row) -> Row:
         prompt = messages_field(row, "prompt") + chosen[:-1]
     else:
         prompt = chosen[:-1] or [{"role": "user", "content": text_field(row, "prompt")}]
+    if not any(message["role"] == "user" for message in prompt):
+        raise BadRow("chosen", "has no user message before the answer")
     if chosen[-1]["content"] == rejected[-1]["content"]:
         raise BadRow("rejected", "is identical to 'chosen'")
     return {"prompt": prompt, "chosen": _answer(chosen[-1]["content"]), "rejected": _answer(rejected[-1]["content"])}

@@ -21,6 +21,7 @@ from .files import MAX_ROW_BYTES, BadRow, Located, Row, check_max_row_bytes, rea
 logger = logging.getLogger("qempo_lite")
 
 ON_BAD_ROWS = ("error", "skip")
+CHAT_ROLES = ("system", "user", "assistant")  # the roles a chat template renders
 
 
 @dataclass
@@ -135,7 +136,8 @@ def text_field(row: Row, name: str, *, allow_empty: bool = False) -> str:
 
 
 def messages_field(row: Row, name: str) -> list[dict[str, str]]:
-    """``row[name]`` as a list of ``{"role", "content"}`` strings (extra keys dropped)."""
+    """``row[name]`` as a list of ``{"role", "content"}`` strings (extra keys dropped); roles from
+    :data:`CHAT_ROLES`, and no blank user message (the plain shape refuses a blank prompt too)."""
     if name not in row or row[name] is None:
         raise BadRow(name, "is missing")
     value = row[name]
@@ -146,5 +148,9 @@ def messages_field(row: Row, name: str) -> list[dict[str, str]]:
         well_formed = isinstance(message, dict) and all(isinstance(message.get(k), str) for k in ("role", "content"))
         if not well_formed:
             raise BadRow(name, f"message {turn} should be {{'role': str, 'content': str}}")
+        if message["role"] not in CHAT_ROLES:
+            raise BadRow(name, f"message {turn} has role {message['role'][:40]!r}, not one of {', '.join(CHAT_ROLES)}")
+        if message["role"] == "user" and not message["content"].strip():
+            raise BadRow(name, f"message {turn} (user) is empty")
         messages.append({"role": message["role"], "content": message["content"]})
     return messages

@@ -13,8 +13,9 @@ rating is retried (at most ``max_attempts`` requests per sample, after the wait 
 ``Retry-After``, else with exponential back-off),
 then counted as a failure — never raised. A rejected key or an unknown model is the user's
 to fix and raises QempoError at once. Successful ratings are appended to a JSONL cache keyed
-by the hash of (judge model, system prompt, filled prompt — which holds the question and the
-answer), so a rerun only queries what is missing.
+by the hash of (judge URL, model, temperature, extra body, system prompt, filled prompt —
+which holds the question and the answer), so a rerun only queries what is missing, and
+another judge or another way of asking it is never answered from the cache.
 
 The API key comes from the ``api_key`` argument or the environment (``api_key_env``, else
 ``QEMPO_JUDGE_API_KEY``, else ``OPENAI_API_KEY``); it is never printed, logged or cached. A
@@ -185,8 +186,9 @@ class JudgeItem:
     system: str = field(repr=False)
     user: str = field(repr=False)
 
-    def cache_key(self, model: str) -> str:
-        return hashlib.sha256(json.dumps([model, self.system, self.user]).encode()).hexdigest()
+    def cache_key(self, judge: Mapping[str, Any]) -> str:
+        """The hash of this request as ``judge`` (:attr:`Judge.settings`) sends it."""
+        return hashlib.sha256(json.dumps([judge, self.system, self.user], sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -320,6 +322,11 @@ class Judge:
         self._in_flight = 0
         self._checked = False
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What a rating depends on besides the prompts (not the token limit: a rating given stays given)."""
+        return dict(url=self.base_url, model=self.model, temperature=self.temperature, extra_body=self.extra_body)
+
     def __repr__(self) -> str:  # the key stays out of every repr
         return f"Judge(base_url={self.base_url!r}, model={self.model!r}, key from {self.key_source})"
 
@@ -426,7 +433,7 @@ class Judge:
         results: list[Judgement | None] = [None] * len(items)
         todo = []
         for i, item in enumerate(items):
-            hit = self._cache.get(item.cache_key(self.model))
+            hit = self._cache.get(item.cache_key(self.settings))
             if hit is not None:
                 results[i] = Judgement(item, float(hit["rating"]), hit.get("judgment"), cached=True)
                 self.stats["cached"] += 1
@@ -448,7 +455,7 @@ class Judge:
                             self.stats["failures"] += 1
                             logger.debug("judge failed on %s: %s", verdict.item, verdict.error)
                         else:
-                            self._remember(verdict.item.cache_key(self.model), verdict.rating, verdict.judgment or "")
+                            self._remember(verdict.item.cache_key(self.settings), verdict.rating, verdict.judgment or "")
                         bar.advance(task)
                 except BaseException:
                     for future in futures:

@@ -43,6 +43,9 @@ class Metric:
     sentences: bool = False  # computed over sentences: needs two of them (and two samples in the app)
     table2: bool = True  # a column of Table 2: reports, the eval CLI, the average; False: the app only
     fraction: bool = False  # a fraction in [0, 1] rather than x100
+    # Raised whenever what the metric computes changes: results cached under another version are scored again
+    # (eval table2) or refused (eval report), never mixed with new ones.
+    version: int = 1
 
 
 METRICS: tuple[Metric, ...] = (
@@ -136,6 +139,16 @@ class DiversityScorer:
         """{protocol, parser, encoder}: what a result must name to be compared with another."""
         return {"protocol": PROTOCOL, "parser": self.parser, "encoder": self.encoder_name}
 
+    def definition(self) -> dict[str, Any]:
+        """What else the scores depend on: each metric's version, the WL iterations, the parser's version and
+        the versions of the libraries that parse and encode (a result holds it; see :func:`same_definition`)."""
+        import sentence_transformers
+        import spacy
+
+        return {"metrics": {m.name: m.version for m in TABLE2}, "wl_iterations": WL_ITERATIONS,
+                "parser_version": self.nlp.meta.get("version"), "spacy": spacy.__version__,
+                "sentence_transformers": sentence_transformers.__version__}
+
     def score(self, texts: Sequence[str]) -> dict[str, Any]:
         """Every Table 2 metric and their average (x100), plus how and on what they were computed."""
         texts = check_texts(texts, "/".join(m.name for m in TABLE2))
@@ -152,7 +165,32 @@ class DiversityScorer:
             "sample_sizes": dict(self.sample_sizes),
             "seed": self.seed,
             "wl_iterations": WL_ITERATIONS,
+            "definition": self.definition(),
         }
+
+
+DEFINITION_KEYS = ("protocol", "parser", "encoder", "encoder_dtype", "sample_sizes", "seed", "definition")
+
+
+def definition_of(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a diversity result (a file of 'eval diversity', or one of its rows) that says how it was
+    scored: two results compare only when theirs are equal."""
+    return {key: result.get(key) for key in DEFINITION_KEYS}
+
+
+def definition_difference(old: Mapping[str, Any], new: Mapping[str, Any], keys=DEFINITION_KEYS,
+                          where: str = "") -> str | None:
+    """The first setting in which two diversity definitions differ, as ``key: old -> new`` with the key's dotted
+    path inside the definition (None: they are the same)."""
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = definition_difference(a, b, sorted(set(a) | set(b)), f"{where}{key}.")
+            if inner:
+                return inner
+        elif a != b:
+            return f"{where}{key}: {a!r} -> {b!r}"
+    return None
 
 
 class ColumnScorer:
@@ -209,4 +247,5 @@ class ColumnScorer:
         return {k: (v if v is None or math.isfinite(v) else None) for k, v in metrics.items()}, notes
 
 
-__all__ = ["Metric", "METRICS", "TABLE2", "SCORES", "AVERAGE", "PROTOCOL_SAMPLES", "DiversityScorer", "ColumnScorer"]
+__all__ = ["Metric", "METRICS", "TABLE2", "SCORES", "AVERAGE", "PROTOCOL_SAMPLES", "DEFINITION_KEYS", "DiversityScorer",
+           "ColumnScorer", "definition_difference", "definition_of"]

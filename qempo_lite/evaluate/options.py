@@ -168,7 +168,8 @@ def scorer_from_args(args):
 def diversity_result(scorer, scores: dict, samples: str) -> dict:
     """The JSON of 'eval diversity': the protocol and the models named at the top, for reports and model cards."""
     return {"kind": "diversity", **scorer.models(), "encoder_dtype": str(scorer.encoder.dtype).removeprefix("torch."),
-            "samples": samples, "sample_sizes": scorer.sample_sizes, "seed": scorer.seed, "adapters": scores}
+            "samples": samples, "sample_sizes": scorer.sample_sizes, "seed": scorer.seed,
+            "definition": scorer.definition(), "adapters": scores}
 
 
 def say_models(result: dict) -> None:

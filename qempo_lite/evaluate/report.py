@@ -32,7 +32,7 @@ from typing import Any
 from qempo_lite.errors import QempoError, not_a_file
 
 from .diversity import PROTOCOL
-from .metrics import AVERAGE, SCORES
+from .metrics import AVERAGE, SCORES, TABLE2, definition_difference, definition_of
 
 logger = logging.getLogger("qempo_lite")
 
@@ -96,6 +96,22 @@ def _row_problem(data: dict) -> str | None:
     return None
 
 
+def _refuse_mixed_definitions(diversity: Sequence[dict]) -> None:
+    """One line when a diversity input was scored by metrics of another version than this code's, or when two
+    inputs were scored differently (their rows would share a table without being comparable)."""
+    current = {m.name: m.version for m in TABLE2}
+    for data in diversity:
+        recorded = (data.get("definition") or {}).get("metrics")
+        if recorded is not None and recorded != current:
+            raise QempoError(f"report input {data.get('_path')} was scored by other metric versions ({recorded}, "
+                             f"now {current}); score the samples again with 'qempo-lite eval diversity'")
+    for data in diversity[1:]:
+        changed = definition_difference(definition_of(diversity[0]), definition_of(data))
+        if changed:
+            raise QempoError(f"report inputs {diversity[0].get('_path')} and {data.get('_path')} were scored "
+                             f"differently ({changed}); score both the same way before reporting them together")
+
+
 def build_report(inputs: Sequence[dict]) -> dict[str, Any]:
     """Merge result files by adapter into the report.json structure (see the module docstring)."""
     report: dict[str, Any] = {"adapters": {}, "protocol": None, "parser": None, "encoder": None, "inputs": []}
@@ -104,6 +120,7 @@ def build_report(inputs: Sequence[dict]) -> dict[str, Any]:
             raise QempoError(f"report input {data.get('_path')} was scored by another diversity protocol "
                              f"({data.get('protocol')!r}, not {PROTOCOL!r}); score the samples again with "
                              "'qempo-lite eval diversity'")
+    _refuse_mixed_definitions([data for data in inputs if data["kind"] == "diversity"])
 
     def row(name: str) -> dict:
         return report["adapters"].setdefault(name, {**{k: None for k in DIVERSITY}, "judge": None, "pass@1": None,
@@ -128,7 +145,7 @@ def build_report(inputs: Sequence[dict]) -> dict[str, Any]:
                 target["details"].update({k: values[k] for k in ("n", "n_problems", "accuracy") if k in values})
         if kind == "diversity":
             report.update({k: data.get(k) for k in ("protocol", "parser", "encoder", "encoder_dtype")})
-            report["diversity"] = {k: data[k] for k in ("samples", "sample_sizes", "seed") if k in data}
+            report["diversity"] = {k: data[k] for k in ("samples", "sample_sizes", "seed", "definition") if k in data}
         elif kind == "judge":
             report["judge"] = data.get("judge", {})
         else:

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from qempo_lite.data.files import read_written_lines
+from qempo_lite.data.rows import CHAT_ROLES as ROLES
 from qempo_lite.errors import QempoError, not_a_file
-
-ROLES = ("system", "user", "assistant")
 
 Messages = list[dict[str, str]]
 

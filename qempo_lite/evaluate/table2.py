@@ -6,15 +6,19 @@ that an interrupted or repeated run continues where the last one stopped:
 
 1. sampling — the MT-Bench protocol (:func:`~qempo_lite.evaluate.mtbench.sample_mtbench`: n
    first-turn samples per question, then n second-turn ones) into ``samples/<name>.jsonl``,
-   with ``samples/<name>.json`` recording what they were drawn with (base model, adapter
-   weights' SHA-256, questions' SHA-256, decoding). A model whose samples exist with the same
-   record is not sampled again; the base model is loaded only when some model needs sampling.
+   with ``samples/<name>.json`` recording what they were drawn with (base model, the SHA-256 of
+   the adapter's config and weights and of the questions, decoding, backend, dtype, batch
+   size) and the SHA-256 of the samples file itself. A model whose samples exist with the same
+   record, unchanged since they were drawn, is not sampled again (the line says why it is);
+   the base model is loaded only when some model needs sampling.
 2. diversity — the ``guo2024`` scores of each model's pooled samples into ``diversity.json``
    (the same file as ``qempo-lite eval diversity`` writes), a row reused when the samples'
-   SHA-256, the protocol, the models and the samples sizes are unchanged.
+   SHA-256 and the row's definition (protocol, models, sample sizes, seed, each metric's
+   version, library versions: ``metrics.definition_of``) are unchanged.
 3. judge — MT-Bench single-answer grading by an OpenAI-compatible endpoint into ``judge.json``;
-   every rating is appended to ``judge_cache.jsonl`` as it arrives, so a rerun asks only what
-   is missing. Without ``--judge-url``/``--judge-model`` this stage is skipped and the report
+   every rating is appended to ``judge_cache.jsonl`` as it arrives, keyed on the judge's URL,
+   model, temperature and extra body as well as the prompts, so a rerun asks only what is
+   missing for the same judge. Without ``--judge-url``/``--judge-model`` this stage is skipped and the report
    says so.
 4. report — ``report.json``, ``report.md`` (Lexical, Semantic, Syntactic, Average, Judge) and
    ``diversity_quality.png``, as ``qempo-lite eval report``.
@@ -28,7 +32,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qempo_lite.adapters import WEIGHTS_FILE
+from qempo_lite.adapters import CONFIG_FILE, WEIGHTS_FILE
 from qempo_lite.errors import QempoError
 
 logger = logging.getLogger("qempo_lite")
@@ -46,11 +50,26 @@ def sha256_of(path: str | Path) -> str:
 
 
 def _sampling_record(base_model: str, adapter: str | None, questions: Path, args) -> dict[str, Any]:
+    """Everything a model's samples depend on: the base, the adapter's config and weights, the questions, the
+    decoding and the engine that ran it."""
     return {"base_model": str(base_model), "adapter": str(Path(adapter).resolve()) if adapter else None,
+            "adapter_config_sha256": sha256_of(Path(adapter) / CONFIG_FILE) if adapter else None,
             "adapter_weights_sha256": sha256_of(Path(adapter) / WEIGHTS_FILE) if adapter else None,
             "questions_sha256": sha256_of(questions), "limit": args.limit, "n": args.n,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-            "seed": args.seed}
+            "seed": args.seed, "backend": args.backend, "dtype": args.dtype, "batch_size": args.batch_size}
+
+
+def _stale(samples: Path, saved: dict | None, record: dict[str, Any]) -> str | None:
+    """Why the samples on disk cannot be reused for ``record`` (None: they can)."""
+    if not samples.is_file() or saved is None:
+        return "" if not samples.is_file() else "no record of how they were drawn"
+    changed = next((key for key in record if saved.get(key) != record[key]), None)
+    if changed is not None:
+        return f"{changed} changed"
+    if saved.get("samples_sha256") != sha256_of(samples):
+        return f"{samples.name} is not the file that was drawn (cut short or edited)"
+    return None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -77,19 +96,22 @@ def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, 
             raise QempoError(f"model name {name!r} cannot name a file; name the adapter with --adapter NAME=PATH")
         files[name] = folder / f"{name}.jsonl"
         record = _sampling_record(base_model, adapter, questions_path, args)
-        if files[name].is_file() and _read_json(folder / f"{name}.json") == record:
+        stale = _stale(files[name], _read_json(folder / f"{name}.json"), record)
+        if stale is None:
             print(f"[1/4] sampling: {name}: samples on disk ({files[name]}), not sampled again")
         else:
-            todo[name] = (adapter, record)
+            todo[name] = (adapter, record, f" (sampled again: {stale})" if stale else "")
     if not todo:
         return files
     with sampler_from_args(args, adapters) as sampler:
-        for i, (name, (adapter, record)) in enumerate(todo.items(), start=1):
-            print(f"[1/4] sampling: {name} ({i}/{len(todo)}): {len(questions)} questions x {args.n} samples per turn")
+        for i, (name, (adapter, record, why)) in enumerate(todo.items(), start=1):
+            print(f"[1/4] sampling: {name} ({i}/{len(todo)}): {len(questions)} questions x {args.n} samples per turn"
+                  f"{why}")
             samples = sample_mtbench(sampler, {name: adapter}, questions, n=args.n, temperature=args.temperature,
                                      top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
             save_samples(files[name], samples)
-            # The record last: samples without it are drawn again on the next run.
+            # The record last, with the hash of the file it describes: samples without it are drawn again.
+            record = {**record, "samples_sha256": sha256_of(files[name])}
             (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return files
 
@@ -97,6 +119,7 @@ def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, 
 def diversity_stage(args, files: dict[str, Path], out: Path) -> Path:
     """diversity.json for every model, reusing the rows whose samples and settings are unchanged."""
     from .options import diversity_result, say_models, scorer_from_args, write_json
+    from .metrics import definition_difference, definition_of
     from .mtbench import diversity_scores
     from .sampling import load_samples
 
@@ -104,18 +127,21 @@ def diversity_stage(args, files: dict[str, Path], out: Path) -> Path:
     scorer = scorer_from_args(args)
     fresh = diversity_result(scorer, {}, str(out / "samples"))
     previous = _read_json(path) or {}
-    same_settings = all(previous.get(k) == fresh[k] for k in fresh if k not in ("adapters", "samples"))
     scores = {}
     for name, samples_file in files.items():
         digest = sha256_of(samples_file)
-        row = (previous.get("adapters") or {}).get(name) if same_settings else None
-        if isinstance(row, dict) and row.get("samples_sha256") == digest:
+        row = (previous.get("adapters") or {}).get(name)
+        # The row's own record of how it was scored: every key of the definition (metric versions included).
+        changed = definition_difference(definition_of(row), definition_of(fresh)) if isinstance(row, dict) else None
+        if isinstance(row, dict) and changed is None and row.get("samples_sha256") == digest:
             print(f"[2/4] diversity: {name}: scores on disk, not scored again")
             scores[name] = row
             continue
-        print(f"[2/4] diversity: {name}")
+        why = (f" (scored again: {changed})" if changed else " (scored again: the samples changed)"
+               if isinstance(row, dict) else "")
+        print(f"[2/4] diversity: {name}{why}")
         row = diversity_scores(load_samples(samples_file), scorer, per_question=args.per_question)[name]
-        scores[name] = {**row, "samples_sha256": digest}
+        scores[name] = {**row, "samples_sha256": digest, **definition_of(fresh)}
         write_json(path, {**fresh, "adapters": scores})  # kept as each model is done
     result = {**fresh, "adapters": scores}
     write_json(path, result)

@@ -1,4 +1,5 @@
-"""What every rollout engine returns (:class:`Completion`, :class:`SyncInfo`) and the LoRA check before a sync."""
+"""What every rollout engine returns (:class:`Completion`, :class:`SyncInfo`), the LoRA check before a sync, and the
+checks that a separate server samples from the policy's own model."""
 
 from __future__ import annotations
 
@@ -55,3 +56,32 @@ def served_lora_name(peft_model, max_lora_rank: int | None) -> str:
             f"raise vllm_max_lora_rank to at least {max(ranks)}"
         )
     return active
+
+
+def check_served_model(listed: dict, expected: str | None, url: str) -> None:
+    """Refuse a server whose model (vLLM's ``/v1/models`` entry: ``id``, the served name, and ``root``, the
+    model it loaded) is not ``expected``, the policy's base model: its samples would be another model's.
+
+    Names compare as :func:`qempo_lite.adapters.same_base_model` does (a local copy of a Hub model
+    matches), so ``qempo-lite serve BASE`` for a run of ``model_name_or_path: BASE`` always passes.
+    """
+    from ..adapters import same_base_model
+
+    if expected is None:
+        return
+    names = [name for name in (listed.get("id"), listed.get("root")) if isinstance(name, str) and name]
+    if not any(same_base_model(name, expected) for name in names):
+        raise QempoError(f"the vLLM server at {url} serves {listed.get('id')!r}, not the base model being trained "
+                         f"({expected}), so its samples would be another model's; start it with qempo-lite serve "
+                         f"{expected} or point vllm_server_url at a server of that model")
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int | None, url: str) -> None:
+    """Refuse token ids outside the policy's vocabulary (a server of another model), before they index anything."""
+    if vocab_size is None:
+        return
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise QempoError(f"the vLLM server at {url} returned token id {bad}, outside the policy's vocabulary of "
+                         f"{vocab_size}; it serves another model: start it with qempo-lite serve on the base model "
+                         "being trained")

@@ -17,7 +17,7 @@ import torch
 from ..errors import QempoError, short_repr
 from .. import generation
 from ..generation import Prompt, check_sampling, prompt_token_ids
-from .common import Completion, SyncInfo, directory_bytes, served_lora_name
+from .common import Completion, SyncInfo, check_served_model, check_token_ids, directory_bytes, served_lora_name
 from .served_dirs import ServedDirs
 from .transport import send_json
 
@@ -92,6 +92,10 @@ class VLLMServerRollout:
     (``return_token_ids``) and the log-prob of each sampled token (``logprobs=0``; vLLM's
     default ``raw_logprobs``: log softmax of the raw logits, as :class:`VLLMLoRARollout`).
 
+    ``expected_model`` (the policy's base model) and ``vocab_size`` (its embedding rows) make
+    :meth:`probe` refuse a server of another model, and :meth:`generate` refuse token ids the
+    policy does not have, each in one line, before the first training step uses them.
+
     The trainer calls it from the main process only, with every process's prompts
     (``serves_all_processes``), and hands each process its slice; groups stay whole.
 
@@ -107,7 +111,8 @@ class VLLMServerRollout:
     serves_all_processes = True
 
     def __init__(self, url: str, *, tokenizer, adapter_dir: str | os.PathLike, eos_token_ids: list[int] | None = None,
-                 retries: int = 5, request_timeout: float = 600.0, retry_wait: float = 1.0):
+                 retries: int = 5, request_timeout: float = 600.0, retry_wait: float = 1.0,
+                 expected_model: str | None = None, vocab_size: int | None = None):
         from urllib.parse import urlparse
 
         parsed = urlparse(str(url))
@@ -122,6 +127,8 @@ class VLLMServerRollout:
         self.adapter_dir = Path(adapter_dir).resolve()
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids else generation.eos_token_ids(tokenizer)
         self.retries, self.request_timeout, self.retry_wait = retries, float(request_timeout), float(retry_wait)
+        # The policy's base model and vocabulary: a server of another model is refused (check_served_model).
+        self.expected_model, self.vocab_size = expected_model, vocab_size
         self.base_model: str | None = None
         self.max_model_len: int | None = None
         self._run = os.urandom(3).hex()  # adapter names stay unique on a server shared by runs or resumed runs
@@ -177,6 +184,7 @@ class VLLMServerRollout:
             raise QempoError(f"{self.url}/v1/models did not list a model (HTTP {status}: {_error_message(body)}); "
                              "point vllm_server_url at a vLLM server")
         base = next((m for m in models if not m.get("parent")), models[0])
+        check_served_model(base, self.expected_model, self.url)
         self.base_model = base["id"]
         self.max_model_len = base.get("max_model_len")
         status, body = self._call("POST", "/v1/unload_lora_adapter", {"lora_name": "qempo-lite-probe"},
@@ -268,6 +276,7 @@ class VLLMServerRollout:
             group = []
             for choice in choices:
                 tokens = list(choice["token_ids"])
+                check_token_ids(tokens, self.vocab_size, self.url)
                 logprobs = [float(v) for v in choice["logprobs"]["token_logprobs"]]
                 group.append(Completion(text=choice["text"], token_ids=tokens, logprobs=logprobs,
                                         finish_reason=choice.get("finish_reason")))
