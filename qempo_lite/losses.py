@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .methods import loss_coefficients, method_names
+from .methods import get_method, loss_coefficients, method_names
 
 OFFLINE_METHODS = method_names("offline")
-ONLINE_METHODS = method_names("online")
+# The online members of the two-coefficient family (grpo trains TRL's own loss and has no weights here).
+ONLINE_METHODS = tuple(name for name in method_names("online") if not get_method(name).trl_loss)
 GATES = ("correct", "group", "none")
 ADVANTAGES = ("center", "grpo")
 
@@ -107,6 +108,9 @@ def online_coefficients(
     method: str, *, beta: float | None = None, beta1: float | None = None, beta2: float | None = None
 ) -> tuple[float, float]:
     """Return ``(a, c)`` of an online method: ``qempo`` (β, 0), ``qempo_kl`` (β1+β2, β2), ``gvpo`` (β, β)."""
+    if method not in ONLINE_METHODS and method in method_names("online"):
+        raise ValueError(f"method {method!r} trains TRL's own loss: it has no Eq. 8/9 weights; use one of "
+                         f"{', '.join(ONLINE_METHODS)}")
     return loss_coefficients(method, {"beta": beta, "beta1": beta1, "beta2": beta2}, "online")
 
 
