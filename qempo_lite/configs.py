@@ -19,6 +19,7 @@ from .bounds import check_config_numbers
 from .errors import QempoError, one_line
 from .losses import ADVANTAGES, GATES, OFFLINE_METHODS
 from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
+from .rollout.transport import check_server_settings
 from .trl_fields import refuse_unlisted_fields
 
 COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields; each method takes some
@@ -199,13 +200,7 @@ class QEMPOOnlineConfig(GRPOConfig):
                 "use_vllm selects TRL's vLLM path, which merges the adapter into the base; "
                 "set rollout: vllm or rollout: vllm_server instead (adapter-only sync)"
             )
-        if not str(self.vllm_server_url).startswith(("http://", "https://")):
-            raise QempoError(f"vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got "
-                             f"{self.vllm_server_url!r}")
-        if not isinstance(self.vllm_server_retries, int) or self.vllm_server_retries < 0:
-            raise QempoError(f"vllm_server_retries must be a whole number >= 0, got {self.vllm_server_retries!r}")
-        if not self.vllm_server_request_timeout > 0:
-            raise QempoError(f"vllm_server_request_timeout must be > 0 seconds, got {self.vllm_server_request_timeout!r}")
+        check_server_settings(self.vllm_server_url, self.vllm_server_retries, self.vllm_server_request_timeout)
         method = get_method(self.loss_method, "online")
         for name in ("beta", "beta1", "beta2"):
             if name not in method.defaults and getattr(self, name) is not None:

@@ -19,7 +19,7 @@ from .. import generation
 from ..generation import Prompt, check_sampling, prompt_token_ids
 from .common import Completion, SyncInfo, check_served_model, check_token_ids, directory_bytes, served_lora_name
 from .served_dirs import ServedDirs
-from .transport import send_json
+from .transport import check_server_settings, send_json
 
 logger = logging.getLogger("qempo_lite")
 
@@ -113,15 +113,7 @@ class VLLMServerRollout:
     def __init__(self, url: str, *, tokenizer, adapter_dir: str | os.PathLike, eos_token_ids: list[int] | None = None,
                  retries: int = 5, request_timeout: float = 600.0, retry_wait: float = 1.0,
                  expected_model: str | None = None, vocab_size: int | None = None):
-        from urllib.parse import urlparse
-
-        parsed = urlparse(str(url))
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise QempoError(f"vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise QempoError(f"vllm_server_retries must be a whole number >= 0, got {retries!r}")
-        if not request_timeout > 0:
-            raise QempoError(f"vllm_server_request_timeout must be > 0 seconds, got {request_timeout!r}")
+        check_server_settings(url, retries, request_timeout)
         self.url = str(url).rstrip("/")
         self.tokenizer = tokenizer
         self.adapter_dir = Path(adapter_dir).resolve()
