@@ -18,6 +18,7 @@ from ..errors import QempoError, short_repr
 from .. import generation
 from ..generation import Prompt, check_sampling, prompt_token_ids
 from .common import Completion, SyncInfo, check_served_model, check_token_ids, directory_bytes, served_lora_name
+from .engine import RolloutEngine, require_lora
 from .served_dirs import ServedDirs
 from .transport import check_server_settings, send_json
 
@@ -73,7 +74,7 @@ def _is_missing_route(status: int, body: Any) -> bool:
     return status == 404 and not (isinstance(body, dict) and "error" in body)
 
 
-class VLLMServerRollout:
+class VLLMServerRollout(RolloutEngine):
     """Rollouts from a vLLM OpenAI-compatible server started separately, fed adapters only.
 
     The server serves the *base* model with LoRA enabled and runtime adapter loading on::
@@ -134,6 +135,16 @@ class VLLMServerRollout:
         self._direct = parsed.hostname in ("127.0.0.1", "localhost", "::1")
 
     # ------------------------------------------------------------------ HTTP
+    @classmethod
+    def for_training(cls, policy, tokenizer, args, *, num_processes: int) -> "VLLMServerRollout":
+        policy = require_lora(policy, "vllm_server")
+        return cls(args.vllm_server_url, tokenizer=tokenizer,
+                   adapter_dir=args.vllm_server_adapter_dir or Path(args.output_dir) / "served-adapters",
+                   eos_token_ids=generation.eos_token_ids(tokenizer, getattr(policy, "generation_config", None)),
+                   retries=args.vllm_server_retries, request_timeout=args.vllm_server_request_timeout,
+                   expected_model=policy.get_base_model().config.name_or_path,
+                   vocab_size=policy.get_input_embeddings().num_embeddings)
+
     def _send(self, method: str, path: str, payload: dict | None, timeout: float) -> tuple[int, Any]:
         """One request, answered within ``timeout`` seconds in all (not per read: a trickling server times out)."""
         return send_json(method, self.url + path, payload, timeout, direct=self._direct)
