@@ -1,7 +1,8 @@
 """Online QEMPO: GRPO's loop with the per-sequence weights of Eq. 8/9 and adapter-only vLLM sync.
 
-``QEMPOOnlineTrainer`` is a thin subclass of ``trl.GRPOTrainer`` (written against trl 1.16;
-``tests/test_online.py`` fails loudly if the private methods overridden here change). It keeps
+``QEMPOOnlineTrainer`` is a thin subclass of ``trl.GRPOTrainer`` (written against trl 1.16; the
+private TRL members it overrides or calls are listed in :mod:`qempo_lite.trl_internals`, which
+``tests/test_online.py`` checks against the installed TRL). It keeps
 GRPO's data pipeline, reward calling, batching and logging, and replaces three things:
 
 1. **Generation** (``_generate_single_turn``) goes through a rollout engine of

@@ -170,21 +170,29 @@ def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
 
 
 def test_overridden_trl_internals_have_the_expected_shape():
-    """Fails loudly when TRL changes the private methods this trainer overrides."""
+    """Fails loudly when TRL changes the private members this trainer overrides or calls (listed in trl_internals)."""
     import trl
     from trl import GRPOTrainer
 
+    from qempo_lite.trl_internals import GRPO_PRIVATE_MEMBERS, signature_changes
+
     assert trl.__version__.startswith("1.16"), trl.__version__
-    expected = {
-        "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"],
-        "_generate_and_score_completions": ["self", "inputs"],
-        "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
-        "_compute_loss": ["self", "model", "inputs"],
-    }
-    for name, params in expected.items():
-        assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == params, name
-    logps_params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
-    assert list(logps_params)[:7] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]
+    assert signature_changes(GRPOTrainer) == []
+    # Every private TRL member the trainer overrides is in the list.
+    overridden = {name for name, member in vars(QEMPOOnlineTrainer).items() if callable(member)
+                  and name.startswith("_") and not name.startswith("__") and hasattr(GRPOTrainer, name)}
+    assert overridden == {name for name, (use, _) in GRPO_PRIVATE_MEMBERS.items() if use == "overridden"}
+
+    class Refactored(GRPOTrainer):  # what a TRL refactor might leave: a new parameter, a member gone
+        def _compute_loss(self, model, inputs, num_items_in_batch):
+            pass
+
+        _get_output_dir = None
+
+    changes = signature_changes(Refactored)
+    assert changes == ["Refactored._compute_loss (overridden) takes (self, model, inputs, num_items_in_batch), not "
+                       "(self, model, inputs)", "Refactored._get_output_dir (called) no longer exists"]
+
     assert GRPOTrainer.loss_is_scaled_for_ga is True  # our loss is not divided again by Trainer
     # The call paths the overrides rely on.
     needles = {
