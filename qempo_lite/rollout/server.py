@@ -114,6 +114,8 @@ class VLLMServerRollout(RolloutEngine):
     def __init__(self, url: str, *, tokenizer, adapter_dir: str | os.PathLike, eos_token_ids: list[int] | None = None,
                  retries: int = 5, request_timeout: float = 600.0, retry_wait: float = 1.0,
                  expected_model: str | None = None, vocab_size: int | None = None):
+        from urllib.parse import urlparse
+
         check_server_settings(url, retries, request_timeout)
         self.url = str(url).rstrip("/")
         self.tokenizer = tokenizer
@@ -132,7 +134,7 @@ class VLLMServerRollout(RolloutEngine):
 
         self._reload_lock = threading.Lock()
         # A loopback server is reached directly, whatever http_proxy says.
-        self._direct = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+        self._direct = urlparse(str(url)).hostname in ("127.0.0.1", "localhost", "::1")
 
     # ------------------------------------------------------------------ HTTP
     @classmethod
