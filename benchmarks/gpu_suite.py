@@ -199,33 +199,6 @@ def peak_flops() -> float | None:
 # Offline
 
 
-class Stepper:
-    """One trainer driven one update at a time, as Trainer's inner loop does it."""
-
-    def __init__(self, trainer, seq_len: int):
-        self.trainer = trainer
-        trainer.create_optimizer()
-        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; one micro-batch per update
-        self.model = trainer.model
-        self.model.train()
-        self.batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()]
-        lengths = {int(n) for b in self.batches for n in b["attention_mask"].sum(1)}
-        if lengths != {seq_len}:
-            raise RuntimeError(f"sequences are not all {seq_len} tokens: {sorted(lengths)}")
-        self.index = 0
-
-    def step(self) -> float:
-        batch = self.batches[self.index % len(self.batches)]
-        self.index += 1
-        sync()
-        start = time.perf_counter()
-        self.trainer.training_step(self.model, batch)
-        self.trainer.optimizer.step()
-        self.trainer.optimizer.zero_grad(set_to_none=True)
-        sync()
-        return time.perf_counter() - start
-
-
 def build_offline_trainer(method: str, folder: str, adapter: str, batch: int, pairs, args, output_dir: str):
     from trl import DPOConfig, DPOTrainer
 
@@ -254,6 +227,8 @@ def build_offline_trainer(method: str, folder: str, adapter: str, batch: int, pa
 
 
 def offline_row(name: str, method: str, batch: int, folder: str, pairs, args) -> dict:
+    from stepping import Stepper  # benchmarks/stepping.py, beside this script
+
     key, adapter, config = args.model_key[name], args.adapter[name], args.configs[name]
     row = {"model": key, "adapter": adapter, "method": method, "micro_batch": batch, "seq_len": args.seq}
     reset_peak()
@@ -262,7 +237,7 @@ def offline_row(name: str, method: str, batch: int, folder: str, pairs, args) ->
     with tempfile.TemporaryDirectory(prefix="run-") as output_dir:
         trainer = build_offline_trainer(method, folder, adapter, batch, pairs.select(range(batch * args.batches)),
                                         args, output_dir)
-        stepper = Stepper(trainer, args.seq)
+        stepper = Stepper(trainer, seq_len=args.seq)
         row["setup_s"] = time.perf_counter() - start
         row["setup_peak_reserved_gb"] = peak()["peak_reserved_gb"]
         reset_peak()

@@ -40,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
+from stepping import Stepper  # benchmarks/stepping.py, beside this script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("the quick brown fox jumps over lazy dog name a colour red blue green yellow purple orange what is two "
@@ -79,36 +80,6 @@ def _median_ms(times: list[float]) -> float:
     return 1000.0 * statistics.median(times)
 
 
-class Stepper:
-    """One trainer driven one update at a time, as Trainer's inner loop does (forward/backward, optimizer step)."""
-
-    def __init__(self, name: str, trainer, setup_s: float):
-        self.name, self.trainer, self.setup_s = name, trainer, setup_s
-        self.trainer.create_optimizer()
-        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; one micro-batch per update
-        self.model = trainer.model
-        self.model.train()
-        self.batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()]
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []  # process CPU time: steadier than wall time on a shared machine
-        self.index = 0
-
-    def step(self, record: bool) -> None:
-        batch = self.batches[self.index % len(self.batches)]
-        self.index += 1
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        self.trainer.training_step(self.model, batch)
-        self.trainer.optimizer.step()
-        self.trainer.optimizer.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if record:
-            self.times.append(time.perf_counter() - start)
-            self.cpu_times.append(time.process_time() - cpu_start)
-
-
 def cpu_benchmark(args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
@@ -130,7 +101,7 @@ def cpu_benchmark(args) -> dict:
         start = time.perf_counter()
         trainer = trainer_cls(model=model, args=config, train_dataset=pairs, processing_class=tokenizer,
                               peft_config=peft_config)
-        return Stepper(name, trainer, time.perf_counter() - start)
+        return Stepper(trainer, seq_len=args.seq, name=name, setup_s=time.perf_counter() - start)
 
     steppers = [
         build("qempo", QEMPOTrainer, QEMPOConfig(output_dir=str(tmp / "a"), loss_method="qempo", **common)),
@@ -141,8 +112,6 @@ def cpu_benchmark(args) -> dict:
                                                **common)),
     ]
     tokens = 2 * args.batch * args.seq
-    lengths = {int(b["attention_mask"].sum(1).min()) for s in steppers for b in s.batches}
-    assert lengths == {args.seq}, f"sequences not all {args.seq} tokens: {lengths}"
     for i in range(args.warmup + args.steps):
         for stepper in (steppers if i % 2 == 0 else steppers[::-1]):
             stepper.step(record=i >= args.warmup)

@@ -130,24 +130,28 @@ def recorded_base_model(adapter_dir: Path, root: Path | None = None, label: str 
 # ---------------------------------------------------------------- the weights
 
 
-def safetensors_header(path: Path, what: str) -> dict[str, dict]:
+def safetensors_header(path: Path, what: str, fix: str | None = _SAFETENSORS_FIX) -> dict[str, dict]:
     """The tensors a safetensors file declares (name -> dtype, shape, data_offsets), checked
-    against the file's size; QempoError when it is not a whole safetensors file."""
+    against the file's size: neither truncated nor padded. QempoError when it is not a whole
+    safetensors file: ``what`` and the problem, then ``fix`` (None: no fix)."""
+
+    def bad(problem: str) -> QempoError:
+        return QempoError(f"{what} {problem}" + (f"; {fix}" if fix else ""))
+
     size = path.stat().st_size
     if size < 8:
-        raise QempoError(f"{what} is not a safetensors file ({size} bytes); {_SAFETENSORS_FIX}")
+        raise bad(f"is not a safetensors file ({size} bytes)")
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         if length > min(MAX_HEADER_BYTES, size - 8):
-            raise QempoError(f"{what} is not a safetensors file (its header length does not fit the file); "
-                             f"{_SAFETENSORS_FIX}")
+            raise bad("is not a safetensors file (its header length does not fit the file)")
         raw = handle.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise QempoError(f"{what} is not a safetensors file (its header is not JSON); {_SAFETENSORS_FIX}") from None
+        raise bad("is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
-        raise QempoError(f"{what} is not a safetensors file (its header is not an object); {_SAFETENSORS_FIX}")
+        raise bad("is not a safetensors file (its header is not an object)")
     header.pop("__metadata__", None)
     end = 0
     for name, entry in header.items():
@@ -157,12 +161,10 @@ def safetensors_header(path: Path, what: str) -> dict[str, dict]:
                        and 0 <= offsets[0] <= offsets[1] and isinstance(shape, list)
                        and all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(entry.get("dtype"), str))
         if not well_formed:
-            raise QempoError(f"{what} is not a safetensors file (tensor {name[:80]!r} is malformed); "
-                             f"{_SAFETENSORS_FIX}")
+            raise bad(f"is not a safetensors file (tensor {name[:80]!r} is malformed)")
         end = max(end, offsets[1])
     if 8 + length + end != size:
-        raise QempoError(f"{what} is truncated or padded ({size:,} bytes, its header describes {8 + length + end:,}); "
-                         f"{_SAFETENSORS_FIX}")
+        raise bad(f"is truncated or padded ({size:,} bytes, its header describes {8 + length + end:,})")
     return header
 
 

@@ -19,10 +19,11 @@ from .bounds import check_config_numbers
 from .errors import QempoError, one_line
 from .losses import ADVANTAGES, GATES, OFFLINE_METHODS
 from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
+from .rollout import engine_names
+from .rollout.transport import check_server_settings
 from .trl_fields import refuse_unlisted_fields
 
 COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields; each method takes some
-ROLLOUTS = ("hf", "vllm", "vllm_server")
 # TRL's anti-collapse settings, accepted for loss_method grpo only (TRL's loss is trained as is there).
 GRPO_ONLY_FIELDS = frozenset({"entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
                               "entropy_coef_delta", "entropy_target", "top_entropy_quantile", "epsilon_high"})
@@ -164,7 +165,8 @@ class QEMPOOnlineConfig(GRPOConfig):
     )
     rollout: str = field(default="hf", metadata={
         "help": "hf (transformers generate), vllm (an in-process vLLM engine serving the LoRA) or vllm_server "
-                "(a vLLM server started with qempo-lite serve; adapter-only sync, any number of processes)."})
+                "(a vLLM server started with qempo-lite serve; adapter-only sync, any number of processes), or another "
+                "engine registered with qempo_lite.rollout.register_engine."})
     vllm_server_url: str = field(default="http://127.0.0.1:8000",
                                  metadata={"help": "rollout: vllm_server: the server's address."})
     vllm_server_adapter_dir: str | None = field(default=None, metadata={
@@ -192,20 +194,14 @@ class QEMPOOnlineConfig(GRPOConfig):
             raise QempoError(f"gate {self.gate!r} is unknown; use one of {', '.join(GATES)}")
         if self.advantage not in ADVANTAGES:
             raise QempoError(f"advantage {self.advantage!r} is unknown; use one of {', '.join(ADVANTAGES)}")
-        if self.rollout not in ROLLOUTS:
-            raise QempoError(f"rollout {self.rollout!r} is unknown; use one of {', '.join(ROLLOUTS)}")
+        if self.rollout not in engine_names():
+            raise QempoError(f"rollout {self.rollout!r} is unknown; use one of {', '.join(engine_names())}")
         if self.use_vllm:
             raise QempoError(
                 "use_vllm selects TRL's vLLM path, which merges the adapter into the base; "
                 "set rollout: vllm or rollout: vllm_server instead (adapter-only sync)"
             )
-        if not str(self.vllm_server_url).startswith(("http://", "https://")):
-            raise QempoError(f"vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got "
-                             f"{self.vllm_server_url!r}")
-        if not isinstance(self.vllm_server_retries, int) or self.vllm_server_retries < 0:
-            raise QempoError(f"vllm_server_retries must be a whole number >= 0, got {self.vllm_server_retries!r}")
-        if not self.vllm_server_request_timeout > 0:
-            raise QempoError(f"vllm_server_request_timeout must be > 0 seconds, got {self.vllm_server_request_timeout!r}")
+        check_server_settings(self.vllm_server_url, self.vllm_server_retries, self.vllm_server_request_timeout)
         method = get_method(self.loss_method, "online")
         for name in ("beta", "beta1", "beta2"):
             if name not in method.defaults and getattr(self, name) is not None:
@@ -266,4 +262,4 @@ class QEMPOOnlineConfig(GRPOConfig):
 
 
 
-__all__ = ["COEFFICIENT_NAMES", "QEMPOConfig", "QEMPOOnlineConfig", "ROLLOUTS", "check_training_numbers"]
+__all__ = ["COEFFICIENT_NAMES", "QEMPOConfig", "QEMPOOnlineConfig", "check_training_numbers"]

@@ -18,6 +18,8 @@ per-sequence weights ``w`` so that the training loss is ``-(w * logps).sum()``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -114,8 +116,11 @@ def online_coefficients(
     return loss_coefficients(method, {"beta": beta, "beta1": beta1, "beta2": beta2}, "online")
 
 
-def _grouped_inputs(method, logps, rewards, group_size, ref_logps, correct, gate, advantage, beta, beta1, beta2):
-    """Validate the online inputs and reshape them to (num_groups, group_size)."""
+def _grouped_inputs(method, logps, rewards, group_size, ref_logps=None, correct=None, gate="correct",
+                    advantage="center", beta=None, beta1=None, beta2=None):
+    """Validate the online inputs; ``(a, c, ℓ, ℓ_ref, A, variance mask)``, each (num_groups, group_size).
+
+    Defaults as :func:`online_objective`'s."""
     a, c = online_coefficients(method, beta=beta, beta1=beta1, beta2=beta2)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
@@ -144,13 +149,9 @@ def _grouped_inputs(method, logps, rewards, group_size, ref_logps, correct, gate
             raise ValueError(f"method {method!r} needs ref_logps (reference log-probs of the completions)")
         ref_logps = _check_tensor("ref_logps", ref_logps, logps.shape).detach().to(logps.dtype)
     k = group_size
-    groups = (
-        logps.view(-1, k),
-        rewards.detach().view(-1, k),
-        None if c == 0.0 else ref_logps.view(-1, k),
-        correct.to(logps.device).view(-1, k),
-    )
-    return a, c, groups
+    advantages = _advantages(rewards.detach().view(-1, k), advantage)
+    variance_mask = _variance_mask(correct.to(logps.device).view(-1, k), gate)
+    return a, c, logps.view(-1, k), None if c == 0.0 else ref_logps.view(-1, k), advantages, variance_mask
 
 
 def _advantages(rewards: torch.Tensor, advantage: str) -> torch.Tensor:
@@ -217,12 +218,10 @@ def online_objective(
 
     ``correct`` defaults to ``rewards > 0``. The covariance term is never gated.
     """
-    a, c, (l, r, lref, ok) = _grouped_inputs(
+    a, c, l, lref, adv, mask = _grouped_inputs(
         method, logps, rewards, group_size, ref_logps, correct, gate, advantage, beta, beta1, beta2
     )
     k = group_size
-    adv = _advantages(r, advantage)
-    mask = _variance_mask(ok, gate)
     centred = _gated_centre(l, mask)
     inner = (adv * l).sum(dim=1) / k - 0.5 * a * (centred * centred).sum(dim=1) / k
     if lref is not None:
@@ -233,21 +232,11 @@ def online_objective(
 
 
 @torch.no_grad()
-def online_weights(
-    method: str,
-    logps: torch.Tensor,
-    rewards: torch.Tensor,
-    group_size: int,
-    *,
-    ref_logps: torch.Tensor | None = None,
-    correct: torch.Tensor | None = None,
-    gate: str = "correct",
-    advantage: str = "center",
-    beta: float | None = None,
-    beta1: float | None = None,
-    beta2: float | None = None,
-) -> torch.Tensor:
-    """Detached per-sequence weights ``w = ∂J/∂ℓ`` of :func:`online_objective`.
+def online_weights(method: str, logps: torch.Tensor, rewards: torch.Tensor, group_size: int,
+                   **settings: Any) -> torch.Tensor:
+    """Detached per-sequence weights ``w = ∂J/∂ℓ`` of :func:`online_objective`, which takes the same
+    arguments (``settings``: its keyword arguments ``ref_logps``, ``correct``, ``gate``, ``advantage``,
+    ``beta``, ``beta1``, ``beta2``).
 
     For a group of k (G groups in the call, J averaged over them)::
 
@@ -259,12 +248,9 @@ def online_weights(
     J = −(1/k) Σ (ŝ_i − A_i)² + const with ŝ the centred implicit reward a ℓ − c ℓ_ref:
     a per-group regression whose optimum is the Table 1 closed form.
     """
-    a, c, (l, r, lref, ok) = _grouped_inputs(
-        method, logps.detach(), rewards, group_size, ref_logps, correct, gate, advantage, beta, beta1, beta2
-    )
+    a, c, l, lref, adv, mask = _grouped_inputs(method, logps.detach(), rewards, group_size, **settings)
     num_groups, k = l.shape
-    adv = _advantages(r, advantage)
-    inner = adv - a * _gated_centre(l, _variance_mask(ok, gate))
+    inner = adv - a * _gated_centre(l, mask)
     if lref is not None:
         inner = inner + c * (lref - lref.mean(dim=1, keepdim=True))
     return (2.0 * a / (num_groups * k) * inner).reshape(-1)

@@ -1,11 +1,14 @@
 """Online QEMPO: GRPO's loop with the per-sequence weights of Eq. 8/9 and adapter-only vLLM sync.
 
-``QEMPOOnlineTrainer`` is a thin subclass of ``trl.GRPOTrainer`` (written against trl 1.16;
-``tests/test_online.py`` fails loudly if the private methods overridden here change). It keeps
+``QEMPOOnlineTrainer`` is a thin subclass of ``trl.GRPOTrainer`` (written against trl 1.16; the
+private TRL members it overrides or calls are listed in :mod:`qempo_lite.trl_internals`, which
+``tests/test_online.py`` checks against the installed TRL). It keeps
 GRPO's data pipeline, reward calling, batching and logging, and replaces three things:
 
 1. **Generation** (``_generate_single_turn``) goes through a rollout engine of
-   :mod:`qempo_lite.rollout`: ``rollout="hf"`` (``model.generate``, each process its own rows),
+   :mod:`qempo_lite.rollout` (a :class:`~qempo_lite.rollout.RolloutEngine`, built by
+   :func:`~qempo_lite.rollout.make_engine` from ``rollout``; its flags ``samples_live_weights``
+   and ``serves_all_processes`` say how it is driven): ``rollout="hf"`` (``model.generate``, each process its own rows),
    ``rollout="vllm"`` (an in-process vLLM engine serving the adapter natively; one training
    process) or ``rollout="vllm_server"`` (a vLLM server started separately, for any number of
    processes: the main process sends every process's prompts, whole groups with one seed each,
@@ -55,6 +58,7 @@ from .configs import QEMPOOnlineConfig
 from .errors import QempoError, one_line
 from .losses import online_objective, online_weights
 from .methods import get_method, loss_coefficients
+from .rollout import RolloutEngine, make_engine
 from .runs import TRL_VERSION_RANGE, PickleFreeSave, warn_if_untested_trl
 
 
@@ -104,6 +108,9 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
             args = QEMPOOnlineConfig(output_dir="qempo-online")
         if not isinstance(args, QEMPOOnlineConfig):
             raise QempoError(f"args must be a QEMPOOnlineConfig, got {type(args).__name__}; build one from your settings")
+        if rollout_engine is not None and not isinstance(rollout_engine, RolloutEngine):
+            raise QempoError(f"rollout_engine must be a qempo_lite.rollout.RolloutEngine, got "
+                             f"{type(rollout_engine).__name__}; subclass it (see docs/where-things-live.md)")
         warn_if_untested_trl("QEMPOOnlineTrainer", "tests/test_online.py")
         with _trl_kl_off(args):
             super().__init__(
@@ -133,40 +140,13 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
 
     # ------------------------------------------------------------------ rollout engine
     def _make_rollout_engine(self):
-        from .rollout import HFRollout, VLLMLoRARollout, VLLMServerRollout, eos_token_ids
-
-        policy = self.accelerator.unwrap_model(self.model)
-        if self.args.rollout == "hf":
-            return HFRollout(policy, self._tokenizer)
-        if not _is_peft(policy):
-            raise QempoError(f"rollout: {self.args.rollout} serves a LoRA adapter on the base model; train a LoRA "
-                             "(pass peft_config)")
-        if self.args.rollout == "vllm_server":
-            adapter_dir = self.args.vllm_server_adapter_dir or Path(self.args.output_dir) / "served-adapters"
-            engine = VLLMServerRollout(
-                self.args.vllm_server_url, tokenizer=self._tokenizer, adapter_dir=adapter_dir,
-                eos_token_ids=eos_token_ids(self._tokenizer, getattr(policy, "generation_config", None)),
-                retries=self.args.vllm_server_retries, request_timeout=self.args.vllm_server_request_timeout,
-                expected_model=policy.get_base_model().config.name_or_path,
-                vocab_size=policy.get_input_embeddings().num_embeddings)
+        engine = make_engine(self.args.rollout, self.accelerator.unwrap_model(self.model), self._tokenizer, self.args,
+                             num_processes=self.accelerator.num_processes)
+        if engine.serves_all_processes:
             self._on_main_then_everywhere(engine.probe)
-            return engine
-        if self.accelerator.num_processes > 1:
-            # One in-process engine per training process would share a seed and land on the first GPU.
-            raise QempoError(f"rollout: vllm runs one in-process engine and supports one training process, found "
-                             f"{self.accelerator.num_processes}; use rollout: vllm_server (one vLLM server for every "
-                             "process, see qempo-lite serve) or rollout: hf")
-        return VLLMLoRARollout(
-            policy.get_base_model(),
-            max_lora_rank=self.args.vllm_max_lora_rank,
-            max_model_len=self.args.vllm_max_model_length or 2048,
-            gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
-            dtype=self.args.vllm_dtype,
-            enable_sleep_mode=self.args.vllm_enable_sleep_mode,
-            quantization=self.args.vllm_quantization,
-            seed=self.args.seed,
-            tokenizer=self._tokenizer,
-        )
+        else:
+            engine.probe()
+        return engine
 
     def _on_main_then_everywhere(self, work):
         """Run ``work()`` on the main process; every process returns its result or raises its QempoError.
@@ -203,9 +183,8 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
         A collective: every process calls it at the same point. None when nothing needs gathering.
         """
         from .distributed import gathered_adapter_state, is_sharded
-        from .rollout import HFRollout
 
-        if self._synced_step == self.state.global_step or isinstance(self.rollout_engine, HFRollout):
+        if self._synced_step == self.state.global_step or self.rollout_engine.samples_live_weights:
             return None
         if self._sharded is None:
             self._sharded = is_sharded(self.model_wrapped)
@@ -237,17 +216,16 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None or multimodal_fields:
             raise QempoError("QEMPO online training is text-only; remove image fields from the dataset")
-        from .rollout import HFRollout
         from trl.models import unwrap_model_for_generation
 
         prompt_ids = [list(ids) for ids in prompt_ids]
         k = num_generations
-        if getattr(self.rollout_engine, "serves_all_processes", False):
+        if self.rollout_engine.serves_all_processes:
             return self._generate_for_all_processes(prompt_ids, k)
         self._sync_rollout_engine(self._adapter_for_sync())
         prompts, n = _unique_prompts(prompt_ids, k)
         kwargs = dict(n=n, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_completion_length)
-        if isinstance(self.rollout_engine, HFRollout):
+        if self.rollout_engine.samples_live_weights:  # ZeRO-3: the weights gathered for generation
             with unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator,
                 gather_deepspeed3_params=self.args.ds3_gather_for_generation,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .adapters import METADATA_FILE
+from .adapters import METADATA_FILE, safetensors_header
 from .errors import QempoError
 
 # The TRL releases whose trainer internals qempo-lite's trainers were written against; outside it they warn and
@@ -188,9 +188,10 @@ def push_finished_adapter(config, repo_id: str | None) -> None:
 def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | None:
     """Why the checkpoint folder ``path`` cannot be resumed from (a save cut short), or None if it is complete.
 
-    Complete means: ``trainer_state.json`` parses, the weights' safetensors header parses, and
-    (unless ``save_only_model``) the optimizer and scheduler states are readable archives (under
-    DeepSpeed, its optimizer states are present; under FSDP, its sharded ones are complete).
+    Complete means: ``trainer_state.json`` parses, the weights are whole safetensors files (their header
+    describes the file's exact size, :func:`~qempo_lite.adapters.safetensors_header`), and (unless
+    ``save_only_model``) the optimizer and scheduler states are readable archives (under DeepSpeed, its
+    optimizer states are present; under FSDP, its sharded ones are complete).
     """
     import zipfile
 
@@ -205,16 +206,10 @@ def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | Non
         return "it holds no weights"
     for file in weights:
         try:
-            total = file.stat().st_size
-            with file.open("rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                if size > total - 8:
-                    return f"{file.name} is truncated"
-                header = json.loads(handle.read(size))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if total < 8 + size + end:
-                return f"{file.name} is truncated"
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            safetensors_header(file, file.name, fix=None)
+        except QempoError as err:
+            return str(err)
+        except OSError:
             return f"{file.name} is unreadable"
     if needs_optimizer:
         # DeepSpeed keeps the optimizer (and its scheduler) in the folder that `latest` names; FSDP writes

@@ -81,3 +81,20 @@ def test_the_sampler_checks_the_lora_weights_as_the_push_does(adapter, tmp_path,
         check_adapter("rank", other_rank, str(tiny_model_dir))
     with pytest.raises(QempoError, match="has rank 4, but adapter_config.json says r=8"):
         check_adapter_files(other_rank)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda b: b[:-64], "adapter_model.safetensors is truncated or padded"),
+    (lambda b: b + b"\0" * 64, "adapter_model.safetensors is truncated or padded"),
+    (lambda b: b[:6], "adapter_model.safetensors is not a safetensors file"),
+])
+def test_a_checkpoint_is_checked_by_the_adapters_safetensors_check(adapter, tmp_path, damage, reason):
+    from qempo_lite.runs import checkpoint_problem
+
+    checkpoint = copy(adapter, tmp_path, "checkpoint-1")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+    assert checkpoint_problem(checkpoint, needs_optimizer=False) is None
+    weights = checkpoint / WEIGHTS_FILE
+    weights.write_bytes(damage(weights.read_bytes()))
+    problem = checkpoint_problem(checkpoint, needs_optimizer=False)
+    assert problem is not None and problem.startswith(reason) and "save_pretrained" not in problem

@@ -170,21 +170,29 @@ def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
 
 
 def test_overridden_trl_internals_have_the_expected_shape():
-    """Fails loudly when TRL changes the private methods this trainer overrides."""
+    """Fails loudly when TRL changes the private members this trainer overrides or calls (listed in trl_internals)."""
     import trl
     from trl import GRPOTrainer
 
+    from qempo_lite.trl_internals import GRPO_PRIVATE_MEMBERS, signature_changes
+
     assert trl.__version__.startswith("1.16"), trl.__version__
-    expected = {
-        "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"],
-        "_generate_and_score_completions": ["self", "inputs"],
-        "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
-        "_compute_loss": ["self", "model", "inputs"],
-    }
-    for name, params in expected.items():
-        assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == params, name
-    logps_params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
-    assert list(logps_params)[:7] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy"]
+    assert signature_changes(GRPOTrainer) == []
+    # Every private TRL member the trainer overrides is in the list.
+    overridden = {name for name, member in vars(QEMPOOnlineTrainer).items() if callable(member)
+                  and name.startswith("_") and not name.startswith("__") and hasattr(GRPOTrainer, name)}
+    assert overridden == {name for name, (use, _) in GRPO_PRIVATE_MEMBERS.items() if use == "overridden"}
+
+    class Refactored(GRPOTrainer):  # what a TRL refactor might leave: a new parameter, a member gone
+        def _compute_loss(self, model, inputs, num_items_in_batch):
+            pass
+
+        _get_output_dir = None
+
+    changes = signature_changes(Refactored)
+    assert changes == ["Refactored._compute_loss (overridden) takes (self, model, inputs, num_items_in_batch), not "
+                       "(self, model, inputs)", "Refactored._get_output_dir (called) no longer exists"]
+
     assert GRPOTrainer.loss_is_scaled_for_ga is True  # our loss is not divided again by Trainer
     # The call paths the overrides rely on.
     needles = {
@@ -207,6 +215,54 @@ def test_online_run_with_hf_rollout(method, tiny_model_dir, tokenizer, prompts, 
     trainer.train()
     _check_run(trainer, tmp_path)
     assert trainer.ref_logp_calls == (0 if method == "qempo" else args.max_steps)
+
+
+def _documented_engine_example() -> str:
+    """The worked example of docs/where-things-live.md ("A new rollout engine"), as written there."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "where-things-live.md").read_text(encoding="utf-8")
+    section = doc[doc.index("- **A new rollout engine**"):]
+    block = section[section.index("```python") + len("```python"):section.index("  ```\n", section.index("```python"))]
+    return inspect.cleandoc("\n" + block)
+
+
+def test_an_engine_added_with_one_class_and_one_registry_line_trains(tiny_model_dir, tokenizer, prompts, tmp_path):
+    """The documented example: a class and a registry line; ``rollout: NAME`` trains through it, nothing else changed."""
+    from qempo_lite.rollout import ENGINES, HFRollout
+
+    namespace: dict = {}
+    exec(compile(_documented_engine_example(), "where-things-live.md", "exec"), namespace)  # noqa: S102
+    try:
+        engine_class = namespace["SharedPromptRollout"]
+        assert ENGINES["hf_shared_prompts"] is engine_class and issubclass(engine_class, HFRollout)
+        calls = []
+
+        class Counting(engine_class):  # counts the rollouts the trainer asks of the registered engine
+            def generate(self, prompts, **kwargs):
+                calls.append(len(prompts))
+                return super().generate(prompts, **kwargs)
+
+        ENGINES["hf_shared_prompts"] = Counting
+        args = _config(tmp_path, loss_method="qempo", rollout="hf_shared_prompts", max_steps=1)
+        trainer = _trainer(RecordingTrainer, tiny_model_dir, tokenizer, prompts, args)
+        assert type(trainer.rollout_engine) is Counting and trainer.rollout_engine.shared_prompts
+        trainer.train()
+        _check_run(trainer, tmp_path)
+        assert calls and sum(calls) * K == args.per_device_train_batch_size * args.gradient_accumulation_steps
+    finally:
+        ENGINES.pop("hf_shared_prompts", None)
+    with pytest.raises(QempoError, match="rollout 'hf_shared_prompts' is unknown; use one of hf, vllm, vllm_server"):
+        _config(tmp_path, rollout="hf_shared_prompts")
+
+
+def test_the_trainer_takes_engines_only(tiny_model_dir, tokenizer, prompts, tmp_path):
+    from qempo_lite.rollout import register_engine
+
+    with pytest.raises(QempoError, match="rollout_engine must be a qempo_lite.rollout.RolloutEngine, got object"):
+        _trainer(QEMPOOnlineTrainer, tiny_model_dir, tokenizer, prompts, _config(tmp_path), rollout_engine=object())
+    with pytest.raises(TypeError, match="must be a RolloutEngine subclass"):
+        register_engine("not_an_engine", object)
 
 
 def test_qempo_computes_no_reference_logprobs(tiny_model_dir, tokenizer, prompts, tmp_path):

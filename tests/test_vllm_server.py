@@ -337,6 +337,24 @@ def test_probe_refuses_a_server_without_runtime_adapter_loading(tokenizer, tmp_p
         httpd.shutdown()
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(url="http://"), "vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got 'http://'"),
+    (dict(url="ftp://host:1"), "vllm_server_url must be an http(s) URL"),
+    (dict(url="127.0.0.1:8000"), "vllm_server_url must be an http(s) URL"),
+])
+def test_the_recipe_and_the_engine_refuse_the_same_server_urls_alike(tokenizer, tmp_path, settings, message):
+    from qempo_lite.configs import QEMPOOnlineConfig
+
+    given = dict(url="http://127.0.0.1:8000", retries=1, request_timeout=5.0) | settings
+    with pytest.raises(QempoError) as in_config:
+        QEMPOOnlineConfig(output_dir=str(tmp_path), rollout="vllm_server", vllm_server_url=given["url"],
+                          vllm_server_retries=given["retries"], vllm_server_request_timeout=given["request_timeout"])
+    with pytest.raises(QempoError) as in_engine:
+        VLLMServerRollout(given["url"], tokenizer=tokenizer, adapter_dir=tmp_path, retries=given["retries"],
+                          request_timeout=given["request_timeout"])
+    assert message in str(in_config.value) and str(in_config.value) == str(in_engine.value)
+
+
 # ---------------------------------------------------------------------------------- training
 
 

@@ -97,6 +97,11 @@ def create_graph(doc):
     return graph
 
 
+def _drawn_sentences(texts, nlp, n, seed, split) -> list[str]:
+    """The sentences a reference score is computed on: ``split(texts)`` (default :func:`parser_sentences`), ``n`` drawn."""
+    return _draw(split(texts) if split is not None else parser_sentences(texts, nlp), n, seed)
+
+
 def reference_syntactic(
     texts: Sequence[str],
     nlp,
@@ -111,8 +116,7 @@ def reference_syntactic(
     from grakel.kernels import VertexHistogram, WeisfeilerLehman
     from grakel.utils import graph_from_networkx
 
-    sentences = split(texts) if split is not None else parser_sentences(texts, nlp)
-    sentences = _draw(sentences, n, seed)
+    sentences = _drawn_sentences(texts, nlp, n, seed, split)
     graphs = [create_graph(nlp(s)) for s in sentences]
     kernel = WeisfeilerLehman(n_iter=2, normalize=True, base_graph_kernel=VertexHistogram)
     matrix = kernel.fit_transform(list(graph_from_networkx(graphs, node_labels_tag="label")))
@@ -134,8 +138,7 @@ def reference_semantic(
     """
     import torch
 
-    sentences = split(texts) if split is not None else parser_sentences(texts, nlp)
-    sentences = _draw(sentences, n, seed)
+    sentences = _drawn_sentences(texts, nlp, n, seed, split)
     x = encoder.encode(sentences, batch_size=8, show_progress_bar=False, convert_to_tensor=True,
                        normalize_embeddings=True).to(torch.float)
     # The script's cosine_similarity(x[None], x[:, None]) without its n x n x d intermediate.

@@ -1,8 +1,13 @@
 """Rollout engines: sample k completions per prompt from the policy being trained.
 
-Three engines share one interface, ``generate(prompts, *, n, ..., seed) -> list[list[Completion]]``
-(one inner list of ``n`` completions per prompt) and ``sync(peft_model, state_dict=None)``
-(``state_dict``: the adapter's LoRA tensors gathered from a ZeRO-3 / FSDP-sharded model):
+Every engine implements :class:`RolloutEngine` (``engine.py``):
+``generate(prompts, *, n, ..., seed) -> list[list[Completion]]`` (one inner list of ``n``
+completions per prompt), ``sync(peft_model, state_dict=None)`` (``state_dict``: the adapter's
+LoRA tensors gathered from a ZeRO-3 / FSDP-sharded model), ``probe()``, ``close()``, the flags
+``samples_live_weights`` and ``serves_all_processes``, and ``for_training(policy, tokenizer,
+args, num_processes=...)``, which builds it for an online run. ``rollout: NAME`` builds the
+engine registered under NAME (:func:`register_engine`, :func:`make_engine`; the registry lines
+are at the end of this module). Three engines ship:
 
 * :class:`HFRollout` (``hf.py``) samples with ``model.generate`` from the live (PEFT) model;
   ``sync`` has nothing to do. It works everywhere and is the reference the vLLM engines are
@@ -41,21 +46,31 @@ from ..generation import (
     temporary_env,
 )
 from .common import Completion, SyncInfo, served_lora_name
+from .engine import ENGINES, RolloutEngine, engine_names, make_engine, register_engine
 from .hf import HFRollout
 from .inprocess import VLLMLoRARollout
 from .server import RolloutServerError, VLLMServerRollout
 
+register_engine("hf", HFRollout)
+register_engine("vllm", VLLMLoRARollout)
+register_engine("vllm_server", VLLMServerRollout)
+
 __all__ = [
+    "ENGINES",
     "Completion",
     "HFRollout",
     "Prompt",
+    "RolloutEngine",
     "RolloutServerError",
     "SyncInfo",
     "VLLMLoRARollout",
     "VLLMServerRollout",
+    "engine_names",
     "eos_token_ids",
+    "make_engine",
     "process_group_exists",
     "prompt_token_ids",
+    "register_engine",
     "served_lora_name",
     "shutdown_vllm",
     "temporary_env",

@@ -42,10 +42,11 @@ def served_lora_name(peft_model, max_lora_rank: int | None) -> str:
     """The active adapter's name, after checking that vLLM can serve it: a LoRA within ``max_lora_rank``."""
     from peft import PeftModel
 
+    from ..distributed import active_adapter_name
+
     if not isinstance(peft_model, PeftModel):
         raise QempoError("sync needs a PEFT model with a LoRA adapter; wrap the model with peft.get_peft_model first")
-    active = peft_model.active_adapter
-    active = active[0] if isinstance(active, (list, tuple)) else active
+    active = active_adapter_name(peft_model)
     config = peft_model.peft_config[active]
     if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
         raise QempoError(f"adapter {active!r} is {config.peft_type}, but vLLM serves LoRA adapters only; train a LoRA")

@@ -10,9 +10,10 @@ from ..errors import QempoError
 from ..generation import (Prompt, check_sampling, eos_token_ids, first_eos, hf_generate, prompt_token_ids, sampling_seed,
                           shared_prompt_sample)
 from .common import Completion, SyncInfo
+from .engine import RolloutEngine
 
 
-class HFRollout:
+class HFRollout(RolloutEngine):
     """Sampling with ``model.generate`` from the live model (a PEFT model samples with its adapter).
 
     ``max_batch_prompts`` bounds how many prompts go through one ``generate`` call (each with
@@ -21,6 +22,8 @@ class HFRollout:
     several times faster for short answers to long prompts; the draws differ from
     ``model.generate``'s for the same seed, the distribution is the same.
     """
+
+    samples_live_weights = True
 
     def __init__(self, model, tokenizer, *, max_batch_prompts: int | None = None, shared_prompts: bool = False):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
@@ -31,12 +34,13 @@ class HFRollout:
         self.shared_prompts = shared_prompts
         self.eos_token_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
 
+    @classmethod
+    def for_training(cls, policy, tokenizer, args, *, num_processes: int) -> "HFRollout":
+        return cls(policy, tokenizer)
+
     def sync(self, peft_model=None, state_dict=None) -> SyncInfo:
         """Nothing to move: generation reads the live weights."""
         return SyncInfo(lora_id=0, nbytes=0, seconds=0.0)
-
-    def close(self) -> None:
-        pass
 
     def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 256, seed: int | None = None) -> list[list[Completion]]:

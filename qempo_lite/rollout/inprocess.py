@@ -24,6 +24,7 @@ from ..generation import (
     vllm_on_cpu,
 )
 from .common import Completion, SyncInfo, directory_bytes, served_lora_name
+from .engine import RolloutEngine, require_lora
 
 logger = logging.getLogger("qempo_lite")
 
@@ -40,7 +41,7 @@ def _base_model_path(base_model) -> str:
     return str(name)
 
 
-class VLLMLoRARollout:
+class VLLMLoRARollout(RolloutEngine):
     """vLLM serving the base model, with the trained adapter served natively as a LoRA.
 
     Create one engine per run (start-up is the expensive part) and call :meth:`sync` after
@@ -81,6 +82,20 @@ class VLLMLoRARollout:
         self._asleep = False
         if self.enable_sleep_mode:
             self._sleep()
+
+    @classmethod
+    def for_training(cls, policy, tokenizer, args, *, num_processes: int) -> "VLLMLoRARollout":
+        policy = require_lora(policy, "vllm")
+        if num_processes > 1:
+            # One in-process engine per training process would share a seed and land on the first GPU.
+            raise QempoError(f"rollout: vllm runs one in-process engine and supports one training process, found "
+                             f"{num_processes}; use rollout: vllm_server (one vLLM server for every process, see "
+                             "qempo-lite serve) or rollout: hf")
+        return cls(policy.get_base_model(), max_lora_rank=args.vllm_max_lora_rank,
+                   max_model_len=args.vllm_max_model_length or 2048,
+                   gpu_memory_utilization=args.vllm_gpu_memory_utilization, dtype=args.vllm_dtype,
+                   enable_sleep_mode=args.vllm_enable_sleep_mode, quantization=args.vllm_quantization, seed=args.seed,
+                   tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ adapter sync
     def sync(self, peft_model, state_dict: dict[str, torch.Tensor] | None = None) -> SyncInfo:

@@ -18,8 +18,9 @@ from ..errors import QempoError, short_repr
 from .. import generation
 from ..generation import Prompt, check_sampling, prompt_token_ids
 from .common import Completion, SyncInfo, check_served_model, check_token_ids, directory_bytes, served_lora_name
+from .engine import RolloutEngine, require_lora
 from .served_dirs import ServedDirs
-from .transport import send_json
+from .transport import check_server_settings, send_json
 
 logger = logging.getLogger("qempo_lite")
 
@@ -73,7 +74,7 @@ def _is_missing_route(status: int, body: Any) -> bool:
     return status == 404 and not (isinstance(body, dict) and "error" in body)
 
 
-class VLLMServerRollout:
+class VLLMServerRollout(RolloutEngine):
     """Rollouts from a vLLM OpenAI-compatible server started separately, fed adapters only.
 
     The server serves the *base* model with LoRA enabled and runtime adapter loading on::
@@ -115,13 +116,7 @@ class VLLMServerRollout:
                  expected_model: str | None = None, vocab_size: int | None = None):
         from urllib.parse import urlparse
 
-        parsed = urlparse(str(url))
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise QempoError(f"vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise QempoError(f"vllm_server_retries must be a whole number >= 0, got {retries!r}")
-        if not request_timeout > 0:
-            raise QempoError(f"vllm_server_request_timeout must be > 0 seconds, got {request_timeout!r}")
+        check_server_settings(url, retries, request_timeout)
         self.url = str(url).rstrip("/")
         self.tokenizer = tokenizer
         self.adapter_dir = Path(adapter_dir).resolve()
@@ -139,9 +134,19 @@ class VLLMServerRollout:
 
         self._reload_lock = threading.Lock()
         # A loopback server is reached directly, whatever http_proxy says.
-        self._direct = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+        self._direct = urlparse(str(url)).hostname in ("127.0.0.1", "localhost", "::1")
 
     # ------------------------------------------------------------------ HTTP
+    @classmethod
+    def for_training(cls, policy, tokenizer, args, *, num_processes: int) -> "VLLMServerRollout":
+        policy = require_lora(policy, "vllm_server")
+        return cls(args.vllm_server_url, tokenizer=tokenizer,
+                   adapter_dir=args.vllm_server_adapter_dir or Path(args.output_dir) / "served-adapters",
+                   eos_token_ids=generation.eos_token_ids(tokenizer, getattr(policy, "generation_config", None)),
+                   retries=args.vllm_server_retries, request_timeout=args.vllm_server_request_timeout,
+                   expected_model=policy.get_base_model().config.name_or_path,
+                   vocab_size=policy.get_input_embeddings().num_embeddings)
+
     def _send(self, method: str, path: str, payload: dict | None, timeout: float) -> tuple[int, Any]:
         """One request, answered within ``timeout`` seconds in all (not per read: a trickling server times out)."""
         return send_json(method, self.url + path, payload, timeout, direct=self._direct)
