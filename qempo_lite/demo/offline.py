@@ -292,10 +292,9 @@ def _run(output: Path, settings: DemoSettings, log) -> dict:
     exact = {"reference": world.answer_distribution(reference, tokenizer, prompts())}
     predicted = {"reference": exact["reference"]}
     samples = {"reference": world.sample_answers(reference, tokenizer, prompts(), settings.samples_per_prompt, seed)}
+    adapters = _train_all(base, rows, output, settings, log)
     for method in METHODS:
-        log(f"training the {method} adapter ({settings.steps} steps)")
-        adapter = train_adapter(method, base, rows, output / "adapters" / method, settings)
-        policy = world.load_policy(base, adapter)
+        policy = world.load_policy(base, adapters[method])
         exact[method] = world.answer_distribution(policy, tokenizer, prompts())
         predicted[method] = predict(exact["reference"], names, method)
         samples[method] = world.sample_answers(policy, tokenizer, prompts(), settings.samples_per_prompt, seed)
@@ -311,6 +310,38 @@ def _run(output: Path, settings: DemoSettings, log) -> dict:
     (output / "report.json").write_text(json.dumps(report, indent=2))
     (output / "report.md").write_text(report_markdown(report))
     return report
+
+
+def _one_thread() -> None:
+    """A training worker: one thread, and bitsandbytes' notice about an optional 4-bit CPU kernel silenced
+    (the demo has no 4-bit layer), as in the main process."""
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit" not in record.getMessage())
+
+
+def _train_all(base: Path, rows: list[dict], output: Path, settings: DemoSettings, log) -> dict[str, Path]:
+    """Every method's adapter, trained in parallel on the machine's cores, one thread each.
+
+    The trainings are independent and each is deterministic on one thread, so the adapters are
+    those of training one after the other (the report is the same to the digit), in about half
+    the time on two cores.
+    """
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(len(METHODS), max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                    else os.cpu_count() or 1))
+    log(f"training the {', '.join(METHODS)} adapters ({settings.steps} steps each, {workers} at a time)")
+    if workers == 1:
+        return {m: train_adapter(m, base, rows, output / "adapters" / m, settings) for m in METHODS}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        futures = {m: pool.submit(train_adapter, m, base, rows, output / "adapters" / m, settings) for m in METHODS}
+        return {m: future.result() for m, future in futures.items()}
 
 
 def _tokenizer(base: Path):
