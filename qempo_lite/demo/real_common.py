@@ -8,11 +8,38 @@ stopped run continues where it was), the pictures, the table and the report's fi
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from typing import ClassVar
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import real_tasks
 
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear layer
+
+
+@dataclass
+class RealSettings:
+    """The settings both real-model demos have; ``make``: the defaults, or with ``quick`` the class's ``QUICK``."""
+
+    QUICK: ClassVar[dict] = {}
+
+    seed: int = 0
+    quick: bool = False
+    learning_rate: float = 2e-4
+    lora_r: int = 16
+    lora_layers: int = 10  # LoRA on the last layers only: backward stops there (CPU time)
+    max_new_tokens: int = real_tasks.MAX_NEW_TOKENS
+    eval_samples: int = 32
+    dtype: str = "float32"
+
+    @classmethod
+    def make(cls, seed: int, quick: bool, dtype: str, methods: list[str] | None = None):
+        settings = cls(seed=seed, quick=quick, dtype=dtype, **(cls.QUICK if quick else {}))
+        if methods:
+            settings.methods = list(methods)
+        return settings
 
 
 def load_model(model_dir: Path, dtype: str, adapter: Path | None = None):
@@ -76,9 +103,50 @@ def scored_policy(output: Path, name: str, model, tokenizer, questions, settings
     return scored
 
 
-def method_summaries(scores: dict) -> dict:
-    """The report's ``methods``: each policy's scores without the per-question details."""
-    return {k: {m: v for m, v in s.items() if m != "questions"} for k, s in scores.items()}
+def start_run(output: Path, model_dir: Path, settings, held_out: list[str], log, prepare: Callable):
+    """Seed torch, record ``settings.json``, then with the base model loaded: ``prepared = prepare(base, tokenizer)``
+    (what else the run needs of it) and the base model's held-out scores. ``(encoder, {"reference": scores},
+    prepared)``."""
+    import torch
+
+    torch.manual_seed(settings.seed)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    encoder = load_encoder(log)
+    base, tokenizer = load_model(model_dir, settings.dtype)
+    prepared = prepare(base, tokenizer)
+    reference = scored_policy(output, "reference", base, tokenizer, held_out, settings, encoder, log)
+    return encoder, {"reference": reference}, prepared
+
+
+def train_and_score(output: Path, model_dir: Path, held_out: list[str], settings, encoder, log, what: str,
+                    train: Callable[[str, Path], object]) -> dict:
+    """``{method: scores}`` for each of ``settings.methods``: its adapter in ``adapters/<method>/``, trained by
+    ``train(method, directory)`` (timed in ``train_seconds.json``) unless already saved, then scored on
+    ``held_out``."""
+    scores = {}
+    for name in settings.methods:
+        adapter = output / "adapters" / name
+        if not (adapter / "adapter_model.safetensors").is_file():
+            log(f"training {name} {what}")
+            start = time.perf_counter()
+            train(name, adapter)
+            (adapter / "train_seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+        policy, tokenizer = load_model(model_dir, settings.dtype, adapter)
+        scores[name] = scored_policy(output, name, policy, tokenizer, held_out, settings, encoder, log)
+    return scores
+
+
+def report_of(settings, beta: float, methods: dict, model_dir: Path, train: list[str], held_out: list[str],
+              scores: dict, **extra) -> dict:
+    """A run's ``report.json``: settings, each method's own settings, the questions, ``extra``, then ``methods``
+    (each policy's scores without the per-question details)."""
+    from ..real_model import WEIGHTS_NOTE
+
+    return {"seed": settings.seed, "quick": settings.quick, "settings": asdict(settings), "beta": beta,
+            "methods_settings": {k: {"loss_method": v[0], **v[1]} for k, v in methods.items()},
+            "model": str(model_dir), "weights": WEIGHTS_NOTE, "held_out": held_out, "train": train, **extra,
+            "methods": {k: {m: v for m, v in s.items() if m != "questions"} for k, s in scores.items()}}
 
 
 def write_plots(report: dict, output: Path) -> None:
@@ -147,5 +215,6 @@ def print_report(title: str, report: dict, output: Path) -> None:
         f"{output / 'pass_at_k.png'}"])
 
 
-__all__ = ["HEADER", "LORA_MODULES", "load_encoder", "load_model", "lora_config", "markdown_table", "method_summaries",
-           "print_report", "sample_policy", "scored_policy", "table_rows", "write_plots", "write_report"]
+__all__ = ["HEADER", "LORA_MODULES", "RealSettings", "load_encoder", "load_model", "lora_config", "markdown_table",
+           "print_report", "report_of", "sample_policy", "scored_policy", "start_run", "table_rows", "train_and_score",
+           "write_plots", "write_report"]

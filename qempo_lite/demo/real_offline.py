@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import random
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import real_tasks
-from .real_common import (load_encoder, load_model, lora_config, markdown_table, method_summaries, print_report as
-                          _print_report, sample_policy, scored_policy, write_report)
+from .real_common import (RealSettings, load_model, lora_config, markdown_table,
+                          print_report as _print_report, report_of, sample_policy, start_run, train_and_score,
+                          write_report)
 from .real_online import BETA
 
 # name: (loss_method, the method's own settings); every other setting is shared.
@@ -47,32 +47,18 @@ PAIRS_FILE = "pairs.json"
 
 
 @dataclass
-class RealOfflineSettings:
+class RealOfflineSettings(RealSettings):
     """Every setting the trainings share (only the loss and its own coefficients differ)."""
 
-    seed: int = 0
-    quick: bool = False
+    QUICK = dict(steps=20, eval_samples=16)
+
     pair_samples: int = 16  # the base model's answers per training question the pairs are drawn from
     pairs_per_question: int = 8
     steps: int = 60
     batch_size: int = 16  # pairs per optimizer step
-    learning_rate: float = 2e-4
-    lora_r: int = 16
-    lora_layers: int = 10  # LoRA on the last layers only: backward stops there (CPU time)
-    max_new_tokens: int = real_tasks.MAX_NEW_TOKENS
-    eval_samples: int = 32
-    dtype: str = "float32"
     train_questions: int | None = None  # the first N training / held-out questions (None: all; for tests)
     held_out_questions: int | None = None
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-
-    @classmethod
-    def make(cls, seed: int, quick: bool, dtype: str, methods: list[str] | None = None) -> "RealOfflineSettings":
-        settings = cls(seed=seed, quick=quick, dtype=dtype) if not quick else cls(
-            seed=seed, quick=True, steps=20, eval_samples=16, dtype=dtype)
-        if methods:
-            settings.methods = list(methods)
-        return settings
 
     def questions(self) -> tuple[list[str], list[str]]:
         train, held_out = real_tasks.split()
@@ -146,37 +132,18 @@ def train_method(name: str, model_dir: Path, rows: list[dict], out: Path, settin
 
 
 def run_real_offline(output: Path, model_dir: Path, settings: RealOfflineSettings, log=print) -> dict:
-    """Build the pairs, train every method, sample and score every policy on the held-out questions; write the report."""
-    import torch
-
-    torch.manual_seed(settings.seed)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    """Build the pairs, train every method, sample and score every policy on the held-out questions; write the
+    report."""
     train, held_out = settings.questions()
-    encoder = load_encoder(log)
-    base, tokenizer = load_model(model_dir, settings.dtype)
-    data = build_pairs(output, base, tokenizer, train, settings, log)
-    scores = {"reference": scored_policy(output, "reference", base, tokenizer, held_out, settings, encoder, log)}
-    del base
-    for name in settings.methods:
-        adapter = output / "adapters" / name
-        if not (adapter / "adapter_model.safetensors").is_file():
-            log(f"training {name} offline ({settings.steps} steps of {settings.batch_size} pairs, "
-                f"{len(data['pairs'])} pairs)")
-            start = time.perf_counter()
-            train_method(name, model_dir, data["pairs"], adapter, settings)
-            (adapter / "train_seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
-        policy, tokenizer = load_model(model_dir, settings.dtype, adapter)
-        scores[name] = scored_policy(output, name, policy, tokenizer, held_out, settings, encoder, log)
-    from ..real_model import WEIGHTS_NOTE
-
-    methods = method_summaries(scores)
-    report = {"seed": settings.seed, "quick": settings.quick, "settings": asdict(settings), "beta": BETA,
-              "methods_settings": {k: {"loss_method": v[0], **v[1]} for k, v in METHODS.items()},
-              "model": str(model_dir), "weights": WEIGHTS_NOTE, "held_out": held_out, "train": train,
-              "pairs": {"rows": len(data["pairs"]), "questions": len(data["questions_with_pairs"]),
-                        "questions_without_pairs": data["questions_without_pairs"]},
-              "methods": methods, "goal": goal_checks(methods)}
+    encoder, scores, data = start_run(output, model_dir, settings, held_out, log, lambda base, tokenizer:
+                                      build_pairs(output, base, tokenizer, train, settings, log))
+    what = f"offline ({settings.steps} steps of {settings.batch_size} pairs, {len(data['pairs'])} pairs)"
+    scores.update(train_and_score(output, model_dir, held_out, settings, encoder, log, what, lambda name, adapter:
+                                  train_method(name, model_dir, data["pairs"], adapter, settings)))
+    pairs = {"rows": len(data["pairs"]), "questions": len(data["questions_with_pairs"]),
+             "questions_without_pairs": data["questions_without_pairs"]}
+    report = report_of(settings, BETA, METHODS, model_dir, train, held_out, scores, pairs=pairs)
+    report["goal"] = goal_checks(report["methods"])
     write_report(report, output, report_markdown(report))
     return report
 
@@ -190,7 +157,8 @@ def goal_checks(methods: dict) -> list[dict]:
               ("H(qempo) ≥ H(dpo) + 0.2 nats", ("qempo", "dpo"), lambda: h["qempo"] >= h["dpo"] + 0.2),
               ("H(qempo) ≥ H(dpo_js) and ≥ H(dpo_fkl)", ("qempo", "dpo_js", "dpo_fkl"),
                lambda: h["qempo"] >= max(h["dpo_js"], h["dpo_fkl"])),
-              ("accuracy(qempo) ≥ accuracy(dpo) − 0.03", ("qempo", "dpo"), lambda: acc["qempo"] >= acc["dpo"] - 0.03)]
+              ("accuracy(qempo) ≥ accuracy(dpo) − 0.03", ("qempo", "dpo"),
+               lambda: acc["qempo"] >= acc["dpo"] - 0.03)]
     return [{"check": text, "passed": bool(holds()),
              "detail": ", ".join(f"{n}: H {h[n]:.3f}, accuracy {acc[n]:.3f}" for n in names)}
             for text, names, holds in claims if all(n in methods for n in names)]

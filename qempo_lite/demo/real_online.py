@@ -26,13 +26,13 @@ stopped continues where it was (run the same command again).
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import real_tasks
-from .real_common import (load_encoder, load_model, lora_config, markdown_table, method_summaries,
-                          print_report as _print_report, sample_policy, scored_policy, write_report)
+from .real_common import (RealSettings, load_model, lora_config, markdown_table,
+                          print_report as _print_report, report_of, sample_policy, start_run, train_and_score,
+                          write_report)
 
 BETA = 0.1
 # name: (loss_method, the method's own settings); every other setting is shared.
@@ -49,29 +49,15 @@ ENTROPY_QUESTIONS = 12  # training questions the base model's token entropy is m
 
 
 @dataclass
-class RealOnlineSettings:
+class RealOnlineSettings(RealSettings):
     """Every setting the trainings share (only the loss and its own coefficients differ)."""
 
-    seed: int = 0
-    quick: bool = False
+    QUICK = dict(steps=8, eval_samples=16)
+
     steps: int = 30
     prompts_per_step: int = 4
     num_generations: int = 8
-    learning_rate: float = 2e-4
-    lora_r: int = 16
-    lora_layers: int = 10  # LoRA on the last layers only: backward stops there (CPU time)
-    max_new_tokens: int = real_tasks.MAX_NEW_TOKENS
-    eval_samples: int = 32
-    dtype: str = "float32"
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-
-    @classmethod
-    def make(cls, seed: int, quick: bool, dtype: str, methods: list[str] | None = None) -> "RealOnlineSettings":
-        settings = cls(seed=seed, quick=quick, dtype=dtype) if not quick else cls(
-            seed=seed, quick=True, steps=8, eval_samples=16, dtype=dtype)
-        if methods:
-            settings.methods = list(methods)
-        return settings
 
 
 def base_token_entropy(model, tokenizer, questions: list[str], settings: RealOnlineSettings) -> float:
@@ -136,42 +122,23 @@ def train_method(name: str, model_dir: Path, out: Path, settings: RealOnlineSett
 
 def run_real_online(output: Path, model_dir: Path, settings: RealOnlineSettings, log=print) -> dict:
     """Train every method, sample and score every policy on the held-out questions; write the report."""
-    import torch
-
-    torch.manual_seed(settings.seed)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
     train, held_out = real_tasks.split()
-    encoder = load_encoder(log)
-    scores, timings = {}, {}
-    base, tokenizer = load_model(model_dir, settings.dtype)
-    target_path = output / "entropy_target.json"
-    if target_path.is_file():
-        entropy_target = json.loads(target_path.read_text())["entropy_target"]
-    else:
+
+    def target(base, tokenizer) -> float:
+        target_path = output / "entropy_target.json"
+        if target_path.is_file():
+            return json.loads(target_path.read_text())["entropy_target"]
         log("measuring the base model's per-token entropy on the training questions (grpo_entropy's target)")
         entropy_target = base_token_entropy(base, tokenizer, train[:ENTROPY_QUESTIONS], settings)
         target_path.write_text(json.dumps({"entropy_target": entropy_target}))
-    scores["reference"] = scored_policy(output, "reference", base, tokenizer, held_out, settings, encoder, log)
-    del base
-    for name in settings.methods:
-        adapter = output / "adapters" / name
-        if not (adapter / "adapter_model.safetensors").is_file():
-            log(f"training {name} online ({settings.steps} steps of {settings.prompts_per_step} questions x "
-                f"{settings.num_generations} samples)")
-            start = time.perf_counter()
-            train_method(name, model_dir, adapter, settings, entropy_target)
-            timings[name] = time.perf_counter() - start
-            (adapter / "train_seconds.json").write_text(json.dumps({"seconds": timings[name]}))
-        policy, tokenizer = load_model(model_dir, settings.dtype, adapter)
-        scores[name] = scored_policy(output, name, policy, tokenizer, held_out, settings, encoder, log)
-    report = {"seed": settings.seed, "quick": settings.quick, "settings": asdict(settings), "beta": BETA,
-              "methods_settings": {k: {"loss_method": v[0], **v[1]} for k, v in METHODS.items()},
-              "entropy_target": entropy_target, "model": str(model_dir), "held_out": held_out, "train": train,
-              "methods": method_summaries(scores)}
-    from ..real_model import WEIGHTS_NOTE
+        return entropy_target
 
-    report["weights"] = WEIGHTS_NOTE
+    encoder, scores, entropy_target = start_run(output, model_dir, settings, held_out, log, target)
+    what = (f"online ({settings.steps} steps of {settings.prompts_per_step} questions x {settings.num_generations} "
+            "samples)")
+    scores.update(train_and_score(output, model_dir, held_out, settings, encoder, log, what, lambda name, adapter:
+                                  train_method(name, model_dir, adapter, settings, entropy_target)))
+    report = report_of(settings, BETA, METHODS, model_dir, train, held_out, scores, entropy_target=entropy_target)
     write_report(report, output, report_markdown(report))
     return report
 
