@@ -248,6 +248,29 @@ def test_precomputed_reference_gives_the_on_the_fly_loss(tiny_model_dir, tmp_pat
     assert first != pytest.approx(0.6931, abs=1e-3)  # qempo_kl starts off log 2: the reference term matters
 
 
+@pytest.mark.parametrize("method", ["qempo_kl", "qempo"])
+def test_a_dataset_tokenized_with_its_reference_trains_as_the_precompute_pass_does(tiny_model_dir, tmp_path, method):
+    from datasets import Dataset
+
+    precomputed = make_trainer(tiny_model_dir, make_config(tmp_path / "a", "qempo_kl", max_steps=2,
+                                                           precompute_ref_log_probs=True), with_eval=False)
+    tokenized = Dataset.from_list(precomputed.train_dataset.to_list())  # as the real-model demo reuses it
+    assert "ref_chosen_logps" in tokenized.column_names
+    config = make_config(tmp_path / "b", method, max_steps=2)
+    loaded, tokenizer, peft_config = load_policy(str(tiny_model_dir), lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    given = QEMPOTrainer(model=loaded, args=config, train_dataset=tokenized, processing_class=tokenizer,
+                         peft_config=peft_config)
+
+    def no_reference_pass(model, inputs):
+        raise AssertionError("the dataset's reference log-probs were computed again")
+
+    given.compute_ref_log_probs = no_reference_pass
+    ours = _first_step_losses(given, steps=2)
+    expected = make_trainer(tiny_model_dir, make_config(tmp_path / "c", method, max_steps=2,
+                                                        precompute_ref_log_probs=True), with_eval=False)
+    assert ours == pytest.approx(_first_step_losses(expected, steps=2), abs=1e-6)
+
+
 def test_dpo_matches_stock_trl_dpo_trainer(tiny_model_dir, tmp_path):
     from trl import DPOConfig, DPOTrainer
 

@@ -37,6 +37,10 @@ def test_the_real_offline_demo_runs_end_to_end_and_resumes(smollm2_dir, tmp_path
     assert json.loads((out / "report.json").read_text())["methods"] == report["methods"]
     assert (out / "entropy_vs_accuracy.png").stat().st_size > 0 and "| dpo_fkl |" in (out / "report.md").read_text()
 
+    # The base model's log-probs of the pairs, computed once and given to every method.
+    reference = json.loads((out / "pairs_reference.json").read_text())
+    assert len(reference) == report["pairs"]["rows"] and all(row["ref_chosen_logps"] < 0 for row in reference)
+
     # Pairs: a correct answer preferred to an incorrect one, from training questions only.
     pairs = json.loads((out / "pairs.json").read_text())["pairs"]
     train, held_out = settings.questions()
@@ -55,8 +59,8 @@ def test_the_real_offline_demo_runs_end_to_end_and_resumes(smollm2_dir, tmp_path
 
     # Run again: nothing is sampled or trained again, and the report is the same.
     before = {name: path.stat().st_mtime_ns for name, path in adapters.items()}
-    pairs_before = (out / "pairs.json").stat().st_mtime_ns
+    cached = {name: (out / name).stat().st_mtime_ns for name in ("pairs.json", "pairs_reference.json")}
     again = run_real_offline(out, smollm2_dir, settings, log=lambda m: None)
     assert {name: path.stat().st_mtime_ns for name, path in adapters.items()} == before
-    assert (out / "pairs.json").stat().st_mtime_ns == pairs_before
+    assert {name: (out / name).stat().st_mtime_ns for name in cached} == cached
     assert again["methods"] == report["methods"]

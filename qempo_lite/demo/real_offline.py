@@ -50,11 +50,11 @@ PAIRS_FILE = "pairs.json"
 class RealOfflineSettings(RealSettings):
     """Every setting the trainings share (only the loss and its own coefficients differ)."""
 
-    QUICK = dict(steps=20, eval_samples=16)
+    QUICK = dict(steps=8, batch_size=8, pair_samples=8, eval_samples=16)
 
     pair_samples: int = 16  # the base model's answers per training question the pairs are drawn from
     pairs_per_question: int = 8
-    steps: int = 60
+    steps: int = 24  # about one pass over the pairs
     batch_size: int = 16  # pairs per optimizer step
     train_questions: int | None = None  # the first N training / held-out questions (None: all; for tests)
     held_out_questions: int | None = None
@@ -100,9 +100,8 @@ def build_pairs(output: Path, model, tokenizer, train: list[str], settings: Real
     return data
 
 
-def train_method(name: str, model_dir: Path, rows: list[dict], out: Path, settings: RealOfflineSettings) -> Path:
-    """One adapter trained offline by method ``name`` on ``rows``; every setting but the loss is shared."""
-    import datasets
+def _trainer(name: str, model_dir: Path, dataset, out: Path, settings: RealOfflineSettings, precompute: bool):
+    """A ``QEMPOTrainer`` of method ``name`` on ``dataset``; every setting but the loss is shared."""
     import torch
 
     from ..offline import QEMPOConfig, QEMPOTrainer
@@ -111,20 +110,47 @@ def train_method(name: str, model_dir: Path, rows: list[dict], out: Path, settin
     loss_method, own = METHODS[name]
     model, tokenizer = load_model(model_dir, settings.dtype)
     args = QEMPOConfig(
-        output_dir=str(out), loss_method=loss_method, **own, precompute_ref_log_probs=True,
+        output_dir=str(out), loss_method=loss_method, **own, precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=32, per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=1,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_steps=settings.steps,
         gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[], seed=settings.seed,
         use_cpu=True, disable_tqdm=True, bf16=settings.dtype == "bfloat16",
     )
     torch.manual_seed(settings.seed)
-    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
-    lora = lora_config(settings, model.config.num_hidden_layers)
-    trainer = QEMPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),
-                           processing_class=tokenizer, peft_config=lora)
+    trainer = QEMPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                           peft_config=lora_config(settings, model.config.num_hidden_layers))
     world.silence_printer(trainer)
+    return trainer
+
+
+def reference_pairs(output: Path, model_dir: Path, rows: list[dict], settings: RealOfflineSettings, log) -> list[dict]:
+    """The pairs as TRL tokenizes them, with the base model's log-probs of both answers: TRL's own precompute pass,
+    run once for every method (the reference is the same base model for all); cached in ``pairs_reference.json``."""
+    import tempfile
+
+    import datasets
+
+    path = output / "pairs_reference.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    log(f"the base model's log-probs of the {len(rows)} pairs' answers (once, for every method)")
+    pairs = datasets.Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows])
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenized = _trainer("dpo", model_dir, pairs, Path(scratch), settings, precompute=True).train_dataset.to_list()
+    path.write_text(json.dumps(tokenized))
+    return tokenized
+
+
+def train_method(name: str, model_dir: Path, tokenized: list[dict], out: Path, settings: RealOfflineSettings) -> Path:
+    """One adapter trained offline by method ``name`` on the pairs of :func:`reference_pairs`."""
+    import datasets
+
+    from . import world
+
+    trainer = _trainer(name, model_dir, datasets.Dataset.from_list(tokenized), out, settings, precompute=False)
     trainer.train()
-    world.save_demo_adapter(trainer, out, model_dir, "qempo-lite real-model preference pairs", len(rows),
+    lora = trainer.model.peft_config["default"]
+    world.save_demo_adapter(trainer, out, model_dir, "qempo-lite real-model preference pairs", len(tokenized),
                             lora_facts={"target_modules": sorted(lora.target_modules),
                                         "layers_to_transform": lora.layers_to_transform})
     (out / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
@@ -134,12 +160,16 @@ def train_method(name: str, model_dir: Path, rows: list[dict], out: Path, settin
 def run_real_offline(output: Path, model_dir: Path, settings: RealOfflineSettings, log=print) -> dict:
     """Build the pairs, train every method, sample and score every policy on the held-out questions; write the
     report."""
+    from . import world
+
     train, held_out = settings.questions()
-    encoder, scores, data = start_run(output, model_dir, settings, held_out, log, lambda base, tokenizer:
-                                      build_pairs(output, base, tokenizer, train, settings, log))
-    what = f"offline ({settings.steps} steps of {settings.batch_size} pairs, {len(data['pairs'])} pairs)"
-    scores.update(train_and_score(output, model_dir, held_out, settings, encoder, log, what, lambda name, adapter:
-                                  train_method(name, model_dir, data["pairs"], adapter, settings)))
+    with world.quiet_progress():
+        encoder, scores, data = start_run(output, model_dir, settings, held_out, log, lambda base, tokenizer:
+                                          build_pairs(output, base, tokenizer, train, settings, log))
+        tokenized = reference_pairs(output, model_dir, data["pairs"], settings, log)
+        what = f"offline ({settings.steps} steps of {settings.batch_size} pairs, {len(tokenized)} pairs)"
+        scores.update(train_and_score(output, model_dir, held_out, settings, encoder, log, what, lambda name, adapter:
+                                      train_method(name, model_dir, tokenized, adapter, settings)))
     pairs = {"rows": len(data["pairs"]), "questions": len(data["questions_with_pairs"]),
              "questions_without_pairs": data["questions_without_pairs"]}
     report = report_of(settings, BETA, METHODS, model_dir, train, held_out, scores, pairs=pairs)
@@ -188,4 +218,4 @@ def print_report(report: dict, output: Path) -> None:
 
 
 __all__ = ["BETA", "METHODS", "RealOfflineSettings", "build_pairs", "goal_checks", "preference_pairs", "print_report",
-           "report_markdown", "run_real_offline", "train_method"]
+           "reference_pairs", "report_markdown", "run_real_offline", "train_method"]
