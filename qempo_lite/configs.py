@@ -25,6 +25,9 @@ from .trl_fields import refuse_unlisted_fields
 
 COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields; each method takes some
 # TRL's anti-collapse settings, accepted for loss_method grpo only (TRL's loss is trained as is there).
+# TRL's f-DPO divergences, accepted for loss_method dpo only: its reference coefficient is its policy one
+# (c/a = 1), so TRL's loss sees the reference log-probs unscaled and applies f'(π/π_ref) as TRL intends.
+DPO_F_DIVERGENCES = ("js_divergence", "forward_kl")
 GRPO_ONLY_FIELDS = frozenset({"entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
                               "entropy_coef_delta", "entropy_target", "top_entropy_quantile", "epsilon_high"})
 
@@ -76,9 +79,11 @@ class QEMPOConfig(DPOConfig):
     the optimum keeps half of the reference's log-probabilities where DPO keeps all of them.
 
     Only TRL's ``sigmoid`` loss on summed log-probs with the default ``reverse_kl`` divergence
-    belongs to this family; other ``loss_type`` / ``f_divergence_type`` values, ``use_weighting``
-    and ``ld_alpha`` are refused. ``qempo`` ignores
-    ``precompute_ref_log_probs`` (there is nothing to precompute).
+    belongs to this family; other ``loss_type`` values, ``use_weighting`` and ``ld_alpha`` are
+    refused. ``loss_method: dpo`` alone also takes TRL's f-DPO ``f_divergence_type``
+    ``js_divergence`` or ``forward_kl`` (TRL's loss, outside the family: no Table 1 closed form);
+    the other methods scale the reference, which TRL's f-divergence would then misread, and refuse
+    it. ``qempo`` ignores ``precompute_ref_log_probs`` (there is nothing to precompute).
     """
 
     loss_method: str = field(
@@ -109,9 +114,11 @@ class QEMPOConfig(DPOConfig):
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if loss_types != ["sigmoid"]:
             raise QempoError(f"loss_type must be 'sigmoid' for the QEMPO family, got {self.loss_type!r}; remove it")
-        if self.f_divergence_type != "reverse_kl":
-            raise QempoError(f"f_divergence_type must be 'reverse_kl' for the QEMPO family, got "
-                             f"{self.f_divergence_type!r}; remove it")
+        if self.f_divergence_type != "reverse_kl" and not (
+                self.loss_method == "dpo" and self.f_divergence_type in DPO_F_DIVERGENCES):
+            raise QempoError(f"f_divergence_type {self.f_divergence_type!r} is not allowed with loss_method "
+                             f"{self.loss_method}: use reverse_kl (the default), or "
+                             f"{' / '.join(DPO_F_DIVERGENCES)} with loss_method dpo only")
         # Both change what the loss is made of (weighted pairs, length-discounted log-probs), so the
         # family's optimum π ∝ π_ref^(c/a) exp(r/a) would no longer be the one trained for.
         if self.use_weighting:
@@ -262,4 +269,4 @@ class QEMPOOnlineConfig(GRPOConfig):
 
 
 
-__all__ = ["COEFFICIENT_NAMES", "QEMPOConfig", "QEMPOOnlineConfig", "check_training_numbers"]
+__all__ = ["COEFFICIENT_NAMES", "DPO_F_DIVERGENCES", "QEMPOConfig", "QEMPOOnlineConfig", "check_training_numbers"]

@@ -18,6 +18,10 @@ overrides three public methods and nothing else of ``DPOTrainer``:
 * ``save_model`` (:class:`qempo_lite.runs.PickleFreeSave`): the final directory gets
   ``training_args.json`` instead of a pickle.
 
+``dpo`` alone may also take TRL's f-DPO ``f_divergence_type`` (``js_divergence``, ``forward_kl``):
+its c/a is 1, so the reference log-probs reach TRL's f-divergence scores unscaled and the loss is
+stock TRL's f-DPO (tested equal to it).
+
 ``qempo`` therefore builds no reference model, never disables the adapter and runs one policy
 forward (chosen and rejected concatenated) per micro-batch.
 
@@ -192,7 +196,8 @@ def check_trl_compatibility() -> None:
     QEMPOTrainer relies on: ``compute_loss(model, inputs, return_outputs, num_items_in_batch)``,
     ``compute_ref_log_probs(model, inputs)`` and ``save_model(output_dir, _internal_call)``
     (overridden); the private ``_compute_loss`` reading ``inputs["ref_chosen_logps"]`` when
-    ``self.precompute_ref_logps`` is set and applying ``-F.logsigmoid(self.beta * delta_score)``;
+    ``self.precompute_ref_logps`` is set, applying ``-F.logsigmoid(self.beta * delta_score)`` and, for
+    ``loss_method: dpo`` with ``f_divergence_type`` js_divergence or forward_kl, TRL's f-DPO scores;
     ``__init__`` setting ``self.beta`` and ``self.precompute_ref_logps`` from the config.
     """
     import trl
@@ -231,6 +236,11 @@ def check_trl_compatibility() -> None:
          "the sigmoid loss is no longer -logsigmoid(self.beta * delta)"),
         (loss_source, "chosen_rewards = self.beta * chosen_logratios",
          "the logged rewards are no longer beta * logratio"),
+        # dpo's f-DPO divergences: f' of the log-ratio made from the batch's reference log-probs (unscaled, c/a = 1).
+        (loss_source, 'elif self.f_divergence_type == "js_divergence":', "_compute_loss lost the js_divergence branch"),
+        (loss_source, 'elif self.f_divergence_type == "forward_kl":', "_compute_loss lost the forward_kl branch"),
+        (loss_source, "delta_score = chosen_scores - rejected_scores",
+         "the loss is no longer made of the divergence's chosen - rejected scores"),
         (init_source, "self.precompute_ref_logps = args.precompute_ref_log_probs",
          "__init__ no longer sets precompute_ref_logps"),
         (init_source, "self.beta = args.beta", "__init__ no longer sets self.beta from args.beta"),

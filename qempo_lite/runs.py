@@ -123,11 +123,14 @@ def write_run_metadata(output_dir: str | Path, args, **facts) -> Path:
 def run_metadata(args, *, base_model: str | None, data: dict[str, Any] | None, quantization: str | None = None,
                  lora: dict[str, Any] | None = None, steps: int | None = None, mode: str = "offline",
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A run's record: method and coefficients (from the trainer config ``args``), base model, data, steps."""
+    """A run's record: method and coefficients (from the trainer config ``args``), base model, data, steps; a dpo run
+    with TRL's f-DPO divergence also records its ``f_divergence_type``."""
+    divergence = getattr(args, "f_divergence_type", "reverse_kl")
     return {
         "mode": mode,
         "method": args.loss_method,
         "coefficients": args.coefficients(),
+        **({"f_divergence_type": divergence} if divergence != "reverse_kl" else {}),
         "base_model": base_model,
         "quantization": quantization,
         "lora": lora,

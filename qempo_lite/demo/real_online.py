@@ -26,11 +26,13 @@ stopped continues where it was (run the same command again).
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import real_tasks
+from .real_common import (RealSettings, load_model, lora_config, markdown_table,
+                          print_report as _print_report, report_of, sample_policy, start_run, train_and_score,
+                          write_report)
 
 BETA = 0.1
 # name: (loss_method, the method's own settings); every other setting is shared.
@@ -43,66 +45,19 @@ METHODS = {
     "grpo_clip_higher": ("grpo", {"epsilon_high": 0.28}),
 }
 GRPO_VARIANTS = ("grpo", "grpo_entropy", "grpo_clip_higher")
-LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear layer
 ENTROPY_QUESTIONS = 12  # training questions the base model's token entropy is measured on
 
 
 @dataclass
-class RealOnlineSettings:
+class RealOnlineSettings(RealSettings):
     """Every setting the trainings share (only the loss and its own coefficients differ)."""
 
-    seed: int = 0
-    quick: bool = False
+    QUICK = dict(steps=8, eval_samples=16)
+
     steps: int = 30
     prompts_per_step: int = 4
     num_generations: int = 8
-    learning_rate: float = 2e-4
-    lora_r: int = 16
-    lora_layers: int = 10  # LoRA on the last layers only: backward stops there (CPU time)
-    max_new_tokens: int = real_tasks.MAX_NEW_TOKENS
-    eval_samples: int = 32
-    dtype: str = "float32"
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-
-    @classmethod
-    def make(cls, seed: int, quick: bool, dtype: str, methods: list[str] | None = None) -> "RealOnlineSettings":
-        settings = cls(seed=seed, quick=quick, dtype=dtype) if not quick else cls(
-            seed=seed, quick=True, steps=8, eval_samples=16, dtype=dtype)
-        if methods:
-            settings.methods = list(methods)
-        return settings
-
-
-def _load(model_dir: Path, dtype: str, adapter: Path | None = None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval(), tokenizer
-
-
-def _lora(settings: RealOnlineSettings, num_layers: int):
-    from peft import LoraConfig
-
-    first = max(num_layers - settings.lora_layers, 0)
-    return LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.0,
-                      target_modules=LORA_MODULES, layers_to_transform=list(range(first, num_layers)),
-                      task_type="CAUSAL_LM")
-
-
-def sample_policy(model, tokenizer, questions: list[str], n: int, max_new_tokens: int, seed: int) -> dict:
-    """``{question: [n completions]}`` at temperature 1 (prompts computed once per question)."""
-    from ..rollout import HFRollout
-
-    engine = HFRollout(model, tokenizer, max_batch_prompts=4, shared_prompts=True)
-    groups = engine.generate([real_tasks.messages(q) for q in questions], n=n, temperature=1.0,
-                             max_new_tokens=max_new_tokens, seed=seed)
-    return {q: [c.text for c in group] for q, group in zip(questions, groups)}
 
 
 def base_token_entropy(model, tokenizer, questions: list[str], settings: RealOnlineSettings) -> float:
@@ -141,8 +96,8 @@ def train_method(name: str, model_dir: Path, out: Path, settings: RealOnlineSett
     own = dict(own)
     if own.get("use_adaptive_entropy"):
         own["entropy_target"] = entropy_target
-    model, tokenizer = _load(model_dir, settings.dtype)
-    policy = get_peft_model(model, _lora(settings, model.config.num_hidden_layers))
+    model, tokenizer = load_model(model_dir, settings.dtype)
+    policy = get_peft_model(model, lora_config(settings, model.config.num_hidden_layers))
     train, _ = real_tasks.split()
     rows = real_tasks.rows(train)
     per_step = settings.prompts_per_step * settings.num_generations
@@ -184,110 +139,25 @@ def write_adapter_record(out: Path, args, model_dir: Path, settings: RealOnlineS
 
 def run_real_online(output: Path, model_dir: Path, settings: RealOnlineSettings, log=print) -> dict:
     """Train every method, sample and score every policy on the held-out questions; write the report."""
-    import torch
-
-    torch.manual_seed(settings.seed)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
     train, held_out = real_tasks.split()
-    encoder = _encoder(log)
-    scores, timings = {}, {}
-    base, tokenizer = _load(model_dir, settings.dtype)
-    target_path = output / "entropy_target.json"
-    if target_path.is_file():
-        entropy_target = json.loads(target_path.read_text())["entropy_target"]
-    else:
+
+    def target(base, tokenizer) -> float:
+        target_path = output / "entropy_target.json"
+        if target_path.is_file():
+            return json.loads(target_path.read_text())["entropy_target"]
         log("measuring the base model's per-token entropy on the training questions (grpo_entropy's target)")
         entropy_target = base_token_entropy(base, tokenizer, train[:ENTROPY_QUESTIONS], settings)
         target_path.write_text(json.dumps({"entropy_target": entropy_target}))
-    scores["reference"] = _scored(output, "reference", base, tokenizer, held_out, settings, encoder, log)
-    del base
-    for name in settings.methods:
-        adapter = output / "adapters" / name
-        if not (adapter / "adapter_model.safetensors").is_file():
-            log(f"training {name} online ({settings.steps} steps of {settings.prompts_per_step} questions x "
-                f"{settings.num_generations} samples)")
-            start = time.perf_counter()
-            train_method(name, model_dir, adapter, settings, entropy_target)
-            timings[name] = time.perf_counter() - start
-            (adapter / "train_seconds.json").write_text(json.dumps({"seconds": timings[name]}))
-        policy, tokenizer = _load(model_dir, settings.dtype, adapter)
-        scores[name] = _scored(output, name, policy, tokenizer, held_out, settings, encoder, log)
-    report = {"seed": settings.seed, "quick": settings.quick, "settings": asdict(settings), "beta": BETA,
-              "methods_settings": {k: {"loss_method": v[0], **v[1]} for k, v in METHODS.items()},
-              "entropy_target": entropy_target, "model": str(model_dir), "held_out": held_out, "train": train,
-              "methods": {k: {m: v for m, v in s.items() if m != "questions"} for k, s in scores.items()}}
-    from ..real_model import WEIGHTS_NOTE
+        return entropy_target
 
-    report["weights"] = WEIGHTS_NOTE
-    (output / "report.json").write_text(json.dumps(report, indent=2))
-    write_plots(report, output)
-    (output / "report.md").write_text(report_markdown(report))
+    encoder, scores, entropy_target = start_run(output, model_dir, settings, held_out, log, target)
+    what = (f"online ({settings.steps} steps of {settings.prompts_per_step} questions x {settings.num_generations} "
+            "samples)")
+    scores.update(train_and_score(output, model_dir, held_out, settings, encoder, log, what, lambda name, adapter:
+                                  train_method(name, model_dir, adapter, settings, entropy_target)))
+    report = report_of(settings, BETA, METHODS, model_dir, train, held_out, scores, entropy_target=entropy_target)
+    write_report(report, output, report_markdown(report))
     return report
-
-
-def _encoder(log):
-    try:
-        from ..evaluate.diversity_models import load_encoder
-
-        return load_encoder()
-    except Exception as err:  # semantic diversity is reported as missing, not the run lost
-        log(f"semantic diversity skipped: {err}")
-        return None
-
-
-def _scored(output: Path, name: str, model, tokenizer, questions, settings, encoder, log) -> dict:
-    path = output / "scores" / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    log(f"sampling {name}: {len(questions)} held-out questions x {settings.eval_samples}")
-    samples = sample_policy(model, tokenizer, questions, settings.eval_samples, settings.max_new_tokens,
-                            seed=10_000 + settings.seed)
-    scored = real_tasks.score_policy(samples, encoder)
-    scored["samples"] = samples
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(scored, indent=1))
-    return scored
-
-
-def write_plots(report: dict, output: Path) -> None:
-    """``entropy_vs_accuracy.png`` (the paper's Figure 2 on a real model) and ``pass_at_k.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for name, row in report["methods"].items():
-        ax.scatter(row["accuracy"], row["correct_entropy"], s=40)
-        ax.annotate(name, (row["accuracy"], row["correct_entropy"]), fontsize=8, xytext=(4, 3),
-                    textcoords="offset points")
-    ax.set(xlabel="accuracy (held-out)", ylabel="correct-answer entropy (nats)",
-           title="Diversity of correct answers against accuracy")
-    fig.tight_layout()
-    fig.savefig(output / "entropy_vs_accuracy.png", dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for name, row in report["methods"].items():
-        ks = sorted(int(k) for k in row["pass_at_k"])
-        ax.plot(ks, [row["pass_at_k"][str(k)] for k in ks], marker="o", markersize=3, label=name)
-    ax.set(xlabel="k (samples)", ylabel="pass@k", title="pass@k on held-out questions")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(output / "pass_at_k.png", dpi=100)
-    plt.close(fig)
-
-
-def table_rows(report: dict) -> list[tuple[str, ...]]:
-    def fmt(value, spec):
-        return "n/a" if value is None else format(value, spec)
-
-    return [(name, f"{row['accuracy']:.3f}", f"{row['correct_entropy']:.3f}", f"{row['distinct_correct']:.2f}",
-             f"{row['pass_at_k']['1']:.3f}", fmt(row["pass_at_k"].get("16"), ".3f"), f"{row['lexical']:.1f}",
-             fmt(row["semantic"], ".1f")) for name, row in report["methods"].items()]
-
-
-HEADER = ("policy", "accuracy", "correct entropy", "distinct correct", "pass@1", "pass@16", "lexical", "semantic")
 
 
 def report_markdown(report: dict) -> str:
@@ -300,23 +170,13 @@ def report_markdown(report: dict) -> str:
         f"{s['learning_rate']} (constant), LoRA r {s['lora_r']} on the last {s['lora_layers']} layers, answers of at "
         f"most {s['max_new_tokens']} tokens at temperature 1. β = {report['beta']} (qempo, gvpo; qempo_kl β1 = β, "
         f"β2 = 2.5β); grpo variants at TRL's defaults plus their own setting (entropy target "
-        f"{report['entropy_target']:.3f} nats).", "",
-        "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
-    lines += ["", f"Held-out, {s['eval_samples']} samples per question at temperature 1; means over questions. "
-              "correct entropy: entropy of the distribution of correct answers (normalised), renormalised; lexical "
-              "and semantic: guo2024 diversity (x100) of each question's samples.", ""]
-    return "\n".join(lines)
+        f"{report['entropy_target']:.3f} nats).", ""]
+    return "\n".join(lines + markdown_table(report))
 
 
 def print_report(report: dict, output: Path) -> None:
     """The measured table and where the files are, on the terminal."""
-    from . import world
-
-    world.print_summary("qempo-lite demo (real model, online)", HEADER, table_rows(report),
-                        f"Model: {report['weights']}.", [
-                            f"\nReport: {output / 'report.md'}  Pictures: {output / 'entropy_vs_accuracy.png'}, "
-                            f"{output / 'pass_at_k.png'}"])
+    _print_report("qempo-lite demo (real model, online)", report, output)
 
 
 __all__ = ["BETA", "METHODS", "RealOnlineSettings", "print_report", "report_markdown", "run_real_online", "sample_policy",
