@@ -115,26 +115,12 @@ def train_method(name: str, model_dir: Path, out: Path, settings: RealOnlineSett
                                  rollout_engine=engine)
     world.silence_printer(trainer)
     trainer.train()
-    trainer.save_model(str(out))
-    write_adapter_record(out, args, model_dir, settings, len(rows), trainer.state.global_step, name)
+    lora = trainer.model.peft_config["default"]
+    world.save_demo_adapter(trainer, out, model_dir, "qempo-lite real-model questions", len(rows), mode="online",
+                            lora_facts={"target_modules": sorted(lora.target_modules),
+                                        "layers_to_transform": lora.layers_to_transform})
     (out / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return out
-
-
-def write_adapter_record(out: Path, args, model_dir: Path, settings: RealOnlineSettings, rows: int, steps: int,
-                         name: str) -> None:
-    """``qempo_lite.json`` beside the adapter (what the app and the model card read)."""
-    from ..real_model import WEIGHTS_NOTE
-    from ..runs import write_run_metadata
-
-    write_run_metadata(out, args, base_model=str(model_dir), steps=steps, mode="online",
-                       lora={"r": settings.lora_r, "alpha": 2 * settings.lora_r, "dropout": 0.0,
-                             "target_modules": LORA_MODULES, "layers": f"last {settings.lora_layers}"},
-                       data={"dataset": "qempo-lite real-model questions (demo/answer_sets.json), training split",
-                             "rows": rows},
-                       extra={"demo_name": name, "weights": WEIGHTS_NOTE,
-                              "online": {"rollout": "hf", "num_generations": settings.num_generations,
-                                         "temperature": 1.0, "reward": ["answer_set"]}})
 
 
 def run_real_online(output: Path, model_dir: Path, settings: RealOnlineSettings, log=print) -> dict:
