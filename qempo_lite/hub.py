@@ -249,6 +249,7 @@ def card_text(adapter_dir: Path, meta: dict, base: str, *, location: str, tokeni
         "data": _data_text(meta.get("data")),
         "steps": f"{steps:,} optimizer steps" if isinstance(steps, int) and not isinstance(steps, bool) else None,
         "quantization": meta.get("quantization") if isinstance(meta.get("quantization"), str) else None,
+        "base weights": meta.get("weights") if isinstance(meta.get("weights"), str) else None,
         "LoRA": _lora_text(meta.get("lora")),
         "licence": licence,
         "qempo-lite version": meta.get("qempo_lite_version") if isinstance(meta.get("qempo_lite_version"), str)

@@ -283,7 +283,7 @@ def demo_lora(rank: int):
 
 
 def save_demo_adapter(trainer, out: Path, base: Path, data_name: str, rows: int, mode: str = "offline",
-                      lora_facts: dict | None = None) -> Path:
+                      lora_facts: dict | None = None, extra: dict | None = None) -> Path:
     """The trained adapter and its ``qempo_lite.json`` (what the app and the card read) in ``out``; ``lora_facts``
     replace the record's default ``target_modules: all-linear``."""
     from ..runs import run_metadata, write_run_metadata
@@ -291,7 +291,7 @@ def save_demo_adapter(trainer, out: Path, base: Path, data_name: str, rows: int,
     lora = trainer.model.peft_config["default"]
     facts = dict(base_model=str(base), mode=mode, data={"dataset": data_name, "rows": rows},
                  lora={"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
-                       **(lora_facts or {"target_modules": "all-linear"})})
+                       **(lora_facts or {"target_modules": "all-linear"})}, extra=extra)
     trainer.run_description = lambda steps: run_metadata(trainer.args, steps=steps, **facts)  # the card's
     trainer.save_model(str(out))
     write_run_metadata(out, trainer.args, steps=trainer.state.global_step, **facts)
