@@ -47,7 +47,8 @@ ARXIV_ID = "2602.15894"
 # The Hub licence ids of the paper's base models (an adapter is under its base model's licence); the card of
 # an adapter on another base says so and names that base.
 BASE_LICENSES = {"Qwen/Qwen2.5-1.5B-Instruct": "apache-2.0", "Qwen/Qwen2.5-7B-Instruct": "apache-2.0",
-                 "meta-llama/Llama-3.2-1B-Instruct": "llama3.2", "meta-llama/Llama-3.1-8B-Instruct": "llama3.1"}
+                 "meta-llama/Llama-3.2-1B-Instruct": "llama3.2", "meta-llama/Llama-3.1-8B-Instruct": "llama3.1",
+                 "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}  # the real-model demos' base
 
 # ---------------------------------------------------------------- the base model
 
