@@ -175,7 +175,8 @@ def test_default_app_first_generate_returns_samples_and_metrics(default_app, tmp
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(url)
-            expect(page.locator("#qempo-backend")).to_contain_text("transformers on the CPU")
+            # The page's first render can take seconds on a busy 2-core machine: wait for it, not 5 s.
+            expect(page.locator("#qempo-backend")).to_contain_text("transformers on the CPU", timeout=120_000)
             page.click("#qempo-generate")  # the first click, every setting as the page opened
             columns = [page.locator(f"#qempo-column-{i}") for i in range(4)]
             for column in columns:  # the base model and the demo's three adapters, 8 samples each
