@@ -34,6 +34,9 @@ in ``docs/math.md`` ("How the online loss is normalised"). Settings that would t
 after the policy has moved (``num_iterations > 1``, a generation batch spanning several
 optimizer steps) are refused, and ℓ for the weights is computed with dropout off.
 
+Baseline. ``loss_method: grpo`` keeps GRPO's own scoring and loss untouched (only the rollouts
+go through the engine), with TRL's anti-collapse settings allowed for it alone.
+
 Coefficients. ``beta`` of :class:`QEMPOOnlineConfig` is QEMPO's β = 1/λ (``qempo``) or GVPO's
 β (``gvpo``), and ``beta1`` / ``beta2`` are QEMPO-KL's 1/λ1 and λ2/λ1: the meanings of
 ``docs/math.md``, not GRPO's KL coefficient. The trainer keeps TRL's own KL coefficient
