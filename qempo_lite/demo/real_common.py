@@ -67,6 +67,21 @@ def lora_config(settings, num_layers: int):
                       task_type="CAUSAL_LM")
 
 
+def save_trained(trainer, out: Path, model_dir: Path, data_name: str, rows: int, mode: str) -> Path:
+    """A real demo's adapter, its record and card (the LoRA as configured, the Q4_1 weights note), and its
+    training log, in ``out``."""
+    from ..real_model import WEIGHTS_NOTE
+    from . import world
+
+    lora = trainer.model.peft_config["default"]
+    world.save_demo_adapter(trainer, out, model_dir, data_name, rows, mode=mode,
+                            lora_facts={"target_modules": sorted(lora.target_modules),
+                                        "layers_to_transform": lora.layers_to_transform},
+                            extra={"weights": WEIGHTS_NOTE})
+    (out / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return out
+
+
 def sample_policy(model, tokenizer, questions: list[str], n: int, max_new_tokens: int, seed: int) -> dict:
     """``{question: [n completions]}`` at temperature 1 (prompts computed once per question)."""
     from ..rollout import HFRollout
@@ -215,6 +230,6 @@ def print_report(title: str, report: dict, output: Path) -> None:
         f"{output / 'pass_at_k.png'}"])
 
 
-__all__ = ["HEADER", "LORA_MODULES", "RealSettings", "load_encoder", "load_model", "lora_config", "markdown_table",
+__all__ = ["HEADER", "LORA_MODULES", "RealSettings", "save_trained", "load_encoder", "load_model", "lora_config", "markdown_table",
            "print_report", "report_of", "sample_policy", "scored_policy", "start_run", "table_rows", "train_and_score",
            "write_plots", "write_report"]

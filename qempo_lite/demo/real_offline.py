@@ -28,11 +28,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..real_model import WEIGHTS_NOTE
 from . import real_tasks
 from .real_common import (RealSettings, load_model, lora_config, markdown_table,
-                          print_report as _print_report, report_of, sample_policy, start_run, train_and_score,
-                          write_report)
+                          print_report as _print_report, report_of, sample_policy, save_trained, start_run,
+                          train_and_score, write_report)
 from .real_online import BETA
 
 # name: (loss_method, the method's own settings); every other setting is shared.
@@ -146,17 +145,9 @@ def train_method(name: str, model_dir: Path, tokenized: list[dict], out: Path, s
     """One adapter trained offline by method ``name`` on the pairs of :func:`reference_pairs`."""
     import datasets
 
-    from . import world
-
     trainer = _trainer(name, model_dir, datasets.Dataset.from_list(tokenized), out, settings, precompute=False)
     trainer.train()
-    lora = trainer.model.peft_config["default"]
-    world.save_demo_adapter(trainer, out, model_dir, "qempo-lite real-model preference pairs", len(tokenized),
-                            lora_facts={"target_modules": sorted(lora.target_modules),
-                                        "layers_to_transform": lora.layers_to_transform},
-                            extra={"weights": WEIGHTS_NOTE})
-    (out / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return out
+    return save_trained(trainer, out, model_dir, "qempo-lite real-model preference pairs", len(tokenized), "offline")
 
 
 def run_real_offline(output: Path, model_dir: Path, settings: RealOfflineSettings, log=print) -> dict:

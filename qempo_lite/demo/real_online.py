@@ -29,11 +29,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..real_model import WEIGHTS_NOTE
 from . import real_tasks
 from .real_common import (RealSettings, load_model, lora_config, markdown_table,
-                          print_report as _print_report, report_of, sample_policy, start_run, train_and_score,
-                          write_report)
+                          print_report as _print_report, report_of, sample_policy, save_trained, start_run,
+                          train_and_score, write_report)
 
 BETA = 0.1
 # name: (loss_method, the method's own settings); every other setting is shared.
@@ -116,13 +115,7 @@ def train_method(name: str, model_dir: Path, out: Path, settings: RealOnlineSett
                                  rollout_engine=engine)
     world.silence_printer(trainer)
     trainer.train()
-    lora = trainer.model.peft_config["default"]
-    world.save_demo_adapter(trainer, out, model_dir, "qempo-lite real-model questions", len(rows), mode="online",
-                            lora_facts={"target_modules": sorted(lora.target_modules),
-                                        "layers_to_transform": lora.layers_to_transform},
-                            extra={"weights": WEIGHTS_NOTE})
-    (out / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return out
+    return save_trained(trainer, out, model_dir, "qempo-lite real-model questions", len(rows), "online")
 
 
 def run_real_online(output: Path, model_dir: Path, settings: RealOnlineSettings, log=print) -> dict:
