@@ -22,19 +22,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
-
-def _time(call, repeats: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from rollout import _median_seconds  # benchmarks/rollout.py, beside this script
 
 
 def main() -> None:
@@ -69,7 +60,7 @@ def main() -> None:
                "cpu": platform.processor() or platform.machine(), "seconds": {}}
     for name, engine in (("hf generate", HFRollout(policy, tokenizer)),
                          ("hf shared", HFRollout(policy, tokenizer, shared_prompts=True))):
-        results["seconds"][name] = _time(lambda: engine.generate(prompts, **kwargs), args.repeats)
+        results["seconds"][name] = _median_seconds(lambda: engine.generate(prompts, **kwargs), args.repeats)
         print(f"{name:12s} {samples / results['seconds'][name]:8.1f} samples/s", flush=True)
     if not args.no_vllm:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -80,7 +71,7 @@ def main() -> None:
                                  dtype=args.dtype, seed=0, tokenizer=tokenizer, max_num_batched_tokens=8192)
         results["vllm_start_seconds"] = time.perf_counter() - start
         engine.sync(policy)
-        results["seconds"]["vllm"] = _time(lambda: engine.generate(prompts, **kwargs), args.repeats)
+        results["seconds"]["vllm"] = _median_seconds(lambda: engine.generate(prompts, **kwargs), args.repeats)
         engine.close()
         print(f"{'vllm':12s} {samples / results['seconds']['vllm']:8.1f} samples/s (start-up "
               f"{results['vllm_start_seconds']:.0f} s)", flush=True)
