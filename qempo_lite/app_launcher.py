@@ -14,17 +14,16 @@ from .app import DEFAULT_DEMO_DIR, JudgeSettings, choose_backend, discover_setti
 from .console import ArgumentParser, input_read
 from .errors import QempoError
 
-BACKENDS = ("auto", "vllm", "hf")
-
-
 def build_parser() -> ArgumentParser:
+    from .rollout.serving import serving_engine_names
+
     parser = ArgumentParser(prog="qempo-lite app", description=__doc__.split("\n\n")[0])
     models = parser.add_argument_group("models")
     models.add_argument("--base-model", help="base model directory or Hub id (default: the demo's)")
     models.add_argument("--adapter", action="append", default=[], metavar="DIR_OR_HUB_ID",
                         help="an adapter to offer (repeatable; the demo's adapters are added when found)")
     models.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR, help=f"demo output directory (default: ./{DEFAULT_DEMO_DIR})")
-    models.add_argument("--backend", choices=BACKENDS, default="auto",
+    models.add_argument("--backend", choices=("auto", *serving_engine_names()), default="auto",
                         help="sampling backend: vllm (one engine, multi-LoRA), hf (transformers), or auto: vllm on "
                              "a GPU when installed, transformers on a CPU (the page says which serves)")
     models.add_argument("--gpu-memory-utilization", type=float, default=None,

@@ -22,12 +22,8 @@ Progress = Callable[[float, str], None]
 
 
 def _model_context(sampler) -> int | None:
-    """The most tokens the served model takes: vLLM's max_model_len, else the config's positions."""
-    if getattr(sampler, "max_model_len", None):
-        return int(sampler.max_model_len)
-    config = getattr(getattr(sampler, "model", None), "config", None)
-    config = getattr(config, "text_config", None) or config
-    value = getattr(config, "max_position_embeddings", None)
+    """The most tokens the served model takes (vLLM's max_model_len, transformers' config positions)."""
+    value = getattr(sampler, "context_length", None)
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
@@ -218,12 +214,12 @@ class Comparison:
         kwargs = {"n": settings["samples"], "temperature": settings["temperature"], "top_p": settings["top_p"],
                   "max_new_tokens": settings["max_new_tokens"], "seed": settings["seed"], "progress": False}
         chat = [[{"role": "user", "content": prompt}]]
-        if sampler.backend == "vllm":
+        if sampler.mixes_adapters:
             # One call for every column: the engine batches the adapters together (multi-LoRA).
             progress(0.1, f"sampling {len(wanted)} adapter(s)")
             samples = sampler.sample(wanted, chat, **kwargs) if wanted else []
         else:
-            samples = []  # transformers samples one adapter at a time anyway: report each
+            samples = []  # the engine samples one adapter at a time anyway: report each
             for i, (key, path) in enumerate(wanted.items()):
                 progress(0.1 + 0.5 * i / len(wanted), f"sampling {Path(key).name if path else 'the base model'}")
                 samples += sampler.sample({key: path}, chat, **kwargs)

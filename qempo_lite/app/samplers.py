@@ -1,4 +1,5 @@
-"""The sampling backend and the one Sampler (base model loaded once) the app keeps between requests."""
+"""The sampling backend (a serving engine of :mod:`qempo_lite.rollout`) and the one Sampler (base model loaded
+once) the app keeps between requests."""
 
 from __future__ import annotations
 
@@ -10,34 +11,19 @@ from .paths import first_line, scrub
 from .settings import MAX_COLUMNS
 
 
-def _gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def choose_backend(requested: str) -> tuple[str, str]:
     """(backend, why): what ``--backend`` means on this machine, and the line that tells the user.
 
     ``auto`` is vLLM on a GPU when it is installed, and transformers on a CPU: vLLM's CPU
     backend reserves a fixed share of the machine's memory when it starts (0.9 unless told
     otherwise) and refuses to start when that much is not free, which a machine running
-    anything else rarely has. ``--backend vllm`` asks for it anyway.
+    anything else rarely has. ``--backend vllm`` asks for it anyway; any registered serving
+    engine (:func:`qempo_lite.rollout.register_serving_engine`) can be named.
     """
-    import importlib.util
+    from ..rollout.serving import choose_serving_engine
 
-    if requested == "vllm":
-        return "vllm", "vLLM (--backend vllm)"
-    if requested == "hf":
-        return "hf", "transformers (--backend hf)"
-    if requested != "auto":
-        raise QempoError(f"--backend {requested!r} is not one of auto, vllm, hf")
-    if not _gpu_available():
-        return "hf", ("transformers on the CPU (--backend auto: no GPU here, and vLLM's CPU backend would reserve most "
-                      "of this machine's memory; --backend vllm --gpu-memory-utilization F to use it anyway)")
-    if importlib.util.find_spec("vllm") is None:
-        return "hf", "transformers on the GPU (--backend auto: vLLM is not installed; pip install 'qempo-lite[vllm]')"
-    return "vllm", "vLLM on the GPU (--backend auto)"
+    name, note, _ = choose_serving_engine(requested, gpu_only=True)
+    return name, note
 
 
 class SamplerCache:
@@ -49,15 +35,15 @@ class SamplerCache:
     """
 
     def __init__(self, backend: str = "auto", **options: Any):
+        from ..rollout.serving import SERVING_ENGINES
+
         self.backend, self.backend_note = choose_backend(backend)
-        # vLLM's max_loras is how many adapters one batch may mix: all the columns at once.
-        self.options = {"max_loras": MAX_COLUMNS, **options}
-        if self.backend == "vllm":
-            # Pickled (.bin) weights are never loaded, also when vLLM fetches a Hub model itself.
-            self.options.setdefault("load_format", "safetensors")
-        else:  # engine settings that only vLLM takes
-            for key in ("max_loras", "gpu_memory_utilization", "max_model_len"):
-                self.options.pop(key, None)
+        # vLLM's max_loras is how many adapters one batch may mix: all the columns at once. Sampler
+        # settings the chosen engine does not read are left out; engine options go through.
+        reads = SERVING_ENGINES[self.backend].settings
+        settings = {key for engine in SERVING_ENGINES.values() for key in engine.settings}
+        self.options = {key: value for key, value in {"max_loras": MAX_COLUMNS, **options}.items()
+                        if key in reads or key not in settings}
         self._key: str | None = None
         self._sampler = None
         self.lock = threading.Lock()

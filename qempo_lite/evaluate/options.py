@@ -100,10 +100,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base-name", default="base", help="the name of the base model's rows (default: base)")
     group.add_argument("--allow-base-mismatch", action="store_true",
                        help="accept adapters recorded for a differently named base model (weights must still fit)")
+    from qempo_lite.rollout.serving import serving_engine_names
+
     engine = parser.add_argument_group("sampling engine")
-    engine.add_argument("--backend", choices=("auto", "vllm", "hf"), default="auto",
+    engine.add_argument("--backend", choices=("auto", *serving_engine_names()), default="auto",
                         help="vllm: one engine serving every adapter (multi-LoRA); hf: transformers + PEFT; "
-                             "auto: vllm when installed (default)")
+                             "auto: vllm when installed (default); or a registered serving engine")
     engine.add_argument("--dtype", default="auto", help="model dtype: auto (default), bfloat16, float16, float32")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="vLLM: share of GPU memory to reserve (on vLLM's CPU backend, of CPU memory) (0.9)")

@@ -33,6 +33,13 @@ need ``temperature > 0`` (:func:`qempo_lite.generation.check_sampling`).
 ``log softmax(logits)`` at temperature 1 with no top-p truncation (vLLM's default
 ``raw_logprobs``), so that they can be compared with a forward pass of the policy.
 
+Evaluation and the app sample several adapters of one base side by side through the second,
+smaller protocol of ``serving.py``, :class:`ServingEngine` (load and unload adapters by name,
+``generate`` many of them in one call with per-request seeds), built by name with
+:func:`make_serving_engine` (:func:`register_serving_engine`, lines at the end of this module):
+:class:`HFServing` (``hf.py``) and :class:`VLLMServing` (``inprocess.py``) ship, beside their
+rollout engines.
+
 What the engines share with the evaluation sampler (prompt ids, eos ids, seeds, the in-process
 vLLM engine and the facts about vLLM it relies on) lives in :mod:`qempo_lite.generation`.
 """
@@ -47,31 +54,44 @@ from ..generation import (
 )
 from .common import Completion, SyncInfo, served_lora_name
 from .engine import ENGINES, RolloutEngine, engine_names, make_engine, register_engine
-from .hf import HFRollout
-from .inprocess import VLLMLoRARollout
+from .hf import HFRollout, HFServing
+from .inprocess import VLLMLoRARollout, VLLMServing
 from .server import RolloutServerError, VLLMServerRollout
+from .serving import (SERVING_ENGINES, ServingEngine, choose_serving_engine, make_serving_engine,
+                      register_serving_engine, serving_engine_names)
 
 register_engine("hf", HFRollout)
 register_engine("vllm", VLLMLoRARollout)
 register_engine("vllm_server", VLLMServerRollout)
 
+register_serving_engine("hf", HFServing)
+register_serving_engine("vllm", VLLMServing)
+
 __all__ = [
     "ENGINES",
     "Completion",
     "HFRollout",
+    "HFServing",
     "Prompt",
     "RolloutEngine",
     "RolloutServerError",
+    "SERVING_ENGINES",
+    "ServingEngine",
     "SyncInfo",
     "VLLMLoRARollout",
     "VLLMServerRollout",
+    "VLLMServing",
+    "choose_serving_engine",
     "engine_names",
     "eos_token_ids",
     "make_engine",
+    "make_serving_engine",
     "process_group_exists",
     "prompt_token_ids",
     "register_engine",
+    "register_serving_engine",
     "served_lora_name",
+    "serving_engine_names",
     "shutdown_vllm",
     "temporary_env",
 ]

@@ -1,16 +1,21 @@
-"""Rollouts with ``model.generate`` from the live (PEFT) model: the reference the vLLM engines are tested against."""
+"""Sampling with ``model.generate`` (transformers): rollouts from the live (PEFT) model, the reference the vLLM
+engines are tested against (:class:`HFRollout`), and several adapters of one base served side by side for
+evaluation and the app (:class:`HFServing`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
 from ..errors import QempoError
 from ..generation import (Prompt, check_sampling, eos_token_ids, first_eos, hf_generate, prompt_token_ids, sampling_seed,
-                          shared_prompt_sample)
+                          shared_prompt_sample, temporary_env)
 from .common import Completion, SyncInfo
 from .engine import RolloutEngine
+from .serving import ServingEngine, context_length, request_seed
 
 
 class HFRollout(RolloutEngine):
@@ -54,38 +59,43 @@ class HFRollout(RolloutEngine):
             with sampling_seed(seed):
                 out: list[list[Completion]] = []
                 for start in range(0, len(ids), step):
-                    out.extend(self._generate_batch(ids[start:start + step], n, temperature, top_p, max_new_tokens))
+                    out.extend(sample_batch(self.model, self.tokenizer, ids[start:start + step],
+                                            eos_ids=self.eos_token_ids, n=n, temperature=temperature, top_p=top_p,
+                                            max_new_tokens=max_new_tokens, shared_prompts=self.shared_prompts))
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate_batch(self, ids, n, temperature, top_p, max_new_tokens) -> list[list[Completion]]:
-        if self.shared_prompts:
-            new_tokens, token_logps = shared_prompt_sample(
-                self.model, self.tokenizer, ids, eos_ids=self.eos_token_ids, n=n, temperature=temperature,
-                top_p=top_p, max_new_tokens=max_new_tokens)
-            token_logps = token_logps.cpu()
-        else:
-            recorder = _SampledTokenLogprobs()
-            new_tokens = hf_generate(self.model, self.tokenizer, ids, eos_ids=self.eos_token_ids, n=n,
-                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                     logits_processors=[recorder])
-            token_logps = recorder.finish(new_tokens).cpu()
-        groups: list[list[Completion]] = []
-        for row, tokens in enumerate(new_tokens.cpu().tolist()):
-            eos = first_eos(tokens, self.eos_token_ids)
-            end = len(tokens) if eos is None else eos + 1
-            kept = tokens[:end]
-            completion = Completion(
-                text=self.tokenizer.decode(kept, skip_special_tokens=True),
-                token_ids=kept,
-                logprobs=token_logps[row, :end].tolist(),
-                finish_reason="length" if eos is None else "stop",
-            )
-            if row % n == 0:  # generate repeats each prompt n times in a row
-                groups.append([])
-            groups[-1].append(completion)
-        return groups
+
+def sample_batch(model, tokenizer, ids: Sequence[Sequence[int]], *, eos_ids: Sequence[int], n: int, temperature: float,
+                 top_p: float, max_new_tokens: int, shared_prompts: bool = False) -> list[list[Completion]]:
+    """``n`` completions of each prompt (token ids) in one ``generate`` call (or one shared-prompt pass), with
+    the log-probs of the sampled tokens; ``temperature == 0`` decodes greedily, the ``n`` completions repeated."""
+    if shared_prompts:
+        new_tokens, token_logps = shared_prompt_sample(model, tokenizer, ids, eos_ids=eos_ids, n=n,
+                                                       temperature=temperature, top_p=top_p,
+                                                       max_new_tokens=max_new_tokens)
+    else:
+        recorder = _SampledTokenLogprobs()
+        new_tokens = hf_generate(model, tokenizer, ids, eos_ids=eos_ids, n=n, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens, logits_processors=[recorder])
+        repeats = n if temperature == 0 else 1  # greedy: one row per prompt was decoded, then repeated
+        token_logps = recorder.finish(new_tokens[::repeats]).repeat_interleave(repeats, dim=0)
+    token_logps = token_logps.cpu()
+    groups: list[list[Completion]] = []
+    for row, tokens in enumerate(new_tokens.cpu().tolist()):
+        eos = first_eos(tokens, eos_ids)
+        end = len(tokens) if eos is None else eos + 1
+        completion = Completion(
+            text=tokenizer.decode(tokens[:eos], skip_special_tokens=True),  # as vLLM: without the stop token
+            token_ids=tokens[:end],
+            logprobs=token_logps[row, :end].tolist(),
+            finish_reason="length" if eos is None else "stop",
+        )
+        if row % n == 0:  # generate repeats each prompt n times in a row
+            groups.append([])
+        groups[-1].append(completion)
+    return groups
 
 
 class _SampledTokenLogprobs:
@@ -112,3 +122,106 @@ class _SampledTokenLogprobs:
             self.steps.append(self.previous.gather(-1, new_tokens[:, len(self.steps):len(self.steps) + 1]).squeeze(-1))
         self.previous = None
         return torch.stack(self.steps, dim=1) if self.steps else new_tokens.new_zeros(new_tokens.shape, dtype=torch.float)
+
+
+class HFServing(ServingEngine):
+    """transformers + PEFT: one model, each adapter loaded under its own name (``load_adapter``) and switched
+    with ``set_adapter``; the base model samples inside ``disable_adapter()``. No second copy of the base
+    weights is ever made. Adapters are sampled one after the other, ``batch_size`` sequences per
+    ``generate`` call, each call seeded with :func:`~qempo_lite.rollout.serving.request_seed` of its
+    first prompt (and its chunk of the ``n`` samples, when ``n`` exceeds ``batch_size``)."""
+
+    title = "transformers"
+    settings = ("dtype", "device", "batch_size")
+
+    def __init__(self, model, tokenizer, eos_token_ids: list[int], *, batch_size: int = 64):
+        self.model = model.eval()  # becomes a PeftModel with the first adapter
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.batch_size = batch_size
+        self.base_shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
+        self.vocab_size = getattr(model.config, "vocab_size", None)
+        self.context_length = context_length(model.config)
+        self._handles: dict[str, str] = {}  # adapter name -> PEFT's name for it
+        self._next_id = 1
+        self._peft = False
+
+    @classmethod
+    def for_serving(cls, base_model: str, tokenizer, eos_token_ids: list[int], *, dtype: str = "auto",
+                    device: str | None = None, batch_size: int = 64, **options) -> "HFServing":
+        from transformers import AutoModelForCausalLM
+
+        if options:
+            raise QempoError(f"{', '.join(options)}: vLLM engine options do not apply to backend 'hf'")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, str(dtype), None)
+        if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
+            raise QempoError(f"dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
+        with temporary_env(**({"HF_HUB_OFFLINE": "1"} if Path(base_model).is_dir() else {})):
+            base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch_dtype, trust_remote_code=False,
+                                                        use_safetensors=True)
+        return cls(base.to(device), tokenizer, eos_token_ids, batch_size=batch_size)
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        from peft import PeftModel
+
+        # PEFT keeps adapters in a ModuleDict, whose keys cannot hold dots: use an internal name.
+        handle, self._next_id = f"adapter_{self._next_id}", self._next_id + 1
+        if self._peft:
+            self.model.load_adapter(str(path), adapter_name=handle, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=handle,
+                                                   is_trainable=False).eval()
+            self._peft = True
+        self._handles[name] = handle
+
+    def unload_adapter(self, name: str) -> None:
+        self.model.delete_adapter(self._handles.pop(name))
+
+    @contextlib.contextmanager
+    def _active(self, name: str | None) -> Iterator[None]:
+        if not self._peft:
+            yield  # no adapter loaded yet: the plain base model
+        elif name is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(self._handles[name])
+            yield
+
+    def _batches(self, n_prompts: int, n: int) -> list[tuple[list[int], int, int]]:
+        """(prompt indices, samples per prompt, chunk number) per generate call, at most batch_size sequences."""
+        per_call = min(n, self.batch_size)
+        chunks = [min(per_call, n - start) for start in range(0, n, per_call)]
+        batches = []
+        for chunk, count in enumerate(chunks):
+            step = max(1, self.batch_size // count)
+            batches += [(list(range(s, min(s + step, n_prompts))), count, chunk) for s in range(0, n_prompts, step)]
+        return batches
+
+    def generate(self, adapters: Mapping[str, str | None], prompts: Sequence[list[int]], *, n: int,
+                 temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                 progress: bool = False) -> dict[str, list[list[Completion]]]:
+        from rich.progress import Progress
+
+        batches = self._batches(len(prompts), n)
+        drawn: dict[str, list[list[Completion]]] = {label: [[] for _ in prompts] for label in adapters}
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("sampling", total=len(adapters) * len(batches))
+            for label, name in adapters.items():
+                bar.update(task, description=f"sampling {label}")
+                with self._active(name):
+                    for rows, count, chunk in batches:
+                        # Seeded per batch, in a forked RNG, so the caller's random stream is untouched.
+                        with sampling_seed(request_seed(seed, label, rows[0], chunk)):
+                            groups = sample_batch(self.model, self.tokenizer, [prompts[p] for p in rows],
+                                                  eos_ids=self.eos_token_ids, n=count, temperature=temperature,
+                                                  top_p=top_p, max_new_tokens=max_new_tokens)
+                        for p, group in zip(rows, groups):
+                            drawn[label][p] += group
+                        bar.advance(task)
+        return drawn
+
+    def close(self) -> None:
+        self.model = None
+        self._handles.clear()

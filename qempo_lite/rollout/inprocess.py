@@ -1,4 +1,6 @@
-"""Rollouts from an in-process vLLM engine serving the base model, the trained adapter as a native LoRA."""
+"""An in-process vLLM engine serving the base model with adapters as native LoRAs: rollouts of the adapter being
+trained (:class:`VLLMLoRARollout`), and several adapters sampled side by side for evaluation and the app
+(:class:`VLLMServing`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -25,6 +27,7 @@ from ..generation import (
 )
 from .common import Completion, SyncInfo, directory_bytes, served_lora_name
 from .engine import RolloutEngine, require_lora
+from .serving import ServingEngine, context_length, meta_parameter_shapes, model_config, request_seed
 
 logger = logging.getLogger("qempo_lite")
 
@@ -39,6 +42,16 @@ def _base_model_path(base_model) -> str:
     if not name:
         raise QempoError("cannot tell which checkpoint the model was loaded from; pass the base model's path or Hub name")
     return str(name)
+
+
+def completions(output) -> list[Completion]:
+    """The completions of one vLLM request output (sampled with ``logprobs=0``)."""
+    group = []
+    for sample in output.outputs:
+        tokens = list(sample.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(sample.logprobs, tokens)]
+        group.append(Completion(text=sample.text, token_ids=tokens, logprobs=logprobs, finish_reason=sample.finish_reason))
+    return group
 
 
 class VLLMLoRARollout(RolloutEngine):
@@ -175,16 +188,7 @@ class VLLMLoRARollout(RolloutEngine):
         finally:
             if self.enable_sleep_mode:
                 self._sleep()
-        groups = []
-        for output in outputs:
-            group = []
-            for sample in output.outputs:
-                tokens = list(sample.token_ids)
-                logprobs = [step[token].logprob for step, token in zip(sample.logprobs, tokens)]
-                group.append(Completion(text=sample.text, token_ids=tokens, logprobs=logprobs,
-                                        finish_reason=sample.finish_reason))
-            groups.append(group)
-        return groups
+        return [completions(output) for output in outputs]
 
     # ------------------------------------------------------------------ memory
     def _sleep(self) -> None:
@@ -219,3 +223,112 @@ class VLLMLoRARollout(RolloutEngine):
                 shutil.rmtree(self._lora_dir, ignore_errors=True)
         except Exception:
             pass
+
+
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+class VLLMServing(ServingEngine):
+    """One in-process vLLM engine with ``enable_lora=True``: each adapter a ``LoRARequest``, and one ``generate``
+    call carries the requests of every adapter, so vLLM batches them together (multi-LoRA). Every request
+    has its own seed (:func:`~qempo_lite.rollout.serving.request_seed`). Closing it gives the environment
+    back. ``max_model_len`` defaults to the model's context, at most 4096; the base model is read from
+    safetensors only unless ``load_format`` says otherwise.
+    """
+
+    title = "vLLM"
+    mixes_adapters = True
+    settings = ("dtype", "max_lora_rank", "max_loras", "gpu_memory_utilization", "max_model_len", "seed")
+
+    def __init__(self, base_model: str, tokenizer, eos_token_ids: list[int], *, max_lora_rank: int = 64,
+                 max_loras: int = 1, gpu_memory_utilization: float = 0.9, dtype: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0, **engine_kwargs: Any):
+        environ = dict(os.environ)  # close() gives it back, as it was before vLLM was imported
+        _, self._SamplingParams, self._TokensPrompt, self._LoRARequest = import_vllm(
+            "or use backend 'hf', which samples with transformers")
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.on_cpu = vllm_on_cpu()
+        self.base_shapes, self.vocab_size = meta_parameter_shapes(base_model)
+        self.max_lora_rank = max_lora_rank
+        if max_model_len is None:
+            context = context_length(model_config(base_model))
+            max_model_len = min(DEFAULT_MAX_MODEL_LEN, context or DEFAULT_MAX_MODEL_LEN)
+        engine_kwargs.setdefault("load_format", "safetensors")  # pickled weights are never loaded
+        try:
+            self._engine = VLLMEngine(base_model, owner="the Sampler", gpu_memory_utilization=gpu_memory_utilization,
+                                      engine_kwargs=engine_kwargs, environ=environ, max_loras=max_loras,
+                                      max_lora_rank=max_lora_rank, max_model_len=max_model_len, dtype=dtype, seed=seed)
+        except ValueError as err:  # vLLM's config checks (pydantic errors included): the user's to fix
+            reason = " ".join(str(err).split())[:400]
+            raise QempoError(f"vLLM refused the engine settings ({reason}); adjust --max-model-len, "
+                             "--gpu-memory-utilization or --dtype") from None
+        self.llm = self._engine.llm
+        self.max_model_len = self.context_length = self.llm.llm_engine.model_config.max_model_len
+        self._loras: dict[str, Any] = {}  # adapter name -> its LoRARequest
+        self._next_id = 1
+
+    @classmethod
+    def unavailable(cls, *, gpu_only: bool = False) -> tuple[str, str] | None:
+        import importlib.util
+
+        if gpu_only and not torch.cuda.is_available():
+            return ("no GPU here, and vLLM's CPU backend would reserve most of this machine's memory",
+                    "--backend vllm --gpu-memory-utilization F to use it anyway")
+        if importlib.util.find_spec("vllm") is None:
+            return "vLLM is not installed", "pip install 'qempo-lite[vllm]'"
+        return None
+
+    @classmethod
+    def for_serving(cls, base_model: str, tokenizer, eos_token_ids: list[int], **settings: Any) -> "VLLMServing":
+        return cls(base_model, tokenizer, eos_token_ids, **settings)
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        lora_id, self._next_id = self._next_id, self._next_id + 1
+        request = self._LoRARequest(f"{name}-{lora_id}", lora_id, str(path))
+        self.llm.llm_engine.add_lora(request)  # load now: a broken adapter fails here, not mid-batch
+        self._loras[name] = request
+
+    def unload_adapter(self, name: str) -> None:
+        self.llm.llm_engine.remove_lora(self._loras.pop(name).lora_int_id)
+
+    def generate(self, adapters: Mapping[str, str | None], prompts: Sequence[list[int]], *, n: int,
+                 temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                 progress: bool = False) -> dict[str, list[list[Completion]]]:
+        requests, params, loras, owners = [], [], [], []
+        for label, name in adapters.items():
+            lora = None if name is None else self._loras[name]
+            for p, x in enumerate(prompts):
+                requests.append(self._TokensPrompt(prompt_token_ids=x))
+                # vLLM wants n=1 for greedy decoding: its n identical draws are copied below.
+                params.append(self._SamplingParams(
+                    n=1 if temperature == 0 else n, temperature=temperature, top_p=top_p, top_k=0,
+                    max_tokens=max_new_tokens, logprobs=0, seed=request_seed(seed, label, p),
+                    stop_token_ids=self.eos_token_ids, skip_special_tokens=True))
+                loras.append(lora)
+                owners.append((label, p))
+        # One call for every adapter: the scheduler mixes their requests in the same batches. Except
+        # on vLLM's CPU backend, whose torch LoRA ops index the adapter slots with -1 for
+        # base-model tokens and so apply the last slot's adapter to them in a mixed batch: there
+        # the base model's requests go in a call of their own.
+        calls = [list(range(len(requests)))]
+        if self.on_cpu and None in loras and any(lora is not None for lora in loras):
+            calls = [[i for i, lora in enumerate(loras) if lora is not None],
+                     [i for i, lora in enumerate(loras) if lora is None]]
+        outputs: list[Any] = [None] * len(requests)
+        for call in calls:
+            done = self.llm.generate([requests[i] for i in call], [params[i] for i in call],
+                                     lora_request=[loras[i] for i in call], use_tqdm=progress)
+            for i, output in zip(call, done):
+                outputs[i] = output
+        drawn: dict[str, list[list[Completion]]] = {label: [[] for _ in prompts] for label in adapters}
+        for (label, p), output in zip(owners, outputs):
+            group = completions(output)
+            drawn[label][p] = group * n if temperature == 0 else group
+        return drawn
+
+    def close(self) -> None:
+        """Shut the engine down, free its memory and give the environment back."""
+        self._loras.clear()
+        self._engine.close()
+        self.llm = None
