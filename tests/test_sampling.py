@@ -260,6 +260,52 @@ def test_missing_vllm(monkeypatch, tiny_model_dir, caplog):
         sampler.close()
 
 
+# ---------------------------------------------------------------------------------- a new serving engine
+
+
+def _documented_serving_engine() -> str:
+    """The worked example of docs/rollout-engines.md ("A new serving engine"), as written there."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "rollout-engines.md").read_text(encoding="utf-8")
+    section = doc[doc.index("### A new serving engine"):]
+    start = section.index("```python") + len("```python")
+    return section[start:section.index("```", start)]
+
+
+def test_a_serving_engine_added_with_one_class_and_one_registry_line_samples(hf_sampler, adapters, tiny_model_dir):
+    """The documented engine, registered by name, serves the Sampler, the eval and app flags and the app's choice."""
+    from qempo_lite.app import SamplerCache, choose_backend
+    from qempo_lite.app_launcher import build_parser
+    from qempo_lite.rollout import SERVING_ENGINES
+
+    namespace: dict = {}
+    exec(compile(_documented_serving_engine(), "rollout-engines.md", "exec"), namespace)  # noqa: S102
+    try:
+        assert SERVING_ENGINES["hf_merged"] is namespace["MergedServing"]
+        with Sampler(tiny_model_dir, backend="hf_merged", dtype="float32") as merged:
+            assert type(merged.engine) is namespace["MergedServing"] and not merged.mixes_adapters
+            greedy = dict(n=2, temperature=0, max_new_tokens=8, progress=False)
+            # Each adapter merged into its own copy answers as the PEFT engine serving them all at once.
+            assert _texts(merged.sample(adapters, PROMPTS, **greedy)) == _texts(hf_sampler.sample(adapters, PROMPTS,
+                                                                                                  **greedy))
+            assert set(merged.engine.merged) == {"a", "b"}
+            drawn = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=5, progress=False)
+            together = merged.sample(adapters, PROMPTS, **drawn)
+            assert len(together) == 3 * 2 * 3 and all(1 <= s.num_tokens <= 6 for s in together)
+            alone = merged.sample({"b": adapters["b"]}, PROMPTS, **drawn)  # per-request seeds, as every engine
+            assert _texts(alone) == {k: v for k, v in _texts(together).items() if k[0] == "b"}
+            merged.remove_adapter("a")
+            assert set(merged.engine.merged) == {"b"}
+        assert build_parser().parse_args(["--backend", "hf_merged"]).backend == "hf_merged"
+        assert choose_backend("hf_merged") == ("hf_merged", "transformers, adapters merged (--backend hf_merged)")
+        # Sampler settings the engine does not read stay out; its own go through.
+        cache = SamplerCache("hf_merged", gpu_memory_utilization=0.5, batch_size=4)
+        assert cache.options == {"batch_size": 4}
+    finally:
+        SERVING_ENGINES.pop("hf_merged", None)
+    with pytest.raises(QempoError, match="backend 'hf_merged' is not one of auto, hf, vllm"):
+        Sampler(tiny_model_dir, backend="hf_merged")
+
+
 # ---------------------------------------------------------------------------------- vLLM multi-LoRA
 
 

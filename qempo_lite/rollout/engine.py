@@ -21,7 +21,8 @@ Adding an engine is one class and one registry line::
 
     register_engine("mine", MyRollout)   # then rollout: mine in a recipe
 
-(``docs/rollout-engines.md`` has a worked example that the tests run.)
+(``docs/where-things-live.md`` has a worked example that the tests run; ``docs/rollout-engines.md`` describes
+this protocol and the serving engines' of ``serving.py``, which evaluation and the app sample through.)
 """
 
 from __future__ import annotations
