@@ -14,6 +14,7 @@ from .app import DEFAULT_DEMO_DIR, JudgeSettings, choose_backend, discover_setti
 from .console import ArgumentParser, input_read
 from .errors import QempoError
 
+
 def build_parser() -> ArgumentParser:
     from .rollout.serving import serving_engine_names
 
