@@ -102,6 +102,38 @@ def test_shared_prompt_sampling_draws_what_generate_draws(tiny_model_dir, tokeni
     assert _max_gap(model, tokenizer, shared) < 1e-4
 
 
+def test_hf_serving_gives_each_adapter_and_the_base_their_own_logprobs(tiny_model_dir, tokenizer, tmp_path):
+    """The serving engine (several adapters of one base, evaluation's and the app's) returns completions with
+    the log-probs of the model that drew them: an adapter's, the base's; greedy draws are one answer repeated."""
+    from qempo_lite.generation import checkpoint_eos_token_ids
+    from qempo_lite.rollout import make_serving_engine
+
+    adapter = _peft_model(tiny_model_dir)
+    adapter.save_pretrained(tmp_path / "a")
+    eos = checkpoint_eos_token_ids(tokenizer, str(tiny_model_dir))
+    engine = make_serving_engine("hf", str(tiny_model_dir), tokenizer, eos, {"dtype": "float32", "max_loras": 3})
+    engine.load_adapter("a", tmp_path / "a")
+    ids = prompt_token_ids(tokenizer, PROMPTS)
+    for temperature in (1.0, 0.0):
+        drawn = engine.generate({"tuned": "a", "base": None}, ids, n=3, temperature=temperature, top_p=1.0,
+                                max_new_tokens=10, seed=4)
+        assert [len(group) for group in drawn["tuned"]] == [3, 3] == [len(group) for group in drawn["base"]]
+        assert max_logprob_gap(adapter, ids, drawn["tuned"]) < 1e-4
+        with adapter.disable_adapter():
+            assert max_logprob_gap(adapter, ids, drawn["base"]) < 1e-4
+        if temperature == 0:
+            assert all(len({tuple(c.token_ids) for c in group}) == 1 for group in drawn["tuned"] + drawn["base"])
+    assert drawn["tuned"] != drawn["base"]
+
+    def lora_weights():
+        return sum("lora_" in name for name, _ in engine.model.named_parameters())
+
+    assert lora_weights() > 0
+    engine.unload_adapter("a")
+    assert lora_weights() == 0  # its memory is freed
+    engine.close()
+
+
 def test_sampling_arguments_are_checked(tiny_model_dir, tokenizer):
     engine = HFRollout(_peft_model(tiny_model_dir), tokenizer)
     with pytest.raises(QempoError, match="temperature"):
