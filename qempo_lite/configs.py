@@ -5,6 +5,14 @@ Each adds the method and its coefficients (:mod:`qempo_lite.methods`; unset coef
 the paper's values, another method's are refused) and checks what it inherits from TRL
 against qempo-lite's allowlist (:mod:`qempo_lite.trl_fields`), so that what a config accepts
 is exactly what its trainer trains.
+
+Coefficients. The method is resolved once, when the config is built (:func:`resolve_method`):
+its coefficients end up in ``method_args`` (``{"beta": 0.004}``) and in the frozen
+:attr:`method_settings` the trainers read. ``beta``, ``beta1``, ``beta2`` and ``alpha`` on the
+command line or in a recipe are spellings of ``method_args`` entries (the paper's names); a
+method registered with another coefficient name takes it in ``method_args`` only. Afterwards
+TRL's own ``beta`` holds TRL's meaning: offline the policy coefficient ``a`` that multiplies
+TRL's sigmoid loss, online GRPO's KL coefficient, 0 (Eq. 8/9 carry their own reference term).
 """
 
 from __future__ import annotations
@@ -16,20 +24,76 @@ from trl import DPOConfig, GRPOConfig
 
 from . import trl_fields
 from .bounds import check_config_numbers
-from .errors import QempoError, one_line
+from .errors import QempoError, one_line, short_repr
 from .losses import ADVANTAGES, GATES, OFFLINE_METHODS
-from .methods import coefficient_help, get_method, loss_coefficients, method_help, method_names, with_defaults
+from .methods import MethodSettings, coefficient_help, get_method, method_help, method_names, resolve
 from .rollout import engine_names
 from .rollout.transport import check_server_settings
 from .trl_fields import refuse_unlisted_fields
 
-COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # QEMPOConfig's fields; each method takes some
-# TRL's anti-collapse settings, accepted for loss_method grpo only (TRL's loss is trained as is there).
-# TRL's f-DPO divergences, accepted for loss_method dpo only: its reference coefficient is its policy one
-# (c/a = 1), so TRL's loss sees the reference log-probs unscaled and applies f'(π/π_ref) as TRL intends.
-DPO_F_DIVERGENCES = ("js_divergence", "forward_kl")
-GRPO_ONLY_FIELDS = frozenset({"entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
-                              "entropy_coef_delta", "entropy_target", "top_entropy_quantile", "epsilon_high"})
+COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # the paper's names, spelled as config fields
+
+
+def resolve_method(config, mode: str, parent: type) -> MethodSettings:
+    """Resolve ``config.loss_method`` once: its coefficients (``method_args`` and the top-level spellings),
+    checked and completed with the defaults, and the TRL settings only some methods may use.
+
+    One-line QempoError for a coefficient the method does not take, one given twice with two
+    values, an invalid value, or a method-only TRL setting (``Method.trl_settings``) set for
+    another method. Leaves the coefficients in ``config.method_args`` and the top-level spellings unset."""
+    method = get_method(config.loss_method, mode)
+    given = config.method_args if config.method_args is not None else {}
+    if not isinstance(given, dict) or not all(isinstance(key, str) for key in given):
+        raise QempoError(f"method_args must map coefficient names to numbers, got {short_repr(given)}")
+    given = dict(given)
+    for name in COEFFICIENT_NAMES:
+        value = getattr(config, name, None)
+        if value is None or (name == "beta" and mode == "online" and value == 0.0):  # 0.0: TRL's "no KL"
+            continue
+        if name not in method.defaults:
+            uses = ", ".join(method.coefficient_names) or "no coefficients"
+            raise QempoError(f"{name} is not a coefficient of loss_method {method.name} (it uses {uses}); "
+                             f"remove {name}")
+        if given.get(name) not in (None, value):
+            raise QempoError(f"{name} is given twice, {value!r} and method_args {name}: {given[name]!r}; keep one")
+        given[name] = value
+    try:
+        settings = resolve(method.name, given, mode)
+    except ValueError as err:
+        raise QempoError(f"{err}; fix the coefficient in the config") from None
+    _check_trl_settings(config, method, mode, parent)
+    config.method_args = dict(settings.coefficients)
+    for name in COEFFICIENT_NAMES:
+        if hasattr(config, name):
+            setattr(config, name, None)
+    return settings
+
+
+def _check_trl_settings(config, method, mode: str, parent: type) -> None:
+    """Refuse a TRL setting that only other methods may change (``Method.trl_settings``), or a value not allowed."""
+    import dataclasses
+
+    defaults = {f.name: trl_fields.field_default(f) for f in dataclasses.fields(parent)}
+    owners: dict[str, list[str]] = {}
+    for name in method_names(mode):
+        for key in get_method(name).trl_settings:
+            owners.setdefault(key, []).append(name)
+    for key, names in owners.items():
+        value = getattr(config, key)
+        if value == defaults.get(key):
+            continue
+        allowed = method.trl_settings.get(key, ())
+        if key not in method.trl_settings:
+            raise QempoError(f"{key}={short_repr(value)} shapes TRL's loss, which {method.name} replaces; remove "
+                             f"{key} (it applies to loss_method {' / '.join(names)} only)")
+        if allowed is not None and value not in allowed:
+            raise QempoError(f"{key} {value!r} is not allowed with loss_method {method.name}: use one of "
+                             f"{', '.join(map(str, allowed))}")
+
+
+def method_only_fields(mode: str) -> frozenset[str]:
+    """The TRL settings some method of ``mode`` may change (checked by :func:`resolve_method`)."""
+    return frozenset(key for name in method_names(mode) for key in get_method(name).trl_settings)
 
 
 def _positive_finite(value: Any) -> bool:
@@ -90,7 +154,11 @@ class QEMPOConfig(DPOConfig):
         default="qempo",
         metadata={"help": "Offline objective. " + method_help("offline"), "choices": list(OFFLINE_METHODS)},
     )
-    beta: float | None = field(default=None, metadata={"help": coefficient_help("beta", "offline")})
+    method_args: dict | None = field(default=None, metadata={
+        "help": "The method's coefficients by name, e.g. {beta: 0.004}; unset ones take the method's defaults. "
+                "beta, beta1, beta2 and alpha may also be given on their own."})
+    beta: float | None = field(default=None, metadata={
+        "help": coefficient_help("beta", "offline") + ". Afterwards TRL's beta: the policy coefficient a."})
     beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "offline")})
     beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "offline")})
     alpha: float | None = field(default=None, metadata={"help": coefficient_help("alpha", "offline")})
@@ -100,25 +168,12 @@ class QEMPOConfig(DPOConfig):
         if self.loss_method not in method_names("offline"):
             raise QempoError(f"loss_method must be one of {', '.join(method_names('offline'))}, got "
                              f"{self.loss_method!r}")
-        method = get_method(self.loss_method)
-        for name in COEFFICIENT_NAMES:
-            if name not in method.defaults and getattr(self, name) is not None:
-                raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses "
-                                 f"{', '.join(method.coefficient_names)}); remove {name}")
-        for name, value in with_defaults(self.loss_method, self.coefficients()).items():
-            setattr(self, name, value)
-        try:
-            loss_coefficients(self.loss_method, self.coefficients())
-        except ValueError as err:
-            raise QempoError(f"{err}; fix the coefficient in the config") from None
+        self.method_settings = resolve_method(self, "offline", DPOConfig)
+        # TRL's β multiplies its sigmoid loss; the trainer scales the reference by c/a (module docstring).
+        self.beta = self.method_settings.policy_coef if self.method_settings.method.in_family else 1.0
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if loss_types != ["sigmoid"]:
             raise QempoError(f"loss_type must be 'sigmoid' for the QEMPO family, got {self.loss_type!r}; remove it")
-        if self.f_divergence_type != "reverse_kl" and not (
-                self.loss_method == "dpo" and self.f_divergence_type in DPO_F_DIVERGENCES):
-            raise QempoError(f"f_divergence_type {self.f_divergence_type!r} is not allowed with loss_method "
-                             f"{self.loss_method}: use reverse_kl (the default), or "
-                             f"{' / '.join(DPO_F_DIVERGENCES)} with loss_method dpo only")
         # Both change what the loss is made of (weighted pairs, length-discounted log-probs), so the
         # family's optimum π ∝ π_ref^(c/a) exp(r/a) would no longer be the one trained for.
         if self.use_weighting:
@@ -134,7 +189,7 @@ class QEMPOConfig(DPOConfig):
 
     def coefficients(self) -> dict[str, float]:
         """The method's coefficients as :func:`~qempo_lite.losses.offline_loss` names them."""
-        return {name: getattr(self, name) for name in get_method(self.loss_method).coefficient_names}
+        return dict(self.method_settings.coefficients)
 
 
 
@@ -142,8 +197,8 @@ class QEMPOConfig(DPOConfig):
 class QEMPOOnlineConfig(GRPOConfig):
     """GRPOConfig plus the QEMPO online settings.
 
-    ``beta`` here is the QEMPO coefficient (see the module docstring), not GRPO's KL
-    coefficient. Defaults follow the paper: β = 4e-3 (qempo), β = 1e-2 (gvpo), β1 = 4e-3 and
+    ``beta`` given here is the QEMPO coefficient (moved into ``method_args``; see the module
+    docstring); once built, the field holds GRPO's KL coefficient, 0. Defaults follow the paper: β = 4e-3 (qempo), β = 1e-2 (gvpo), β1 = 4e-3 and
     β2 = 1e-2 (qempo_kl), a constant learning rate, temperature 1.
 
     vLLM settings reuse GRPOConfig's names where they exist (``vllm_gpu_memory_utilization``,
@@ -157,8 +212,11 @@ class QEMPOOnlineConfig(GRPOConfig):
     """
 
     loss_method: str = field(default="qempo", metadata={"help": "Online objective. " + method_help("online")})
-    beta: float | None = field(
-        default=None, metadata={"help": coefficient_help("beta", "online") + ". Not GRPO's KL coefficient."})
+    method_args: dict | None = field(default=None, metadata={
+        "help": "The method's coefficients by name, e.g. {beta: 0.004}; unset ones take the method's defaults. "
+                "beta, beta1 and beta2 may also be given on their own."})
+    beta: float | None = field(default=None, metadata={
+        "help": coefficient_help("beta", "online") + ". Not GRPO's KL coefficient, which stays 0."})
     beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "online")})
     beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "online")})
     gate: str | None = field(
@@ -209,13 +267,8 @@ class QEMPOOnlineConfig(GRPOConfig):
                 "set rollout: vllm or rollout: vllm_server instead (adapter-only sync)"
             )
         check_server_settings(self.vllm_server_url, self.vllm_server_retries, self.vllm_server_request_timeout)
-        method = get_method(self.loss_method, "online")
-        for name in ("beta", "beta1", "beta2"):
-            if name not in method.defaults and getattr(self, name) is not None:
-                raise QempoError(f"{name} is not a coefficient of loss_method {self.loss_method} (it uses "
-                                 f"{', '.join(method.coefficient_names)}); remove {name}")
-        for name, value in with_defaults(self.loss_method, self.coefficients(), "online").items():
-            setattr(self, name, value)
+        self.method_settings = resolve_method(self, "online", GRPOConfig)
+        self.beta = 0.0  # GRPO's KL coefficient: Eq. 8/9 carry their own reference term, grpo trains without one
         if (self.top_k or 0) > 0 or self.min_p is not None or self.repetition_penalty != 1.0:
             raise QempoError("top_k, min_p and repetition_penalty are not supported by the rollout engines; remove them")
         if self.top_p != 1.0:
@@ -228,17 +281,9 @@ class QEMPOOnlineConfig(GRPOConfig):
         if self.num_generations_eval is not None and self.num_generations_eval < 2:
             raise QempoError(f"num_generations_eval must be at least 2 (a group needs two completions to centre "
                              f"rewards), got {self.num_generations_eval}")
-        trl_loss = method.trl_loss
         for key, value in self._ignored_grpo_options().items():
-            if not (trl_loss and key in GRPO_ONLY_FIELDS):
-                raise QempoError(f"{key}={value!r} shapes GRPO's loss, which {self.loss_method} replaces (Eq. 8/9); "
-                                 f"remove {key} (it applies to loss_method grpo only)")
-        allowed = trl_fields.GRPO | GRPO_ONLY_FIELDS if trl_loss else trl_fields.GRPO
-        refuse_unlisted_fields(self, GRPOConfig, allowed, "QEMPOOnlineConfig")
-        try:
-            loss_coefficients(self.loss_method, self.coefficients(), "online")
-        except ValueError as err:
-            raise QempoError(f"{err}; fix the coefficient in the config") from err
+            raise QempoError(f"{key}={value!r} shapes GRPO's loss, which qempo-lite does not train; remove {key}")
+        refuse_unlisted_fields(self, GRPOConfig, trl_fields.GRPO | method_only_fields("online"), "QEMPOOnlineConfig")
         try:
             super().__post_init__()
         except ValueError as err:  # GRPOConfig's own checks (batch sizes vs num_generations, ...)
@@ -252,9 +297,6 @@ class QEMPOOnlineConfig(GRPOConfig):
     def _ignored_grpo_options(self) -> dict[str, Any]:
         """GRPO options set away from their defaults that the QEMPO objective would silently ignore."""
         checks = {
-            "entropy_coef": self.entropy_coef != 0.0,
-            "use_adaptive_entropy": self.use_adaptive_entropy,
-            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
             # Masked completions would enter the group weights with log-prob 0.
             "mask_truncated_completions": self.mask_truncated_completions,
@@ -265,8 +307,9 @@ class QEMPOOnlineConfig(GRPOConfig):
 
     def coefficients(self) -> dict[str, float]:
         """The coefficients the method uses, as recorded in ``qempo_lite.json``."""
-        return {name: getattr(self, name) for name in get_method(self.loss_method, "online").coefficient_names}
+        return dict(self.method_settings.coefficients)
 
 
 
-__all__ = ["COEFFICIENT_NAMES", "DPO_F_DIVERGENCES", "QEMPOConfig", "QEMPOOnlineConfig", "check_training_numbers"]
+__all__ = ["COEFFICIENT_NAMES", "QEMPOConfig", "QEMPOOnlineConfig", "check_training_numbers", "method_only_fields",
+           "resolve_method"]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .methods import get_method, loss_coefficients, method_names
+from .methods import get_method, loss_coefficients, method_names, resolve
 
 OFFLINE_METHODS = method_names("offline")
 # The online members of the two-coefficient family (grpo trains TRL's own loss and has no weights here).
@@ -35,14 +35,7 @@ ADVANTAGES = ("center", "grpo")
 _GRPO_STD_EPS = 1e-4
 
 
-def offline_coefficients(
-    method: str,
-    *,
-    beta: float | None = None,
-    beta1: float | None = None,
-    beta2: float | None = None,
-    alpha: float | None = None,
-) -> tuple[float, float]:
+def offline_coefficients(method: str, **coefficients: float | None) -> tuple[float, float]:
     """Return ``(a, c)``, the policy and reference coefficients of an offline method (:mod:`qempo_lite.methods`).
 
     ============  ===================  ==========================================
@@ -54,7 +47,7 @@ def offline_coefficients(
     ``spl``       (alpha, beta)        Soft Preference Learning
     ============  ===================  ==========================================
     """
-    return loss_coefficients(method, {"beta": beta, "beta1": beta1, "beta2": beta2, "alpha": alpha}, "offline")
+    return loss_coefficients(method, coefficients, "offline")
 
 
 def _check_tensor(name: str, value, shape: torch.Size | None = None) -> torch.Tensor:
@@ -75,13 +68,9 @@ def offline_loss(
     rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
-    *,
-    beta: float | None = None,
-    beta1: float | None = None,
-    beta2: float | None = None,
-    alpha: float | None = None,
+    **coefficients: float | None,
 ) -> torch.Tensor:
-    """Unreduced per-pair offline loss of the QEMPO family.
+    """Unreduced per-pair offline loss of ``method`` (``coefficients``: its named coefficients, e.g. ``beta=4e-3``).
 
     ``loss = -logsigmoid(a * (logp_w - logp_l) - c * (ref_logp_w - ref_logp_l))``
 
@@ -91,10 +80,16 @@ def offline_loss(
     * ``qempo_kl`` (Eq. 6): ``-log σ(β1 Δlog π + β2 Δlog(π/π_ref))``.
     * ``dpo`` (Eq. 4): ``-log σ(β Δlog(π/π_ref))``.
     * ``spl``: ``-log σ(α Δlog π - β Δlog π_ref)``.
+
+    A registered method outside the family computes its own (``Method.offline_loss``).
     """
-    a, c = offline_coefficients(method, beta=beta, beta1=beta1, beta2=beta2, alpha=alpha)
     chosen_logps = _check_tensor("chosen_logps", chosen_logps)
     rejected_logps = _check_tensor("rejected_logps", rejected_logps, chosen_logps.shape)
+    if not get_method(method, "offline").in_family:
+        settings = resolve(method, coefficients, "offline")
+        return settings.method.offline_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                            **settings.coefficients)
+    a, c = offline_coefficients(method, **coefficients)
     logits = a * (chosen_logps - rejected_logps)
     if c != 0.0:
         missing = [n for n, v in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)) if v is None]
@@ -106,22 +101,27 @@ def offline_loss(
     return -F.logsigmoid(logits)
 
 
-def online_coefficients(
-    method: str, *, beta: float | None = None, beta1: float | None = None, beta2: float | None = None
-) -> tuple[float, float]:
+def online_coefficients(method: str, **coefficients: float | None) -> tuple[float, float]:
     """Return ``(a, c)`` of an online method: ``qempo`` (β, 0), ``qempo_kl`` (β1+β2, β2), ``gvpo`` (β, β)."""
     if method not in ONLINE_METHODS and method in method_names("online"):
         raise ValueError(f"method {method!r} trains TRL's own loss: it has no Eq. 8/9 weights; use one of "
                          f"{', '.join(ONLINE_METHODS)}")
-    return loss_coefficients(method, {"beta": beta, "beta1": beta1, "beta2": beta2}, "online")
+    return loss_coefficients(method, coefficients, "online")
 
 
 def _grouped_inputs(method, logps, rewards, group_size, ref_logps=None, correct=None, gate="correct",
-                    advantage="center", beta=None, beta1=None, beta2=None):
+                    advantage="center", coefficients=None):
     """Validate the online inputs; ``(a, c, ℓ, ℓ_ref, A, variance mask)``, each (num_groups, group_size).
 
-    Defaults as :func:`online_objective`'s."""
-    a, c = online_coefficients(method, beta=beta, beta1=beta1, beta2=beta2)
+    Defaults as :func:`online_objective`'s. ``(a, c)`` are None for a method outside the family."""
+    coefficients = coefficients or {}
+    if get_method(method, "online").in_family:
+        a, c = online_coefficients(method, **coefficients)
+        needs_reference = c != 0.0
+    else:
+        settings = resolve(method, coefficients, "online")
+        a = c = None
+        needs_reference = settings.needs_reference
     if gate not in GATES:
         raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
     if advantage not in ADVANTAGES:
@@ -144,14 +144,14 @@ def _grouped_inputs(method, logps, rewards, group_size, ref_logps=None, correct=
         if correct.shape != logps.shape:
             raise ValueError(f"correct has shape {tuple(correct.shape)} but {tuple(logps.shape)} was expected")
         correct = correct.bool()
-    if c != 0.0:
+    if needs_reference:
         if ref_logps is None:
             raise ValueError(f"method {method!r} needs ref_logps (reference log-probs of the completions)")
         ref_logps = _check_tensor("ref_logps", ref_logps, logps.shape).detach().to(logps.dtype)
     k = group_size
     advantages = _advantages(rewards.detach().view(-1, k), advantage)
     variance_mask = _variance_mask(correct.to(logps.device).view(-1, k), gate)
-    return a, c, logps.view(-1, k), None if c == 0.0 else ref_logps.view(-1, k), advantages, variance_mask
+    return a, c, logps.view(-1, k), ref_logps.view(-1, k) if needs_reference else None, advantages, variance_mask
 
 
 def _advantages(rewards: torch.Tensor, advantage: str) -> torch.Tensor:
@@ -188,11 +188,9 @@ def online_objective(
     correct: torch.Tensor | None = None,
     gate: str = "correct",
     advantage: str = "center",
-    beta: float | None = None,
-    beta1: float | None = None,
-    beta2: float | None = None,
+    **coefficients: float | None,
 ) -> torch.Tensor:
-    """The online objective J (to be maximised), averaged over groups.
+    """The online objective J (to be maximised), averaged over groups (``coefficients``: the method's, e.g. ``beta``).
 
     For one group of k completions with rewards r_i and summed log-probs ℓ_i::
 
@@ -216,11 +214,19 @@ def online_objective(
     * ``gate="group"``: C is the whole group if every completion is correct, else empty
       (the paper's Listings 3-4).
 
-    ``correct`` defaults to ``rewards > 0``. The covariance term is never gated.
+    ``correct`` defaults to ``rewards > 0``. The covariance term is never gated. A registered
+    method outside the family brings its own J (``Method.online_objective``), called with the same
+    arguments, its rewards, reference log-probs and correctness checked here first.
     """
     a, c, l, lref, adv, mask = _grouped_inputs(
-        method, logps, rewards, group_size, ref_logps, correct, gate, advantage, beta, beta1, beta2
+        method, logps, rewards, group_size, ref_logps, correct, gate, advantage, coefficients
     )
+    if a is None:
+        settings = resolve(method, coefficients, "online")
+        return settings.method.online_objective(
+            logps, rewards, group_size, ref_logps=None if lref is None else lref.reshape(-1),
+            correct=torch.as_tensor(rewards) > 0 if correct is None else torch.as_tensor(correct).bool(), gate=gate,
+            advantage=advantage, **settings.coefficients)
     k = group_size
     centred = _gated_centre(l, mask)
     inner = (adv * l).sum(dim=1) / k - 0.5 * a * (centred * centred).sum(dim=1) / k
@@ -235,8 +241,8 @@ def online_objective(
 def online_weights(method: str, logps: torch.Tensor, rewards: torch.Tensor, group_size: int,
                    **settings: Any) -> torch.Tensor:
     """Detached per-sequence weights ``w = ∂J/∂ℓ`` of :func:`online_objective`, which takes the same
-    arguments (``settings``: its keyword arguments ``ref_logps``, ``correct``, ``gate``, ``advantage``,
-    ``beta``, ``beta1``, ``beta2``).
+    arguments (``settings``: its keyword arguments ``ref_logps``, ``correct``, ``gate``, ``advantage``
+    and the method's coefficients, e.g. ``beta``).
 
     For a group of k (G groups in the call, J averaged over them)::
 
@@ -247,8 +253,18 @@ def online_weights(method: str, logps: torch.Tensor, rewards: torch.Tensor, grou
     group may be split across micro-batches and gradient-accumulation steps. Equivalently
     J = −(1/k) Σ (ŝ_i − A_i)² + const with ŝ the centred implicit reward a ℓ − c ℓ_ref:
     a per-group regression whose optimum is the Table 1 closed form.
+
+    For a registered method outside the family, ``w`` is the autograd gradient of its own J.
     """
-    a, c, l, lref, adv, mask = _grouped_inputs(method, logps.detach(), rewards, group_size, **settings)
+    if not get_method(method, "online").in_family:
+        with torch.enable_grad():
+            leaf = logps.detach().clone().requires_grad_(True)
+            (weights,) = torch.autograd.grad(online_objective(method, leaf, rewards, group_size, **settings), leaf)
+        return weights
+    known = ("ref_logps", "correct", "gate", "advantage")
+    a, c, l, lref, adv, mask = _grouped_inputs(method, logps.detach(), rewards, group_size,
+                                               **{key: settings[key] for key in known if key in settings},
+                                               coefficients={k: v for k, v in settings.items() if k not in known})
     num_groups, k = l.shape
     inner = adv - a * _gated_centre(l, mask)
     if lref is not None:

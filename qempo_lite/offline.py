@@ -22,6 +22,10 @@ overrides three public methods and nothing else of ``DPOTrainer``:
 its c/a is 1, so the reference log-probs reach TRL's f-divergence scores unscaled and the loss is
 stock TRL's f-DPO (tested equal to it).
 
+A registered method outside the family (its own ``Method.offline_loss``) is trained on the summed
+completion log-probs of one policy forward, with the reference log-probs TRL provides when the
+method reads them; TRL's loss and metrics are then not used, only the loss is logged.
+
 ``qempo`` therefore builds no reference model, never disables the adapter and runs one policy
 forward (chosen and rejected concatenated) per micro-batch.
 
@@ -38,7 +42,7 @@ from trl import DPOTrainer
 
 from .configs import QEMPOConfig
 from .errors import QempoError
-from .methods import loss_coefficients
+from .losses import offline_loss
 from .runs import TRL_VERSION_RANGE, PickleFreeSave, warn_if_untested_trl
 
 
@@ -120,9 +124,10 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
             args = QEMPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-QEMPO")
         if not isinstance(args, QEMPOConfig):
             raise QempoError(f"QEMPOTrainer needs a QEMPOConfig, got {type(args).__name__}; build QEMPOConfig(...)")
-        self.policy_coef, self.ref_coef = loss_coefficients(args.loss_method, args.coefficients())
+        self.method_settings = args.method_settings
+        self.policy_coef, self.ref_coef = args.method_settings.policy_coef, args.method_settings.ref_coef
         full_model_qempo = False
-        if self.ref_coef == 0.0:
+        if not args.method_settings.needs_reference:
             if ref_model is not None:
                 raise QempoError("loss_method='qempo' uses no reference model; do not pass ref_model")
             # TRL copies a full model as a reference unless the reference log-probs are "precomputed".
@@ -135,9 +140,9 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config)
-        # TRL's sigmoid loss is -logsigmoid(self.beta * (Δlogπ - Δref)); compute_loss feeds it ref·c/a.
-        self.beta = self.policy_coef
-        if self.ref_coef == 0.0:
+        # TRL's sigmoid loss is -logsigmoid(self.beta * (Δlogπ - Δref)) with self.beta = args.beta = a (the config
+        # set it); compute_loss feeds it ref·c/a.
+        if not args.method_settings.needs_reference:
             # TRL copies a starting PeftModel's adapter into a frozen "ref" adapter; qempo never reads it.
             policy = self.accelerator.unwrap_model(self.model)
             if _is_peft_model(policy) and "ref" in policy.peft_config:
@@ -159,7 +164,7 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of a batch (chosen, rejected); zeros for ``qempo``, with no forward pass."""
-        if self.ref_coef == 0.0:
+        if not self.method_settings.needs_reference:
             zeros = torch.zeros(inputs["input_ids"].shape[0] // 2, device=inputs["input_ids"].device)
             return zeros, zeros
         return super().compute_ref_log_probs(model, inputs)
@@ -175,6 +180,8 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
+        if not self.method_settings.method.in_family:
+            return self._method_loss(model, inputs, ref_chosen, ref_rejected, return_outputs)
         scale = self.ref_coef / self.policy_coef
         inputs = {**inputs, "ref_chosen_logps": ref_chosen * scale, "ref_rejected_logps": ref_rejected * scale}
         # TRL's loss reads the reference log-probs from the batch only under this flag.
@@ -184,6 +191,19 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
                                         num_items_in_batch=num_items_in_batch)
         finally:
             self.precompute_ref_logps = precomputed
+
+    def _method_loss(self, model, inputs, ref_chosen, ref_rejected, return_outputs):
+        """Mean over pairs of the method's own ``offline_loss`` on the summed completion log-probs."""
+        from trl.trainer.utils import selective_log_softmax
+
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        mask = inputs["completion_mask"][:, 1:]
+        logps = (selective_log_softmax(outputs.logits[:, :-1], inputs["input_ids"][:, 1:]) * mask).sum(dim=1)
+        chosen, rejected = logps.chunk(2, dim=0)  # the batch is [chosen, rejected]
+        settings = self.method_settings
+        reference = (ref_chosen, ref_rejected) if settings.needs_reference else (None, None)
+        loss = offline_loss(settings.name, chosen, rejected, *reference, **settings.coefficients).mean()
+        return (loss, outputs) if return_outputs else loss
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,8 +100,7 @@ class RecordingTrainer(QEMPOOnlineTrainer):
         rewards = _rewards(self.processing_class, rows)
         self.expected.append(online_weights(
             self.args.loss_method, logps.double(), rewards.double(), K, ref_logps=None if ref is None else ref.double(),
-            gate=self.args.gate, advantage=self.args.advantage, beta=self.args.beta, beta1=self.args.beta1,
-            beta2=self.args.beta2,
+            gate=self.args.gate, advantage=self.args.advantage, **self.args.method_args,
         ))
         self.scored.append(output["qempo_weights"].clone())
         return output
@@ -136,10 +135,13 @@ def _check_run(trainer, tmp_path):
 
 
 def test_config_defaults_are_the_papers_coefficients(tmp_path):
-    assert _config(tmp_path, loss_method="qempo", beta=None).beta == 4e-3
-    assert _config(tmp_path, loss_method="gvpo", beta=None).beta == 1e-2
+    assert _config(tmp_path, loss_method="qempo", beta=None).method_args == {"beta": 4e-3}
+    assert _config(tmp_path, loss_method="gvpo", beta=None).method_args == {"beta": 1e-2}
     kl = QEMPOOnlineConfig(output_dir=str(tmp_path), loss_method="qempo_kl", bf16=False)
-    assert (kl.beta1, kl.beta2, kl.gate, kl.advantage, kl.lr_scheduler_type) == (4e-3, 1e-2, "correct", "center", "constant")
+    assert (kl.method_args, kl.gate, kl.advantage, kl.lr_scheduler_type) == (
+        {"beta1": 4e-3, "beta2": 1e-2}, "correct", "center", "constant")
+    # TRL's own beta keeps its meaning, GRPO's KL coefficient: 0, whatever QEMPO's β is.
+    assert _config(tmp_path, loss_method="qempo", beta=0.5).beta == 0.0 == kl.beta
 
 
 def test_the_gate_defaults_to_the_papers_choice_per_method(tmp_path):
@@ -199,7 +201,7 @@ def test_overridden_trl_internals_have_the_expected_shape():
         GRPOTrainer._generate: "self._generate_single_turn(",
         GRPOTrainer._generate_and_score_completions: "self._calculate_rewards(inputs, prompts, completions",
         GRPOTrainer._prepare_inputs: "shuffle_sequence_dict(generation_batch)",  # carries qempo_weights along
-        GRPOTrainer.__init__: "self.beta = args.beta",  # what _trl_kl_off zeroes
+        GRPOTrainer.__init__: "self.beta = args.beta",  # TRL's KL coefficient: the config sets args.beta to 0
     }
     for method, needle in needles.items():
         assert needle in inspect.getsource(method), (method.__name__, needle)
@@ -308,7 +310,7 @@ class GradientCheck(TrainerCallback):
                 ref = _plain_logps(model, rows).double()
         logps = _plain_logps(model, rows).double()
         objective = online_objective(args.loss_method, logps, rewards.double(), K, ref_logps=ref, gate=args.gate,
-                                     beta=args.beta, beta1=args.beta1, beta2=args.beta2)
+                                     **args.method_args)
         expected = torch.autograd.grad(-objective, params)
         scale = max(w.abs().max().item() for w in expected)
         for got, want in zip(accumulated, expected):

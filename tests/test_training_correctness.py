@@ -213,7 +213,7 @@ def test_online_settings_that_change_the_objective_are_refused(tmp_path, overrid
 def test_online_accepts_settings_that_keep_the_objective(tmp_path):
     config = _online(tmp_path, gradient_accumulation_steps=2, steps_per_generation=1, num_generations_eval=2,
                      temperature=0.7, reward_weights=[1.0])
-    assert config.steps_per_generation == 1 and config.beta == 4e-3
+    assert config.steps_per_generation == 1 and config.method_args == {"beta": 4e-3}
 
 
 def test_online_weights_use_the_log_probs_with_dropout_off(tmp_path, tiny_model_dir):
