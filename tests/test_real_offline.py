@@ -121,7 +121,9 @@ def test_the_pushed_card_of_a_real_adapter_shows_its_results_and_loads_as_it_say
     shown = _card_table(text)
     assert set(shown) == set(measured) >= {"accuracy", "correct_entropy", "lexical"}
     assert all(abs(shown[k] - measured[k]) <= 5e-4 for k in measured), (shown, measured)
-    rank = json.loads((staged / "adapter_config.json").read_text())["r"]
+    config = json.loads((staged / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == BASE_ID  # where PEFT finds the base: the Hub id, not this machine's
+    rank = config["r"]
     serve = text.split("```bash\n")[1].split("```")[0].split()
     assert serve[:3] == ["vllm", "serve", BASE_ID] and f"smollm2-135m-qempo={REPO_ID}" in serve
     assert int(serve[serve.index("--max-lora-rank") + 1]) >= rank
