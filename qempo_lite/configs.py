@@ -48,7 +48,7 @@ def resolve_method(config, mode: str, parent: type) -> MethodSettings:
     given = dict(given)
     for name in COEFFICIENT_NAMES:
         value = getattr(config, name, None)
-        if value is None or (name == "beta" and mode == "online" and value == 0.0):  # 0.0: TRL's "no KL"
+        if value is None:
             continue
         if name not in method.defaults:
             uses = ", ".join(method.coefficient_names) or "no coefficients"
@@ -84,7 +84,8 @@ def _check_trl_settings(config, method, mode: str, parent: type) -> None:
             continue
         allowed = method.trl_settings.get(key, ())
         if key not in method.trl_settings:
-            raise QempoError(f"{key}={short_repr(value)} shapes TRL's loss, which {method.name} replaces; remove "
+            loss = parent.__name__.removesuffix("Config")
+            raise QempoError(f"{key}={short_repr(value)} shapes {loss}'s loss, which {method.name} replaces; remove "
                              f"{key} (it applies to loss_method {' / '.join(names)} only)")
         if allowed is not None and value not in allowed:
             raise QempoError(f"{key} {value!r} is not allowed with loss_method {method.name}: use one of "
