@@ -1,8 +1,9 @@
-"""Mean ± standard deviation over seeds of the real-model demos' reports, and the issue's goal checked on them.
+"""Mean ± standard deviation over seeds of the real-model demos' reports, and the goals checked on them.
 
 ``python -m qempo_lite.demo.real_summary OUT.md RUN_DIR [RUN_DIR ...]`` reads each run's
 ``report.json`` (one per seed, same settings), writes a markdown table of every metric as
-mean ± sample standard deviation, the goal's checks, and ``entropy_vs_accuracy.png`` beside
+mean ± sample standard deviation, the goal's checks (the online or the offline one, from the
+methods present) on the means with each seed's gap, and ``OUT_entropy_vs_accuracy.png`` beside
 ``OUT.md`` with one point per method and seed plus the means.
 """
 
@@ -41,6 +42,33 @@ def summarise(reports: list[dict]) -> dict:
     return table
 
 
+def _gap(table: dict, a: str, b: str, key: str, margin: float = 0.0) -> tuple[float, str]:
+    """``mean(a) − mean(b) − margin`` of ``key``, and the per-seed gaps ``a − b`` as text."""
+    per_seed = [x - y for x, y in zip(table[a][key][2], table[b][key][2])]
+    gap = table[a][key][0] - table[b][key][0]
+    return gap - margin, f"{gap:+.3f}; per seed " + ", ".join(f"{g:+.3f}" for g in per_seed)
+
+
+def offline_goal(table: dict) -> list[tuple[str, bool, str]]:
+    """Issue goal (offline): correct_entropy ordered qempo ≥ qempo_kl ≥ dpo, qempo ≥ dpo + 0.2 nats and ≥ both
+    f-DPO variants, at accuracy ≥ dpo's − 0.03 (means over seeds)."""
+    if not {"qempo", "dpo"} <= set(table):
+        return []
+    checks = []
+    if "qempo_kl" in table:
+        for a, b in (("qempo", "qempo_kl"), ("qempo_kl", "dpo")):
+            excess, detail = _gap(table, a, b, "correct_entropy")
+            checks.append((f"correct entropy {a} ≥ {b}", excess >= 0, detail + " nats"))
+    excess, detail = _gap(table, "qempo", "dpo", "correct_entropy", 0.2)
+    checks.append(("correct entropy qempo ≥ dpo + 0.2", excess >= 0, detail + " nats"))
+    for other in [m for m in table if m.startswith("dpo_")]:
+        excess, detail = _gap(table, "qempo", other, "correct_entropy")
+        checks.append((f"correct entropy qempo ≥ {other}", excess >= 0, detail + " nats"))
+    excess, detail = _gap(table, "qempo", "dpo", "accuracy", -0.03)
+    checks.append(("accuracy qempo ≥ dpo − 0.03", excess >= 0, detail))
+    return checks
+
+
 def online_goal(table: dict) -> list[tuple[str, bool, str]]:
     """Issue goal (online): qempo's correct_entropy ≥ every GRPO variant's + 0.2 and ≥ gvpo's, at accuracy ≥ the
     best variant's − 0.03 (means over seeds)."""
@@ -50,11 +78,11 @@ def online_goal(table: dict) -> list[tuple[str, bool, str]]:
     grpos = [m for m in table if m.startswith("grpo")]
     checks = []
     for other in grpos:
-        gap = q["correct_entropy"][0] - table[other]["correct_entropy"][0]
-        checks.append((f"qempo correct entropy ≥ {other}'s + 0.2", gap >= 0.2, f"{gap:+.3f} nats"))
+        excess, detail = _gap(table, "qempo", other, "correct_entropy", 0.2)
+        checks.append((f"qempo correct entropy ≥ {other}'s + 0.2", excess >= 0, detail + " nats"))
     if "gvpo" in table:
-        gap = q["correct_entropy"][0] - table["gvpo"]["correct_entropy"][0]
-        checks.append(("qempo correct entropy ≥ gvpo's", gap >= 0, f"{gap:+.3f} nats"))
+        excess, detail = _gap(table, "qempo", "gvpo", "correct_entropy")
+        checks.append(("qempo correct entropy ≥ gvpo's", excess >= 0, detail + " nats"))
     if grpos or "gvpo" in table:
         best = max(table[m]["accuracy"][0] for m in grpos + (["gvpo"] if "gvpo" in table else []))
         checks.append(("qempo accuracy ≥ the best baseline's − 0.03", q["accuracy"][0] >= best - 0.03,
@@ -97,7 +125,8 @@ def main(argv: list[str]) -> int:
     out, runs = Path(argv[0]), [Path(a) for a in argv[1:]]
     reports = [json.loads((run / "report.json").read_text()) for run in runs]
     table = summarise(reports)
-    out.write_text(markdown(table, online_goal(table), [r["seed"] for r in reports]))
+    checks = online_goal(table) if any(m.startswith("grpo") or m == "gvpo" for m in table) else offline_goal(table)
+    out.write_text(markdown(table, checks, [r["seed"] for r in reports]))
     plot(table, out.with_name(out.stem + "_entropy_vs_accuracy.png"))
     print(out.read_text())
     return 0
