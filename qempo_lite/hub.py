@@ -281,6 +281,9 @@ def card_text(adapter_dir: Path, meta: dict, base: str, *, location: str, tokeni
         f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_from}")', "```", "",
         (f"This {where} holds the adapter's own tokenizer" + (" (it differs from the base model's)." if pushed else ".")
          if tokenizer_here else "The adapter uses the base model's tokenizer, so it is loaded from the base model."),
+        *(["", f"It was trained on other base weights than the published `{base}` that this loads: "
+                f"{facts['base weights']}. Samples from the published weights may differ from those evaluated above."]
+          if facts["base weights"] else []),
         "", "Served by vLLM next to the base model (no merging):", "", "```bash",
         f"vllm serve {base} --enable-lora --lora-modules {name}={location} --max-lora-rank {_max_lora_rank(config)}",
         "```", ""]

@@ -200,3 +200,19 @@ def test_training_cli_takes_over_the_hub_push(tmp_path):
     assert take_over_hub_push(QEMPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)) is None
     with pytest.raises(QempoError, match="hub-model-id"):
         take_over_hub_push(QEMPOConfig(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="tiny", report_to=[], use_cpu=True))
+
+
+def test_card_of_an_adapter_trained_on_other_weights_says_so_under_usage(adapter_dir, tmp_path, capsys):
+    """An adapter trained on re-quantised base weights (the real-model demos) warns where the snippet loads the base."""
+    trained = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, trained)
+    meta = json.loads((trained / "qempo_lite.json").read_text())
+    (trained / "qempo_lite.json").write_text(json.dumps({**meta, "weights": "tiny weights after 4-bit quantisation"}))
+    for folder, says in ((adapter_dir, False), (trained, True)):
+        out = tmp_path / f"upload-{folder.name}"
+        code, _, stderr = _push(capsys, folder, "--repo-id", "someone/tiny-qempo", "--base-model-id",
+                                "someone/tiny-base", "--dry-run", out)
+        assert code == 0, stderr
+        usage = (out / "README.md").read_text().split("## Usage", 1)[1]
+        assert ("trained on other base weights than the published `someone/tiny-base`" in usage) is says
+        assert ("tiny weights after 4-bit quantisation" in usage) is says
