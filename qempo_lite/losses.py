@@ -87,6 +87,11 @@ def offline_loss(
     rejected_logps = _check_tensor("rejected_logps", rejected_logps, chosen_logps.shape)
     if not get_method(method, "offline").in_family:
         settings = resolve(method, coefficients, "offline")
+        if settings.needs_reference:
+            if ref_chosen_logps is None or ref_rejected_logps is None:
+                raise ValueError(f"method {method!r} needs reference log-probs: ref_chosen_logps and ref_rejected_logps")
+            ref_chosen_logps = _check_tensor("ref_chosen_logps", ref_chosen_logps, chosen_logps.shape)
+            ref_rejected_logps = _check_tensor("ref_rejected_logps", ref_rejected_logps, chosen_logps.shape)
         return settings.method.offline_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                             **settings.coefficients)
     a, c = offline_coefficients(method, **coefficients)

@@ -111,3 +111,16 @@ def test_it_trains_online_with_weights_from_its_own_objective(ipo_method, tiny_m
     expected = (centred - 2 * TAU * (l - lref)) / (groups * K)
     torch.testing.assert_close(scored["weights"].double(), expected, rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_its_loss_is_checked_like_the_familys(ipo_method):
+    from qempo_lite.losses import offline_loss
+
+    chosen, rejected = torch.tensor([-3.0, -2.0]), torch.tensor([-4.0, -1.0])
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        offline_loss("ipo_test", chosen, rejected, tau=TAU)
+    with pytest.raises(ValueError, match="takes tau, not beta"):
+        offline_loss("ipo_test", chosen, rejected, chosen, rejected, beta=0.1)
+    ref = torch.tensor([-3.5, -1.5])
+    torch.testing.assert_close(offline_loss("ipo_test", chosen, rejected, ref, ref, tau=TAU),
+                               ((chosen - rejected) - 1 / (2 * TAU)) ** 2)
