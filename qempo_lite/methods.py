@@ -196,13 +196,6 @@ def coefficient_help(coefficient: str, mode: str) -> str:
     return "; ".join(parts)
 
 
-def with_defaults(name: str, coefficients: Mapping[str, float | None], mode: str | None = None) -> dict[str, float]:
-    """The method's coefficients, the paper's defaults filling those left unset (None)."""
-    method = get_method(name, mode)
-    return {key: default if coefficients.get(key) is None else coefficients[key]
-            for key, default in method.defaults.items()}
-
-
 # The paper's coefficients (Section 5) where it gives them; SPL's are ours (see QEMPOConfig).
 register_method(Method(
     "qempo", ("offline", "online"), {"beta": 4e-3},
@@ -247,5 +240,4 @@ register_method(Method(
 
 
 __all__ = ["MAX_COEFFICIENT", "MODES", "Method", "MethodSettings", "coefficient_help", "coefficient_names", "get_method",
-           "loss_coefficients", "method_help", "method_names", "register_method", "resolve", "unregister_method",
-           "with_defaults"]
+           "loss_coefficients", "method_help", "method_names", "register_method", "resolve", "unregister_method"]

@@ -125,7 +125,6 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
         if not isinstance(args, QEMPOConfig):
             raise QempoError(f"QEMPOTrainer needs a QEMPOConfig, got {type(args).__name__}; build QEMPOConfig(...)")
         self.method_settings = args.method_settings
-        self.policy_coef, self.ref_coef = args.method_settings.policy_coef, args.method_settings.ref_coef
         full_model_qempo = False
         if not args.method_settings.needs_reference:
             if ref_model is not None:
@@ -182,7 +181,7 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
         if not self.method_settings.method.in_family:
             return self._method_loss(model, inputs, ref_chosen, ref_rejected, return_outputs)
-        scale = self.ref_coef / self.policy_coef
+        scale = self.method_settings.ref_coef / self.method_settings.policy_coef
         inputs = {**inputs, "ref_chosen_logps": ref_chosen * scale, "ref_rejected_logps": ref_rejected * scale}
         # TRL's loss reads the reference log-probs from the batch only under this flag.
         precomputed, self.precompute_ref_logps = self.precompute_ref_logps, True
