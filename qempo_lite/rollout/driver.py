@@ -38,9 +38,8 @@ class RolloutDriver:
     """Drives ``engine`` for ``trainer`` (a GRPOTrainer: its accelerator, state, args and metrics)."""
 
     def __init__(self, trainer, engine: RolloutEngine | None = None):
-        if engine is not None and not isinstance(engine, RolloutEngine):
-            raise QempoError(f"rollout_engine must be a qempo_lite.rollout.RolloutEngine, got "
-                             f"{type(engine).__name__}; subclass it (see docs/where-things-live.md)")
+        """``engine``: one already made (the trainer checked it is a RolloutEngine), else one built from
+        ``trainer.args.rollout`` and probed."""
         self.trainer = trainer
         self.owns_engine = engine is None
         self.synced_step = None
