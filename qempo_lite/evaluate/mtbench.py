@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,10 +56,15 @@ def resolve_mtbench_file(source: str | os.PathLike, kind: str = "questions") -> 
                         "question.jsonl" if kind == "questions" else "judge_prompts.jsonl")
 
 
-def load_questions(source: str | os.PathLike = MTBENCH, *, limit: int | None = None) -> list[Question]:
-    """MT-Bench-shaped questions; a bad row raises QempoError naming its index and field."""
+def load_questions(source: str | os.PathLike = MTBENCH, *, limit: int | None = None,
+                   per_category: int | None = None) -> list[Question]:
+    """MT-Bench-shaped questions; a bad row raises QempoError naming its index and field.
+
+    ``per_category`` keeps the first that many questions of each category (in file order), a fixed
+    subset that still covers every category; ``limit`` then keeps the first ``limit`` of those.
+    """
     path = resolve_mtbench_file(source)
-    questions, seen = [], set()
+    questions, seen, taken = [], set(), Counter()
     for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
@@ -86,6 +91,9 @@ def load_questions(source: str | os.PathLike = MTBENCH, *, limit: int | None = N
         if reference is not None and not (isinstance(reference, list) and all(isinstance(r, str) for r in reference)):
             raise QempoError(f"{where}: field 'reference' must be a list of strings; fix the row")
         seen.add(qid)
+        if per_category is not None and taken[category] >= per_category:
+            continue
+        taken[category] += 1
         questions.append(Question(qid, category, list(turns), reference))
         if limit is not None and len(questions) >= limit:
             break

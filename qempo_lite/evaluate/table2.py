@@ -26,9 +26,11 @@ that an interrupted or repeated run continues where the last one stopped:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,9 @@ def _sampling_record(base_model: str, adapter: str | None, questions: Path, args
     return {"base_model": str(base_model), "adapter": str(Path(adapter).resolve()) if adapter else None,
             "adapter_config_sha256": sha256_of(Path(adapter) / CONFIG_FILE) if adapter else None,
             "adapter_weights_sha256": sha256_of(Path(adapter) / WEIGHTS_FILE) if adapter else None,
-            "questions_sha256": sha256_of(questions), "limit": args.limit, "n": args.n,
+            "questions_sha256": sha256_of(questions), "limit": args.limit,
+            "per_category": getattr(args, "per_category", None), "n": args.n,
+            "merged": bool(adapter and getattr(args, "merge_adapters", False)),
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "backend": args.backend, "dtype": args.dtype, "batch_size": args.batch_size}
 
@@ -87,7 +91,7 @@ def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, 
     from .sampling import save_samples
 
     questions_path = resolve_mtbench_file(args.questions)
-    questions = load_questions(questions_path, limit=args.limit)
+    questions = load_questions(questions_path, limit=args.limit, per_category=getattr(args, "per_category", None))
     base_model = base_model_from_args(args, adapters)
     folder = out / "samples"
     todo, files = {}, {}
@@ -103,16 +107,33 @@ def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, 
             todo[name] = (adapter, record, f" (sampled again: {stale})" if stale else "")
     if not todo:
         return files
-    with sampler_from_args(args, adapters) as sampler:
-        for i, (name, (adapter, record, why)) in enumerate(todo.items(), start=1):
-            print(f"[1/4] sampling: {name} ({i}/{len(todo)}): {len(questions)} questions x {args.n} samples per turn"
-                  f"{why}")
-            samples = sample_mtbench(sampler, {name: adapter}, questions, n=args.n, temperature=args.temperature,
-                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
-            save_samples(files[name], samples)
-            # The record last, with the hash of the file it describes: samples without it are drawn again.
-            record = {**record, "samples_sha256": sha256_of(files[name])}
-            (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    def draw(sampler, i, name, adapter, record, why, served):
+        print(f"[1/4] sampling: {name} ({i}/{len(todo)}): {len(questions)} questions x {args.n} samples per turn"
+              f"{why}")
+        samples = sample_mtbench(sampler, {name: served}, questions, n=args.n, temperature=args.temperature,
+                                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        save_samples(files[name], samples)
+        # The record last, with the hash of the file it describes: samples without it are drawn again.
+        record = {**record, "samples_sha256": sha256_of(files[name])}
+        (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    numbered = {name: (i, *todo[name]) for i, name in enumerate(todo, start=1)}
+    merged = {name: job for name, job in numbered.items() if job[2]["merged"]}
+    served = {name: job for name, job in numbered.items() if name not in merged}
+    if served:
+        with sampler_from_args(args, {name: job[1] for name, job in served.items()}) as sampler:
+            for name, (i, adapter, record, why) in served.items():
+                draw(sampler, i, name, adapter, record, why, adapter)
+    for name, (i, adapter, record, why) in merged.items():
+        from .merged import merged_copy
+
+        # One engine per merged model, on a copy of the base that is removed once its samples are saved.
+        with tempfile.TemporaryDirectory(prefix=f".merged-{name}-", dir=out) as copy:
+            merged_copy(base_model, adapter, copy, dtype=args.dtype)
+            one = argparse.Namespace(**{**vars(args), "base_model": copy})
+            with sampler_from_args(one, {name: None}) as sampler:
+                draw(sampler, i, name, adapter, record, why, None)
     return files
 
 
