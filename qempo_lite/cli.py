@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module, _, function = module_name.partition(":")
         command = getattr(importlib.import_module(module), function or "cli")
-        return _ended_while_reading(int(command(rest) or 0))
+        code = int(command(rest) or 0)
+        if code == 0:  # a run under torchrun / accelerate leaves its process group before the interpreter exits
+            from .distributed import end_process_group
+
+            end_process_group()
+        return _ended_while_reading(code)
     except SystemExit as exit_:  # argparse: --help (0), or a usage error (2) after printing a usage block
         if isinstance(exit_.code, str):
             release_output(show=debug_enabled())

@@ -169,5 +169,21 @@ def save_sharded_adapter(trainer, output_dir: str | None) -> bool:
     return True
 
 
-__all__ = ["active_adapter_name", "gathered_adapter_state", "is_sharded", "save_adapter", "save_sharded_adapter",
-           "sharded_launch"]
+def end_process_group() -> None:
+    """Destroy ``torch.distributed``'s process group after a finished run, before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads can still hold work objects whose
+    tensors reach back into Python, and a process whose training finished aborts at exit
+    ("terminate called without an active exception", exit code -6; pytorch/pytorch#190489).
+    Called on success only: after an error, other processes may still wait in a collective,
+    and the teardown would hang them instead of letting the launcher stop them.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every process is done with the group before any leaves it
+        dist.destroy_process_group()
+
+
+__all__ = ["active_adapter_name", "end_process_group", "gathered_adapter_state", "is_sharded", "save_adapter",
+           "save_sharded_adapter", "sharded_launch"]

@@ -283,6 +283,22 @@ def vllm_on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def whole_prefills(max_model_len: int | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The engine options that keep vLLM's CPU backend from splitting a prompt's prefill across steps.
+
+    Every request is seeded, and when a prefill is split vLLM rewinds the request's generator by
+    the token it discards (``set_offset``), which CPU generators do not have: the engine dies with
+    "CPU Generator does not use offset" once a batch outgrows ``max_num_batched_tokens`` (384
+    MT-Bench prompts did). With chunked prefill off the scheduler waits for room instead; the
+    token budget must then hold the longest sequence. Options the caller set are kept; on a GPU
+    nothing changes.
+    """
+    if "enable_chunked_prefill" in options or not vllm_on_cpu():
+        return {}
+    budget = max(options.get("max_num_batched_tokens") or 0, max_model_len or 0, 8192)
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
+
+
 def process_group_exists() -> bool:
     """Whether torch.distributed already has a process group (one the engine must leave alone)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -341,6 +357,7 @@ class VLLMEngine:
         threads = torch.get_num_threads()
         self.owns_process_group = not process_group_exists()
         offline = {"HF_HUB_OFFLINE": "1"} if Path(model).is_dir() else {}
+        engine_kwargs.update(whole_prefills(settings.get("max_model_len"), engine_kwargs))
         try:
             with temporary_env(**offline):
                 self.llm = LLM(model=model, tokenizer=model, trust_remote_code=False, enable_lora=True,

@@ -248,6 +248,9 @@ def main(argv: list[str]) -> None:
             case_refusals(model_dir, out)
         else:
             raise SystemExit(f"unknown case {case}")
+    from qempo_lite.distributed import end_process_group
+
+    end_process_group()  # as the CLI does after training: no teardown abort at exit
 
 
 if __name__ == "__main__":

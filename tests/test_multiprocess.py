@@ -210,3 +210,22 @@ def test_accelerate_configs_are_what_the_readme_says():
     assert configs["fsdp"].fsdp_config["fsdp_version"] == 2
     assert configs["fsdp"].fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     assert all(c.mixed_precision == "bf16" and not c.use_cpu for c in configs.values())
+
+
+def test_a_finished_command_leaves_its_process_group_and_a_failed_one_keeps_it():
+    """torchrun / accelerate: a command that succeeded destroys the process group before the interpreter exits
+    (left to interpreter shutdown, gloo can abort a finished run with exit code -6); a failed one leaves it, since
+    other processes may still wait in a collective."""
+    import torch.distributed as dist
+
+    from qempo_lite.cli import main
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert main(["recipes", "show", "no-such-recipe"]) == 2
+        assert dist.is_initialized()
+        assert main(["recipes", "list"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
