@@ -357,6 +357,24 @@ def test_vllm_refuses_a_rank_above_the_engine_limit(vllm_sampler, tiny_model_dir
 
 
 @pytest.mark.vllm
+def test_vllm_on_cpu_samples_a_batch_larger_than_one_step_with_seeds(vllm_sampler):
+    """More prompt tokens than one engine step takes, every request seeded: vLLM's CPU backend killed the engine
+    ("CPU Generator does not use offset") when it split a seeded prefill; its prefills are now whole."""
+    from qempo_lite.generation import whole_prefills
+
+    scheduler = vllm_sampler.llm.llm_engine.vllm_config.scheduler_config
+    assert whole_prefills(256, {}) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 8192}
+    assert whole_prefills(256, {"enable_chunked_prefill": True}) == {}  # the caller's choice stands
+    assert scheduler.enable_chunked_prefill is False
+    prompts = [f"{i} " + "tell me a long story about the sea and the sky " * 6 for i in range(200)]
+    tokens = sum(len(vllm_sampler.tokenizer(p).input_ids) for p in prompts)
+    assert tokens > scheduler.max_num_batched_tokens  # the batch cannot be prefilled in one step
+    drawn = vllm_sampler.sample({"base": None}, prompts, n=1, temperature=1.0, max_new_tokens=2, seed=5,
+                                progress=False)
+    assert len(drawn) == 200 and all(0 <= s.num_tokens <= 2 for s in drawn)
+
+
+@pytest.mark.vllm
 def test_vllm_sampler_gives_the_process_back(vllm_sampler):
     """vLLM drops torch to one thread and exports variables for workers it never spawns
     (VLLM_*, LOCAL_WORLD_SIZE, LD_LIBRARY_PATH): the thread count and the loader variables
