@@ -118,7 +118,9 @@ def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, 
         record = {**record, "samples_sha256": sha256_of(files[name])}
         (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
-    numbered = {name: (i, *todo[name]) for i, name in enumerate(todo, start=1)}
+    # Numbered in the order they are drawn: the models one engine serves, then each merged copy.
+    order = sorted(todo, key=lambda name: todo[name][1]["merged"])
+    numbered = {name: (i, *todo[name]) for i, name in enumerate(order, start=1)}
     merged = {name: job for name, job in numbered.items() if job[2]["merged"]}
     served = {name: job for name, job in numbered.items() if name not in merged}
     if served:
