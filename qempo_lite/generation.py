@@ -334,6 +334,7 @@ class VLLMEngine:
 
     ``owner`` names the caller in errors about ``engine_kwargs`` (options the engine sets itself,
     :data:`ENGINE_OWNED`, are refused); ``settings`` and ``engine_kwargs`` go to ``vllm.LLM``.
+    ``enable_lora=False`` serves the base model alone, without vLLM's LoRA layers.
     The torch thread count and ``LD_PRELOAD`` / ``LD_LIBRARY_PATH`` are put back once the engine
     is up; :meth:`close` shuts it down and puts back ``environ`` (default: the environment as it
     is now; callers pass the one they saw before importing vLLM, whose import sets variables too).
@@ -341,7 +342,7 @@ class VLLMEngine:
 
     def __init__(self, model: str, *, owner: str, gpu_memory_utilization: float,
                  engine_kwargs: dict[str, Any] | None = None, environ: dict[str, str] | None = None,
-                 **settings: Any):
+                 enable_lora: bool = True, **settings: Any):
         engine_kwargs = dict(engine_kwargs or {})
         for key in ENGINE_OWNED:
             if key in engine_kwargs:
@@ -358,9 +359,11 @@ class VLLMEngine:
         self.owns_process_group = not process_group_exists()
         offline = {"HF_HUB_OFFLINE": "1"} if Path(model).is_dir() else {}
         engine_kwargs.update(whole_prefills(settings.get("max_model_len"), engine_kwargs))
+        if not enable_lora:
+            settings = {k: v for k, v in settings.items() if k not in ("max_loras", "max_lora_rank")}
         try:
             with temporary_env(**offline):
-                self.llm = LLM(model=model, tokenizer=model, trust_remote_code=False, enable_lora=True,
+                self.llm = LLM(model=model, tokenizer=model, trust_remote_code=False, enable_lora=enable_lora,
                                gpu_memory_utilization=gpu_memory_utilization, **settings, **engine_kwargs)
         except BaseException:
             self.llm = None

@@ -119,7 +119,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same samples")
 
 
-def sampler_from_args(args, adapters):
+def sampler_from_args(args, adapters, *, lora: bool = True):
     """The Sampler of the command; loading's progress bars and warnings are shown only if it loads."""
     from qempo_lite.console import quiet_setup
 
@@ -129,7 +129,7 @@ def sampler_from_args(args, adapters):
         return Sampler(base_model_from_args(args, adapters), backend=args.backend, adapters=adapters,
                        dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch, batch_size=args.batch_size,
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                       max_lora_rank=args.max_lora_rank)
+                       max_lora_rank=args.max_lora_rank, lora=lora)
 
 
 def write_json(path: str | Path, data: dict) -> Path:

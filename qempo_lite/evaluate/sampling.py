@@ -66,6 +66,8 @@ class Sampler:
     4096) and ``max_lora_rank`` configure the vLLM engine (on vLLM's CPU backend the first is
     the share of *CPU* memory it reserves);
     ``batch_size`` is the number of sequences per ``generate`` call of the transformers backend.
+    ``lora=False`` serves the base model only (vLLM then builds no LoRA layers: faster, and on its
+    CPU backend much faster for large batches); adapters are refused.
     Each engine reads the settings it names (:attr:`~qempo_lite.rollout.ServingEngine.settings`);
     ``engine_kwargs`` go to the engine as they are (vLLM's ``LLM`` options).
     Use as a context manager, or call :meth:`close`.
@@ -75,7 +77,7 @@ class Sampler:
                  adapters: Mapping[str, str | os.PathLike | None] | None = None, max_lora_rank: int = 64,
                  max_loras: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str = "auto",
                  max_model_len: int | None = None, batch_size: int = 64, device: str | None = None,
-                 allow_base_mismatch: bool = False, seed: int = 0, **engine_kwargs: Any):
+                 allow_base_mismatch: bool = False, seed: int = 0, lora: bool = True, **engine_kwargs: Any):
         self.engine = None
         backend, _, passed_over = choose_serving_engine(backend)
         if passed_over:
@@ -92,6 +94,7 @@ class Sampler:
         self.batch_size = batch_size
         self.max_lora_rank = max_lora_rank
         self.allow_base_mismatch = allow_base_mismatch
+        self.lora = lora
         self._adapters: dict[str, Path] = {}  # name -> directory
 
         from transformers import AutoTokenizer
@@ -113,7 +116,7 @@ class Sampler:
         initial = {k: v for k, v in (adapters or {}).items() if v is not None}
         settings = dict(dtype=dtype, device=device, batch_size=batch_size, max_lora_rank=max_lora_rank,
                         max_loras=max_loras or max(1, len(initial)), gpu_memory_utilization=gpu_memory_utilization,
-                        max_model_len=max_model_len, seed=seed)
+                        max_model_len=max_model_len, seed=seed, lora=lora)
         self.engine = make_serving_engine(backend, self.base_model, self.tokenizer, self.eos_token_ids, settings,
                                           **engine_kwargs)
         self.max_model_len = self.engine.max_model_len
@@ -150,6 +153,9 @@ class Sampler:
     def add_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Check and load an adapter under ``name`` (a name already loaded from another path is replaced)."""
         self._check_open()
+        if not self.lora:
+            raise QempoError(f"this Sampler serves the base model only (lora=False); adapter {name!r} needs a "
+                             "Sampler made with lora=True")
         if not isinstance(name, str) or not name.strip():
             raise QempoError(f"adapter names must be non-empty strings, got {name!r}")
         adapter_dir = check_adapter(name, path, self.base_model, base_shapes=self.engine.base_shapes,

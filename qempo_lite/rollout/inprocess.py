@@ -233,16 +233,18 @@ class VLLMServing(ServingEngine):
     call carries the requests of every adapter, so vLLM batches them together (multi-LoRA). Every request
     has its own seed (:func:`~qempo_lite.rollout.serving.request_seed`). Closing it gives the environment
     back. ``max_model_len`` defaults to the model's context, at most 4096; the base model is read from
-    safetensors only unless ``load_format`` says otherwise.
+    safetensors only unless ``load_format`` says otherwise. ``lora=False`` leaves vLLM's LoRA layers out
+    (the base model only): on the CPU backend they gather a copy of the LoRA weights per token, the
+    output layer's included, which costs most of a step once a batch holds hundreds of sequences.
     """
 
     title = "vLLM"
     mixes_adapters = True
-    settings = ("dtype", "max_lora_rank", "max_loras", "gpu_memory_utilization", "max_model_len", "seed")
+    settings = ("dtype", "max_lora_rank", "max_loras", "gpu_memory_utilization", "max_model_len", "seed", "lora")
 
     def __init__(self, base_model: str, tokenizer, eos_token_ids: list[int], *, max_lora_rank: int = 64,
                  max_loras: int = 1, gpu_memory_utilization: float = 0.9, dtype: str = "auto",
-                 max_model_len: int | None = None, seed: int = 0, **engine_kwargs: Any):
+                 max_model_len: int | None = None, seed: int = 0, lora: bool = True, **engine_kwargs: Any):
         environ = dict(os.environ)  # close() gives it back, as it was before vLLM was imported
         _, self._SamplingParams, self._TokensPrompt, self._LoRARequest = import_vllm(
             "or use backend 'hf', which samples with transformers")
@@ -257,7 +259,8 @@ class VLLMServing(ServingEngine):
         engine_kwargs.setdefault("load_format", "safetensors")  # pickled weights are never loaded
         try:
             self._engine = VLLMEngine(base_model, owner="the Sampler", gpu_memory_utilization=gpu_memory_utilization,
-                                      engine_kwargs=engine_kwargs, environ=environ, max_loras=max_loras,
+                                      engine_kwargs=engine_kwargs, environ=environ, enable_lora=lora,
+                                      max_loras=max_loras,
                                       max_lora_rank=max_lora_rank, max_model_len=max_model_len, dtype=dtype, seed=seed)
         except ValueError as err:  # vLLM's config checks (pydantic errors included): the user's to fix
             reason = " ".join(str(err).split())[:400]
