@@ -60,6 +60,38 @@ def _vllm_serve_entry() -> list[str]:
     return ["-m", "vllm.entrypoints.cli.main", "serve"]
 
 
+def _option_value(extra: list[str], option: str) -> str | None:
+    """The value ``extra`` gives ``option`` (``--opt V`` or ``--opt=V``), None when it gives none."""
+    for i, arg in enumerate(extra):
+        if arg == option and i + 1 < len(extra):
+            return extra[i + 1]
+        if arg.startswith(option + "="):
+            return arg.partition("=")[2]
+    return None
+
+
+def _whole_prefill_flags(base_model: str, extra: list[str]) -> list[str]:
+    """On vLLM's CPU backend, the flags that keep a seeded request's prefill whole
+    (:func:`~qempo_lite.generation.whole_prefills`: a split one kills the engine there); none when
+    vLLM is absent, on a GPU, or when the options after ``--`` choose chunked prefill themselves."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None or any("chunked-prefill" in arg for arg in extra):
+        return []
+    from .generation import vllm_on_cpu, whole_prefills
+
+    if not vllm_on_cpu():
+        return []
+    from .rollout.serving import context_length, model_config
+
+    given = _option_value(extra, "--max-model-len")
+    longest = int(given) if given and given.isdigit() else context_length(model_config(base_model))
+    budget = _option_value(extra, "--max-num-batched-tokens")
+    flags = whole_prefills(longest, {"max_num_batched_tokens": int(budget) if budget and budget.isdigit() else None})
+    return ["--no-enable-chunked-prefill"] + ([] if budget else
+                                              ["--max-num-batched-tokens", str(flags["max_num_batched_tokens"])])
+
+
 def serve_command(args, extra: list[str]) -> tuple[list[str], dict[str, str]]:
     """The ``vllm serve`` command line and the environment it runs with."""
     for name in ("max_lora_rank", "max_loras", "port"):
@@ -90,6 +122,7 @@ def serve_command(args, extra: list[str]) -> tuple[list[str], dict[str, str]]:
                "--host", args.host, "--port", str(args.port)]
     if args.tensor_parallel_size is not None:
         command += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    command += _whole_prefill_flags(args.base_model, extra)
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
     if os.path.isdir(args.base_model):
         env["HF_HUB_OFFLINE"] = "1"  # a local model needs no Hub look-up

@@ -171,15 +171,41 @@ def test_serve_runs_vllm_serve_with_runtime_lora_updating():
 
     args = build_parser().parse_args(["org/base", "--max-lora-rank", "32", "--max-loras", "3",
                                       "--tensor-parallel-size", "2"])
-    command, env = serve_command(args, ["--gpu-memory-utilization", "0.5"])
+    command, env = serve_command(args, ["--gpu-memory-utilization", "0.5", "--enable-chunked-prefill"])
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     tail = command[command.index("org/base"):]
     assert tail == ["org/base", "--enable-lora", "--max-lora-rank", "32", "--max-loras", "3", "--host", "127.0.0.1",
-                    "--port", "8000", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.5"]
+                    "--port", "8000", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.5",
+                    "--enable-chunked-prefill"]
     with pytest.raises(QempoError, match="--enable-lora is set by qempo-lite serve itself"):
         serve_command(args, ["--enable-lora"])
     with pytest.raises(QempoError, match="--max-lora-rank 12 is not one vLLM accepts; use 16"):
         serve_command(build_parser().parse_args(["org/base", "--max-lora-rank", "12"]), [])
+
+
+@pytest.mark.vllm
+def test_serve_on_cpu_keeps_prefills_whole_and_the_server_samples_a_large_seeded_batch(server, tiny_model_dir):
+    """vLLM's CPU backend dies on a split prefill of a seeded request ("CPU Generator does not use offset"), and
+    rollouts are seeded: 'serve' turns chunked prefill off there, with a token budget that holds the longest
+    sequence, unless the options after -- choose otherwise."""
+    from qempo_lite.serve import build_parser, serve_command
+
+    args = build_parser().parse_args([str(tiny_model_dir)])
+    command, _ = serve_command(args, ["--max-model-len", "16384"])
+    assert command[-5:] == ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "16384", "--max-model-len",
+                            "16384"]
+    assert "--no-enable-chunked-prefill" not in serve_command(args, ["--enable-chunked-prefill"])[0]
+    budget = serve_command(args, ["--max-num-batched-tokens", "9000"])[0]
+    assert "--no-enable-chunked-prefill" in budget and budget.count("--max-num-batched-tokens") == 1
+    # The test server (started by 'serve' with --max-model-len 256: a budget of 8192 tokens) takes a seeded batch
+    # of more prompt tokens than one step holds.
+    prompts = [f"{i} " + "tell me a long story about the sea and the sky " * 6 for i in range(100)]
+    body = json.dumps({"model": str(tiny_model_dir), "prompt": prompts, "max_tokens": 2, "seed": 7}).encode()
+    request = urllib.request.Request(f"{server}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        answer = json.loads(response.read())
+    assert len(answer["choices"]) == 100 and answer["usage"]["prompt_tokens"] > 8192
 
 
 def test_serve_names_where_vllms_own_options_go():
