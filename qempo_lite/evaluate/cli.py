@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     table2.add_argument("--merge-adapters", action="store_true",
                         help="sample each adapter merged into a copy of the base (W + (alpha/r) B A in float32, "
                              "saved in the base's dtype): the same model at the base's speed, for engines whose "
-                             "LoRA path is slow (vLLM on CPU: about 4x fewer tokens/s with an adapter)")
+                             "LoRA path is slow (vLLM on CPU: about 4x fewer tokens/s with an adapter); the merge holds the "
+                             "base in float32 in CPU memory")
     table2.add_argument("--n", type=options.positive_int, default=16,
                         help="samples per question and turn (16, as the paper)")
     table2.add_argument("--max-new-tokens", type=options.positive_int, default=1024,

@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,8 @@ def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, 
         with sampler_from_args(args, adapters_served, lora=any(adapters_served.values())) as sampler:
             for name, (i, adapter, record, why) in served.items():
                 draw(sampler, i, name, adapter, record, why, adapter)
+    for leftover in out.glob(".merged-*") if merged else ():  # copies a killed run could not remove
+        shutil.rmtree(leftover, ignore_errors=True)
     for name, (i, adapter, record, why) in merged.items():
         from .merged import merged_copy
 
