@@ -357,20 +357,6 @@ def test_vllm_refuses_a_rank_above_the_engine_limit(vllm_sampler, tiny_model_dir
 
 
 @pytest.mark.vllm
-def test_vllm_without_lora_layers_serves_the_base_model_alone(tiny_model_dir, hf_sampler, adapters):
-    """lora=False (the base model and merged copies in `eval table2`): no LoRA layers in the engine, the base
-    model's own answers, and adapters refused with one line."""
-    with Sampler(tiny_model_dir, backend="vllm", dtype="float32", max_model_len=256, gpu_memory_utilization=0.1,
-                 lora=False) as sampler:
-        assert sampler.llm.llm_engine.vllm_config.lora_config is None
-        greedy = dict(n=1, temperature=0, max_new_tokens=8, progress=False)
-        assert _texts(sampler.sample({"base": None}, PROMPTS, **greedy)) == _texts(
-            hf_sampler.sample({"base": None}, PROMPTS, **greedy))
-        with pytest.raises(QempoError, match="serves the base model only"):
-            sampler.add_adapter("a", adapters["a"])
-
-
-@pytest.mark.vllm
 def test_vllm_on_cpu_samples_a_batch_larger_than_one_step_with_seeds(vllm_sampler):
     """More prompt tokens than one engine step takes, every request seeded: vLLM's CPU backend killed the engine
     ("CPU Generator does not use offset") when it split a seeded prefill; its prefills are now whole."""
@@ -403,3 +389,17 @@ def test_vllm_sampler_gives_the_process_back(vllm_sampler):
     assert dict(os.environ) == BEFORE_ENGINE["environ"]
     with pytest.raises(QempoError, match="was closed"):
         vllm_sampler.sample({"base": None}, ["hi"], progress=False)
+
+
+@pytest.mark.vllm
+def test_vllm_without_lora_layers_serves_the_base_model_alone(tiny_model_dir, hf_sampler, adapters):
+    """lora=False (the base model and merged copies in `eval table2`): no LoRA layers in the engine, the base
+    model's own answers, and adapters refused with one line. After the module's engine is closed: one at a time."""
+    with Sampler(tiny_model_dir, backend="vllm", dtype="float32", max_model_len=256, gpu_memory_utilization=0.2,
+                 lora=False) as sampler:
+        assert sampler.llm.llm_engine.vllm_config.lora_config is None
+        greedy = dict(n=1, temperature=0, max_new_tokens=8, progress=False)
+        assert _texts(sampler.sample({"base": None}, PROMPTS, **greedy)) == _texts(
+            hf_sampler.sample({"base": None}, PROMPTS, **greedy))
+        with pytest.raises(QempoError, match="serves the base model only"):
+            sampler.add_adapter("a", adapters["a"])
