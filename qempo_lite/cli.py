@@ -40,6 +40,9 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console entry point: run one command and return its exit status. After a command that
+    succeeded, an initialised ``torch.distributed`` process group is destroyed (the process is about
+    to exit); a program of its own under torchrun should call the command's module, not ``main``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
