@@ -27,7 +27,10 @@ def merged_copy(base_model: str, adapter: str | Path, dest: str | Path, *, dtype
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from qempo_lite.models import _torch_dtype
+
     dest = Path(dest)
+    target = _torch_dtype(dtype, on_gpu=False)  # a dtype that is none of DTYPES: one line, before any loading
     try:
         config = AutoConfig.from_pretrained(base_model, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32, use_safetensors=True,
@@ -37,9 +40,9 @@ def merged_copy(base_model: str, adapter: str | Path, dest: str | Path, *, dtype
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise QempoError(f"cannot merge adapter {adapter} into {base_model} ({one_line(err)}); check that the "
                          "adapter was trained on this base model, or sample without --merge-adapters") from err
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    target = getattr(torch, dtype) if dtype not in ("auto", None) else saved if isinstance(saved, torch.dtype) \
-        else getattr(torch, str(saved), torch.float32)
+    if target == "auto":  # the base model's own dtype, as its config records it
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        target = saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved), torch.float32)
     model.to(target).save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     logger.info("adapter %s merged into a copy of %s (%s) at %s", adapter, base_model, target, dest)

@@ -59,8 +59,8 @@ def _sampling_record(base_model: str, adapter: str | None, questions: Path, args
             "adapter_config_sha256": sha256_of(Path(adapter) / CONFIG_FILE) if adapter else None,
             "adapter_weights_sha256": sha256_of(Path(adapter) / WEIGHTS_FILE) if adapter else None,
             "questions_sha256": sha256_of(questions), "limit": args.limit,
-            "per_category": getattr(args, "per_category", None), "n": args.n,
-            "merged": bool(adapter and getattr(args, "merge_adapters", False)),
+            "per_category": args.per_category, "n": args.n,
+            "merged": bool(adapter and args.merge_adapters),
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "backend": args.backend, "dtype": args.dtype, "batch_size": args.batch_size}
 
@@ -92,7 +92,7 @@ def sample_stage(args, adapters: dict[str, str | None], out: Path) -> dict[str, 
     from .sampling import save_samples
 
     questions_path = resolve_mtbench_file(args.questions)
-    questions = load_questions(questions_path, limit=args.limit, per_category=getattr(args, "per_category", None))
+    questions = load_questions(questions_path, limit=args.limit, per_category=args.per_category)
     base_model = base_model_from_args(args, adapters)
     folder = out / "samples"
     todo, files = {}, {}
