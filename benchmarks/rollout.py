@@ -2,16 +2,16 @@
 
 Measured on one model with a LoRA adapter on all linear layers (non-zero B, so it matters):
 
-    HF samples/s       HFRollout: ``model.generate`` on the PEFT model, n completions per prompt
-    vLLM samples/s     VLLMLoRARollout: vLLM serving the base with the adapter as a LoRA
-    adapter sync       VLLMLoRARollout.sync: save_pretrained (safetensors) + load as a new LoRA id
+    HF samples/s       HFEngine: ``model.generate`` on the PEFT model, n completions per prompt
+    vLLM samples/s     VLLMLoRAEngine: vLLM serving the base with the adapter as a LoRA
+    adapter sync       VLLMLoRAEngine.sync: save_pretrained (safetensors) + load as a new LoRA id
     merged push        what TRL's vLLM path does: merge the adapter into the weights, push every
                        weight into the engine (vLLM's in-place ``reload_weights``), unmerge; and,
                        for a like-for-like disk figure, the merged weights written as safetensors
-    server samples/s   VLLMServerRollout: a vLLM server started by ``qempo-lite serve`` in its
+    server samples/s   VLLMServerEngine: a vLLM server started by ``qempo-lite serve`` in its
                        own processes (the colocated engine is shut down first), one HTTP request
                        per prompt with its own seed, as ``rollout: vllm_server`` samples
-    server sync        VLLMServerRollout.sync: save_pretrained to the adapter directory +
+    server sync        VLLMServerEngine.sync: save_pretrained to the adapter directory +
                        ``/v1/load_lora_adapter`` + ``/v1/unload_lora_adapter`` of the previous one
 
 Each figure is the median of ``--repeats`` runs after one warm-up. The merged push is checked:
@@ -178,8 +178,8 @@ def served_gap(groups, prompt_ids, model) -> float:
 
 
 def measure_server(args, base: Path, model, tokenizer, prompts, sampling: dict, tmp: Path) -> dict:
-    """Start ``qempo-lite serve`` on the base, then time VLLMServerRollout's sync and sampling against it."""
-    from qempo_lite.rollout import VLLMServerRollout, prompt_token_ids
+    """Start ``qempo-lite serve`` on the base, then time VLLMServerEngine's sync and sampling against it."""
+    from qempo_lite.rollout import VLLMServerEngine, prompt_token_ids
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -205,7 +205,7 @@ def measure_server(args, base: Path, model, tokenizer, prompts, sampling: dict, 
                     raise SystemExit(f"the server did not come up in 900 s:\n{log.read_text()[-2000:]}")
                 time.sleep(0.5)
         result = {"startup_seconds": time.perf_counter() - start}
-        with VLLMServerRollout(url, tokenizer=tokenizer, adapter_dir=tmp / "served-adapters") as engine:
+        with VLLMServerEngine(url, tokenizer=tokenizer, adapter_dir=tmp / "served-adapters") as engine:
             engine.probe()
             syncs = []
             sync_s = _median_seconds(lambda: syncs.append(engine.sync(model)), args.repeats)
@@ -213,7 +213,7 @@ def measure_server(args, base: Path, model, tokenizer, prompts, sampling: dict, 
             tokens, groups = [], []
 
             def sample():
-                groups[:] = engine.generate(prompts, **sampling, seed=0)
+                groups[:] = engine.sample(prompts, **sampling, seed=0)
                 tokens.append(sum(len(c.token_ids) for g in groups for c in g))
 
             gen_s = _median_seconds(sample, args.repeats)
@@ -238,7 +238,7 @@ def run(args) -> dict:
     from rich.table import Table
     from transformers import AutoTokenizer
 
-    from qempo_lite.rollout import HFRollout, VLLMLoRARollout
+    from qempo_lite.rollout import HFEngine, VLLMLoRAEngine
 
     console = Console()
     prompts = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(args.prompts)]
@@ -255,16 +255,16 @@ def run(args) -> dict:
         result["adapter_parameters"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         progress.advance(task)
 
-        hf = HFRollout(model, tokenizer)
+        hf = HFEngine(model, tokenizer)
         samples = args.prompts * args.n
         hf_tokens = []
         hf_s = _median_seconds(lambda: hf_tokens.append(
-            sum(len(c.token_ids) for g in hf.generate(prompts, **sampling) for c in g)), args.repeats)
+            sum(len(c.token_ids) for g in hf.sample(prompts, **sampling) for c in g)), args.repeats)
         result["hf"] = {"seconds": hf_s, "samples_per_s": samples / hf_s, "tokens_per_s": hf_tokens[-1] / hf_s}
         progress.advance(task)
 
         start = time.perf_counter()
-        engine = VLLMLoRARollout(base, max_lora_rank=max(args.rank, 8), max_model_len=512,
+        engine = VLLMLoRAEngine(base, max_lora_rank=max(args.rank, 8), max_model_len=512,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                  dtype="bfloat16" if args.cuda else "float32", seed=0)
         result["vllm_startup_seconds"] = time.perf_counter() - start
@@ -275,7 +275,7 @@ def run(args) -> dict:
             result["adapter_sync"] = {"seconds": sync_s, "bytes": syncs[-1].nbytes}
             vllm_tokens = []
             vllm_s = _median_seconds(lambda: vllm_tokens.append(
-                sum(len(c.token_ids) for g in engine.generate(prompts, **sampling) for c in g)), args.repeats)
+                sum(len(c.token_ids) for g in engine.sample(prompts, **sampling) for c in g)), args.repeats)
             result["vllm"] = {"seconds": vllm_s, "samples_per_s": samples / vllm_s,
                               "tokens_per_s": vllm_tokens[-1] / vllm_s}
             progress.advance(task)
@@ -353,7 +353,7 @@ def main() -> None:
                         help="vLLM's share (of CPU memory on CPU); default 0.2 on CPU, 0.4 on GPU")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-server", dest="server", action="store_false",
-                        help="skip the vLLM server (qempo-lite serve + VLLMServerRollout)")
+                        help="skip the vLLM server (qempo-lite serve + VLLMServerEngine)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     if args.threads is not None:

@@ -16,7 +16,7 @@ from .errors import QempoError
 
 
 def build_parser() -> ArgumentParser:
-    from .rollout.serving import serving_engine_names
+    from .rollout import serving_engine_names
 
     parser = ArgumentParser(prog="qempo-lite app", description=__doc__.split("\n\n")[0])
     models = parser.add_argument_group("models")

@@ -37,7 +37,7 @@ from trl import GRPOTrainer
 from .configs import QEMPOOnlineConfig
 from .errors import QempoError
 from .online_scoring import score_batch
-from .rollout import RolloutEngine
+from .rollout import Engine
 from .rollout.driver import RolloutDriver
 from .runs import TRL_VERSION_RANGE, PickleFreeSave, warn_if_untested_trl
 
@@ -68,8 +68,8 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
             args = QEMPOOnlineConfig(output_dir="qempo-online")
         if not isinstance(args, QEMPOOnlineConfig):
             raise QempoError(f"args must be a QEMPOOnlineConfig, got {type(args).__name__}; build one from your settings")
-        if rollout_engine is not None and not isinstance(rollout_engine, RolloutEngine):
-            raise QempoError(f"rollout_engine must be a qempo_lite.rollout.RolloutEngine, got "
+        if rollout_engine is not None and not isinstance(rollout_engine, Engine):
+            raise QempoError(f"rollout_engine must be a qempo_lite.rollout.Engine, got "
                              f"{type(rollout_engine).__name__}; subclass it (see docs/where-things-live.md)")
         warn_if_untested_trl("QEMPOOnlineTrainer", "tests/test_online.py")
         super().__init__(  # args.beta, TRL's KL coefficient, is 0 (the config set it)
@@ -92,7 +92,7 @@ class QEMPOOnlineTrainer(PickleFreeSave, GRPOTrainer):
         self.rollout = RolloutDriver(self, rollout_engine)
 
     @property
-    def rollout_engine(self) -> RolloutEngine | None:
+    def rollout_engine(self) -> Engine | None:
         """The engine the rollouts come from."""
         return self.rollout.engine
 

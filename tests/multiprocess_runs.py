@@ -113,9 +113,9 @@ def case_online(model_dir: str, out: Path, k: int, server_url: str | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
-    from qempo_lite.rollout import HFRollout
+    from qempo_lite.rollout import HFEngine
 
-    class MainProcessHFRollout(HFRollout):
+    class MainProcessHFRollout(HFEngine):
         """transformers sampling on the main process for every process, as the vLLM server engine samples."""
 
         serves_all_processes = True

@@ -231,19 +231,19 @@ def _documented_engine_example() -> str:
 
 def test_an_engine_added_with_one_class_and_one_registry_line_trains(tiny_model_dir, tokenizer, prompts, tmp_path):
     """The documented example: a class and a registry line; ``rollout: NAME`` trains through it, nothing else changed."""
-    from qempo_lite.rollout import ENGINES, HFRollout
+    from qempo_lite.rollout import ENGINES, HFEngine
 
     namespace: dict = {}
     exec(compile(_documented_engine_example(), "where-things-live.md", "exec"), namespace)  # noqa: S102
     try:
         engine_class = namespace["SharedPromptRollout"]
-        assert ENGINES["hf_shared_prompts"] is engine_class and issubclass(engine_class, HFRollout)
+        assert ENGINES["hf_shared_prompts"] is engine_class and issubclass(engine_class, HFEngine)
         calls = []
 
         class Counting(engine_class):  # counts the rollouts the trainer asks of the registered engine
-            def generate(self, prompts, **kwargs):
+            def sample(self, prompts, **kwargs):
                 calls.append(len(prompts))
-                return super().generate(prompts, **kwargs)
+                return super().sample(prompts, **kwargs)
 
         ENGINES["hf_shared_prompts"] = Counting
         args = _config(tmp_path, loss_method="qempo", rollout="hf_shared_prompts", max_steps=1)
@@ -261,9 +261,9 @@ def test_an_engine_added_with_one_class_and_one_registry_line_trains(tiny_model_
 def test_the_trainer_takes_engines_only(tiny_model_dir, tokenizer, prompts, tmp_path):
     from qempo_lite.rollout import register_engine
 
-    with pytest.raises(QempoError, match="rollout_engine must be a qempo_lite.rollout.RolloutEngine, got object"):
+    with pytest.raises(QempoError, match="rollout_engine must be a qempo_lite.rollout.Engine, got object"):
         _trainer(QEMPOOnlineTrainer, tiny_model_dir, tokenizer, prompts, _config(tmp_path), rollout_engine=object())
-    with pytest.raises(TypeError, match="must be a RolloutEngine subclass"):
+    with pytest.raises(TypeError, match="must be an Engine subclass"):
         register_engine("not_an_engine", object)
 
 
@@ -429,9 +429,9 @@ def test_cli_bad_key_is_a_one_line_error(tmp_path, tiny_model_dir, real_data, ca
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_model_dir):
-    from qempo_lite.rollout import VLLMLoRARollout
+    from qempo_lite.rollout import VLLMLoRAEngine
 
-    engine = VLLMLoRARollout(tiny_model_dir, max_lora_rank=8, max_model_len=256, gpu_memory_utilization=0.2,
+    engine = VLLMLoRAEngine(tiny_model_dir, max_lora_rank=8, max_model_len=256, gpu_memory_utilization=0.2,
                              dtype="float32")
     yield engine
     engine.close()

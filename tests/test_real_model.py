@@ -67,11 +67,11 @@ def test_the_demo_prompt_uses_the_real_chat_template(smollm2):
 
 def test_sampling_reports_the_policys_own_logprobs(smollm2):
     from qempo_lite.demo.real_tasks import messages
-    from qempo_lite.rollout import HFRollout, prompt_token_ids
+    from qempo_lite.rollout import HFEngine, prompt_token_ids
 
     model, tokenizer = smollm2
     prompts = [messages(q) for q in QUESTIONS]
-    groups = HFRollout(model, tokenizer, shared_prompts=True).generate(prompts, n=4, max_new_tokens=6, seed=0)
+    groups = HFEngine(model, tokenizer, shared_prompts=True).sample(prompts, n=4, max_new_tokens=6, seed=0)
     assert [len(g) for g in groups] == [4, 4]
     assert all(c.text.strip() for g in groups for c in g)
     assert max_logprob_gap(model, prompt_token_ids(tokenizer, prompts), groups) < 1e-4
@@ -86,7 +86,7 @@ def test_one_online_training_step_moves_the_adapter(smollm2_dir, tmp_path):
     from qempo_lite.demo.real_tasks import rows
     from qempo_lite.online import QEMPOOnlineConfig, QEMPOOnlineTrainer
     from qempo_lite.rewards.answer_sets import set_reward
-    from qempo_lite.rollout import HFRollout
+    from qempo_lite.rollout import HFEngine
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     policy = _adapter(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32))
@@ -96,7 +96,7 @@ def test_one_online_training_step_moves_the_adapter(smollm2_dir, tmp_path):
                              report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True)
     trainer = QEMPOOnlineTrainer(model=policy, reward_funcs=set_reward, args=args,
                                  train_dataset=datasets.Dataset.from_list(rows(QUESTIONS)), processing_class=tokenizer,
-                                 rollout_engine=HFRollout(policy, tokenizer, shared_prompts=True))
+                                 rollout_engine=HFEngine(policy, tokenizer, shared_prompts=True))
     trainer.train()
     logged = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logged) == 1 and math.isfinite(logged[0]["loss"]) and 0.0 <= logged[0]["reward"] <= 1.0
@@ -107,18 +107,18 @@ def test_one_online_training_step_moves_the_adapter(smollm2_dir, tmp_path):
 @pytest.mark.vllm
 def test_vllm_serves_the_adapter_after_an_adapter_only_sync(smollm2_dir, smollm2):
     from qempo_lite.demo.real_tasks import messages
-    from qempo_lite.rollout import VLLMLoRARollout, prompt_token_ids
+    from qempo_lite.rollout import VLLMLoRAEngine, prompt_token_ids
 
     model, tokenizer = smollm2
     policy = _adapter(model)
     prompts = [messages(q) for q in QUESTIONS]
     ids = prompt_token_ids(tokenizer, prompts)
-    with VLLMLoRARollout(smollm2_dir, max_lora_rank=8, max_model_len=128, gpu_memory_utilization=0.2,
+    with VLLMLoRAEngine(smollm2_dir, max_lora_rank=8, max_model_len=128, gpu_memory_utilization=0.2,
                          dtype="float32", seed=0, tokenizer=tokenizer, max_num_batched_tokens=4096) as engine:
-        stale = engine.generate(prompts, n=4, max_new_tokens=6, seed=1)  # the base: nothing synced yet
+        stale = engine.sample(prompts, n=4, max_new_tokens=6, seed=1)  # the base: nothing synced yet
         info = engine.sync(policy)
         assert 0 < info.nbytes < 5 * 2**20  # the adapter alone, not the 269 MB base
-        synced = engine.generate(prompts, n=4, max_new_tokens=6, seed=1)
+        synced = engine.sample(prompts, n=4, max_new_tokens=6, seed=1)
         with policy.disable_adapter():
             assert max_logprob_gap(policy, ids, stale) <= 1e-3
         assert max_logprob_gap(policy, ids, synced) <= 1e-3

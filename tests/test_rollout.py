@@ -13,7 +13,7 @@ import torch
 
 from conftest import max_logprob_gap, restore_parameters
 from qempo_lite.errors import QempoError
-from qempo_lite.rollout import HFRollout, VLLMLoRARollout, prompt_token_ids
+from qempo_lite.rollout import HFEngine, VLLMLoRAEngine, prompt_token_ids
 
 PROMPTS = [[{"role": "user", "content": "Name a colour."}], "What is two plus three?"]
 MAX_LORA_RANK = 16
@@ -68,8 +68,8 @@ def test_bad_prompt_names_its_index(tokenizer):
 def test_hf_rollout_samples_n_per_prompt_with_the_models_logprobs(tiny_model_dir, tokenizer):
     model = _peft_model(tiny_model_dir)
     model.train()  # the engine samples in eval mode and gives the mode back
-    engine = HFRollout(model, tokenizer)
-    groups = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)
+    engine = HFEngine(model, tokenizer)
+    groups = engine.sample(PROMPTS, n=3, max_new_tokens=12, seed=0)
     assert model.training
     assert [len(g) for g in groups] == [3, 3]
     for completion in (c for g in groups for c in g):
@@ -82,9 +82,9 @@ def test_hf_rollout_samples_n_per_prompt_with_the_models_logprobs(tiny_model_dir
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
     assert _max_gap(model, tokenizer, groups) < 1e-4
     # Tempered, truncated sampling still reports the policy's own (raw) log-probs.
-    tempered = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0, temperature=0.7, top_p=0.9)
+    tempered = engine.sample(PROMPTS, n=3, max_new_tokens=12, seed=0, temperature=0.7, top_p=0.9)
     assert _max_gap(model, tokenizer, tempered) < 1e-4
-    again = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)
+    again = engine.sample(PROMPTS, n=3, max_new_tokens=12, seed=0)
     assert [c.token_ids for g in again for c in g] == [c.token_ids for g in groups for c in g]
     assert engine.sync(model).nbytes == 0  # it samples the live weights: nothing to move
 
@@ -95,8 +95,8 @@ def test_shared_prompt_sampling_draws_what_generate_draws(tiny_model_dir, tokeni
     and the policy's own log-probs."""
     model = _peft_model(tiny_model_dir)
     kwargs = dict(n=4, max_new_tokens=12, seed=3, temperature=temperature, top_p=top_p)
-    plain = HFRollout(model, tokenizer).generate(PROMPTS, **kwargs)
-    shared = HFRollout(model, tokenizer, shared_prompts=True).generate(PROMPTS, **kwargs)
+    plain = HFEngine(model, tokenizer).sample(PROMPTS, **kwargs)
+    shared = HFEngine(model, tokenizer, shared_prompts=True).sample(PROMPTS, **kwargs)
     assert [c.token_ids for g in shared for c in g] == [c.token_ids for g in plain for c in g]
     assert [c.finish_reason for g in shared for c in g] == [c.finish_reason for g in plain for c in g]
     assert _max_gap(model, tokenizer, shared) < 1e-4
@@ -135,17 +135,17 @@ def test_hf_serving_gives_each_adapter_and_the_base_their_own_logprobs(tiny_mode
 
 
 def test_sampling_arguments_are_checked(tiny_model_dir, tokenizer):
-    engine = HFRollout(_peft_model(tiny_model_dir), tokenizer)
+    engine = HFEngine(_peft_model(tiny_model_dir), tokenizer)
     with pytest.raises(QempoError, match="temperature"):
-        engine.generate(PROMPTS, n=2, temperature=0.0)
+        engine.sample(PROMPTS, n=2, temperature=0.0)
     with pytest.raises(QempoError, match="n must be"):
-        engine.generate(PROMPTS, n=0)
+        engine.sample(PROMPTS, n=0)
 
 
 def test_missing_vllm_is_a_one_line_error_with_the_fix(monkeypatch, tiny_model_dir):
     monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM looks like
     with pytest.raises(QempoError) as err:
-        VLLMLoRARollout(tiny_model_dir)
+        VLLMLoRAEngine(tiny_model_dir)
     message = str(err.value)
     assert "pip install 'qempo-lite[vllm]'" in message and "rollout: hf" in message
     assert "\n" not in message
@@ -156,7 +156,7 @@ def test_missing_vllm_is_a_one_line_error_with_the_fix(monkeypatch, tiny_model_d
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_model_dir):
-    engine = VLLMLoRARollout(
+    engine = VLLMLoRAEngine(
         tiny_model_dir, max_lora_rank=MAX_LORA_RANK, max_model_len=256, gpu_memory_utilization=0.2, dtype="float32"
     )
     yield engine
@@ -171,7 +171,7 @@ def _lora_state(model):
 def test_vllm_serves_the_adapter_with_the_peft_models_logprobs(vllm_engine, tiny_model_dir, tokenizer):
     model = _peft_model(tiny_model_dir)
     first = vllm_engine.sync(model)
-    groups = vllm_engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)
+    groups = vllm_engine.sample(PROMPTS, n=3, max_new_tokens=12, seed=0)
     assert [len(g) for g in groups] == [3, 3]
     assert _max_gap(model, tokenizer, groups) <= 1e-3
 
@@ -192,7 +192,7 @@ def test_vllm_serves_the_adapter_with_the_peft_models_logprobs(vllm_engine, tiny
     assert second.lora_id > first.lora_id
     assert not Path(first.path).exists()  # the previous adapter's directory is cleaned up
     assert vllm_engine.llm.llm_engine.list_loras() == {second.lora_id}
-    updated = vllm_engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=1)
+    updated = vllm_engine.sample(PROMPTS, n=3, max_new_tokens=12, seed=1)
     assert _max_gap(model, tokenizer, updated) <= 1e-3
 
     # The same completions scored by the old adapter are clearly different: the engine really moved.
@@ -203,7 +203,7 @@ def test_vllm_serves_the_adapter_with_the_peft_models_logprobs(vllm_engine, tiny
 @pytest.mark.vllm
 def test_vllm_refuses_a_prompt_longer_than_the_engine_context(vllm_engine):
     with pytest.raises(QempoError, match="prompt 1 has 250 tokens.*raise vllm_max_model_length"):
-        vllm_engine.generate([[5, 6], [7] * 250], n=1, max_new_tokens=16)
+        vllm_engine.sample([[5, 6], [7] * 250], n=1, max_new_tokens=16)
 
 
 @pytest.mark.vllm
@@ -252,7 +252,7 @@ def test_sync_from_a_4bit_qlora_model(vllm_engine, tiny_model_dir, tokenizer):
             if "lora_B" in name:
                 param.normal_(0.0, 0.05)
     info = vllm_engine.sync(qlora)
-    groups = vllm_engine.generate(PROMPTS, n=2, max_new_tokens=8, seed=0)
+    groups = vllm_engine.sample(PROMPTS, n=2, max_new_tokens=8, seed=0)
     # The same adapter on the fp32 base is what the engine serves.
     full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), info.path)
     assert _max_gap(full, tokenizer, groups) <= 1e-3

@@ -275,12 +275,12 @@ def test_a_serving_engine_added_with_one_class_and_one_registry_line_samples(hf_
     """The documented engine, registered by name, serves the Sampler, the eval and app flags and the app's choice."""
     from qempo_lite.app import SamplerCache, choose_backend
     from qempo_lite.app_launcher import build_parser
-    from qempo_lite.rollout import SERVING_ENGINES
+    from qempo_lite.rollout import ENGINES
 
     namespace: dict = {}
     exec(compile(_documented_serving_engine(), "rollout-engines.md", "exec"), namespace)  # noqa: S102
     try:
-        assert SERVING_ENGINES["hf_merged"] is namespace["MergedServing"]
+        assert ENGINES["hf_merged"] is namespace["MergedServing"]
         with Sampler(tiny_model_dir, backend="hf_merged", dtype="float32") as merged:
             assert type(merged.engine) is namespace["MergedServing"] and not merged.mixes_adapters
             greedy = dict(n=2, temperature=0, max_new_tokens=8, progress=False)
@@ -301,7 +301,7 @@ def test_a_serving_engine_added_with_one_class_and_one_registry_line_samples(hf_
         cache = SamplerCache("hf_merged", gpu_memory_utilization=0.5, batch_size=4)
         assert cache.options == {"batch_size": 4}
     finally:
-        SERVING_ENGINES.pop("hf_merged", None)
+        ENGINES.pop("hf_merged", None)
     with pytest.raises(QempoError, match="backend 'hf_merged' is not one of auto, hf, vllm"):
         Sampler(tiny_model_dir, backend="hf_merged")
 

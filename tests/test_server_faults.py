@@ -19,7 +19,7 @@ import pytest
 
 from conftest import (QuietHandler, http_answer, loopback_http, server_rollout_trainer,
                       stopped_with_checkpoint)
-from qempo_lite.rollout import RolloutServerError, VLLMServerRollout
+from qempo_lite.rollout import RolloutServerError, VLLMServerEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Name a colour."]
@@ -100,8 +100,8 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def _engine(url, adapter_dir, tokenizer, **kwargs) -> VLLMServerRollout:
-    return VLLMServerRollout(url, tokenizer=tokenizer, adapter_dir=adapter_dir, **kwargs)
+def _engine(url, adapter_dir, tokenizer, **kwargs) -> VLLMServerEngine:
+    return VLLMServerEngine(url, tokenizer=tokenizer, adapter_dir=adapter_dir, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- a trickling server
@@ -114,7 +114,7 @@ def test_a_trickling_server_times_out_within_the_request_timeout(fake, tokenizer
     fake.mode = mode
     start = time.monotonic()
     with pytest.raises(RolloutServerError) as err:
-        engine.generate(PROMPTS, n=2, max_new_tokens=3, seed=0)
+        engine.sample(PROMPTS, n=2, max_new_tokens=3, seed=0)
     assert time.monotonic() - start < 8  # two attempts of 1.5 s, not two of the 20 s the answer takes
     message = str(err.value)
     assert "\n" not in message and "after 2 attempts" in message and "within 1.5 s" in message
@@ -131,7 +131,7 @@ def test_a_malformed_answer_is_retried_within_the_bound_then_one_line(fake, toke
     engine = _engine(fake.url, tmp_path, tokenizer, retries=2, retry_wait=0.05)
     fake.mode = mode
     with pytest.raises(RolloutServerError) as err:
-        engine.generate(PROMPTS, n=2, max_new_tokens=3, seed=0)
+        engine.sample(PROMPTS, n=2, max_new_tokens=3, seed=0)
     message = str(err.value)
     assert "\n" not in message and len(message) < 400
     assert "after 3 attempts" in message and "a malformed answer" in message and problem in message
@@ -141,7 +141,7 @@ def test_a_malformed_answer_is_retried_within_the_bound_then_one_line(fake, toke
 def test_one_malformed_answer_then_a_good_one_samples(fake, tokenizer, tmp_path):
     engine = _engine(fake.url, tmp_path, tokenizer, retries=2, retry_wait=0.05)
     fake.mode = "bad-once"
-    groups = engine.generate(PROMPTS, n=2, max_new_tokens=3, seed=0)
+    groups = engine.sample(PROMPTS, n=2, max_new_tokens=3, seed=0)
     assert fake.completions == 2
     assert [c.token_ids for c in groups[0]] == [[5, 6, 7], [6, 6, 7]] and groups[0][0].logprobs == [-1.0, -2.0, -0.5]
 
@@ -166,11 +166,11 @@ _KILLED_RUN = """
 import sys, time
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from qempo_lite.rollout import VLLMServerRollout
+from qempo_lite.rollout import VLLMServerEngine
 
 base, url, adapter_dir = sys.argv[1:]
 model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
-engine = VLLMServerRollout(url, tokenizer=AutoTokenizer.from_pretrained(base), adapter_dir=adapter_dir)
+engine = VLLMServerEngine(url, tokenizer=AutoTokenizer.from_pretrained(base), adapter_dir=adapter_dir)
 print(engine.sync(model).path, flush=True)
 time.sleep(600)
 """

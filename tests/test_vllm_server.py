@@ -23,7 +23,7 @@ import torch
 from conftest import (max_logprob_gap, restore_parameters, server_rollout_trainer, stop_process_group,
                       stopped_with_checkpoint)
 from qempo_lite.errors import QempoError
-from qempo_lite.rollout import RolloutServerError, VLLMServerRollout, prompt_token_ids
+from qempo_lite.rollout import RolloutServerError, VLLMServerEngine, prompt_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "tests" / "multiprocess_runs.py"
@@ -239,16 +239,16 @@ def test_serve_refuses_a_base_that_is_no_model_before_starting_vllm(tmp_path, ti
 @pytest.mark.vllm
 def test_server_samples_with_the_synced_adapters_logprobs(server, tiny_model_dir, tokenizer, tmp_path):
     model = _peft_model(tiny_model_dir)
-    with VLLMServerRollout(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
+    with VLLMServerEngine(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
         engine.probe()
         first = engine.sync(model)
-        groups = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)
+        groups = engine.sample(PROMPTS, n=3, max_new_tokens=12, seed=0)
         assert [len(g) for g in groups] == [3, 3]
         assert all(len(c.logprobs) == len(c.token_ids) >= 1 for g in groups for c in g)
         assert _max_gap(model, tokenizer, groups) <= 1e-3
         # Per-request seeds: the same seed gives the same samples, another seed others.
-        assert _tokens(engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=0)) == _tokens(groups)
-        assert _tokens(engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=7)) != _tokens(groups)
+        assert _tokens(engine.sample(PROMPTS, n=3, max_new_tokens=12, seed=0)) == _tokens(groups)
+        assert _tokens(engine.sample(PROMPTS, n=3, max_new_tokens=12, seed=7)) != _tokens(groups)
 
         # One optimizer step that raises the log-prob of the sampled completions, then a sync.
         old = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
@@ -266,7 +266,7 @@ def test_server_samples_with_the_synced_adapters_logprobs(server, tiny_model_dir
         served = _models(server)
         assert Path(second.path).name in served and Path(first.path).name not in served  # the previous one unloaded
         assert 0 < second.nbytes < (Path(tiny_model_dir) / "model.safetensors").stat().st_size
-        updated = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=1)
+        updated = engine.sample(PROMPTS, n=3, max_new_tokens=12, seed=1)
         assert _max_gap(model, tokenizer, updated) <= 1e-3
         # A stale adapter (the one before the step) scores the same samples clearly differently.
         restore_parameters(model, old)
@@ -278,7 +278,7 @@ def test_server_samples_with_the_synced_adapters_logprobs(server, tiny_model_dir
 @pytest.mark.vllm
 def test_an_adapter_the_server_cannot_serve_is_refused_in_one_line(server, tiny_model_dir, tokenizer, tmp_path):
     too_big = _peft_model(tiny_model_dir, r=2 * MAX_LORA_RANK)
-    with VLLMServerRollout(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
+    with VLLMServerEngine(server, tokenizer=tokenizer, adapter_dir=tmp_path / "adapters") as engine:
         with pytest.raises(QempoError) as err:
             engine.sync(too_big)
         assert not list((tmp_path / "adapters").glob("qempo-*"))  # its files are gone again (the run's lock stays)
@@ -291,10 +291,10 @@ def test_an_adapter_the_server_cannot_serve_is_refused_in_one_line(server, tiny_
 @pytest.mark.vllm
 def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir, tokenizer, tmp_path):
     model = _peft_model(tiny_model_dir, seed=2)
-    with VLLMServerRollout(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=6,
+    with VLLMServerEngine(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=6,
                            retry_wait=0.25) as engine:
         name = Path(engine.sync(model).path).name
-        before = engine.generate(PROMPTS, n=2, max_new_tokens=8, seed=3)
+        before = engine.sample(PROMPTS, n=2, max_new_tokens=8, seed=3)
         relay.stop()  # the server goes down ...
 
         def restart():
@@ -308,7 +308,7 @@ def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir
 
         thread = threading.Thread(target=restart)
         thread.start()
-        after = engine.generate(PROMPTS, n=2, max_new_tokens=8, seed=3)
+        after = engine.sample(PROMPTS, n=2, max_new_tokens=8, seed=3)
         thread.join()
         assert name in _models(server)  # loaded again from its directory
         assert _tokens(after) == _tokens(before)
@@ -317,12 +317,12 @@ def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir
 
 @pytest.mark.vllm
 def test_a_server_that_stays_down_is_one_line_after_bounded_retries(relay, tiny_model_dir, tokenizer, tmp_path):
-    engine = VLLMServerRollout(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=2, retry_wait=0.2)
+    engine = VLLMServerEngine(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=2, retry_wait=0.2)
     engine.probe()
     relay.stop()
     start = time.monotonic()
     with pytest.raises(RolloutServerError) as err:
-        engine.generate(PROMPTS, n=2, max_new_tokens=8, seed=0)
+        engine.sample(PROMPTS, n=2, max_new_tokens=8, seed=0)
     assert time.monotonic() - start < 10  # waits of 0.2 + 0.4 s, then it gives up
     message = str(err.value)
     assert "\n" not in message
@@ -355,7 +355,7 @@ def test_probe_refuses_a_server_without_runtime_adapter_loading(tokenizer, tmp_p
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), NoRuntimeLoRA)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        engine = VLLMServerRollout(f"http://127.0.0.1:{httpd.server_address[1]}", tokenizer=tokenizer,
+        engine = VLLMServerEngine(f"http://127.0.0.1:{httpd.server_address[1]}", tokenizer=tokenizer,
                                    adapter_dir=tmp_path)
         with pytest.raises(QempoError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora"):
             engine.probe()
@@ -376,7 +376,7 @@ def test_the_recipe_and_the_engine_refuse_the_same_server_urls_alike(tokenizer, 
         QEMPOOnlineConfig(output_dir=str(tmp_path), rollout="vllm_server", vllm_server_url=given["url"],
                           vllm_server_retries=given["retries"], vllm_server_request_timeout=given["request_timeout"])
     with pytest.raises(QempoError) as in_engine:
-        VLLMServerRollout(given["url"], tokenizer=tokenizer, adapter_dir=tmp_path, retries=given["retries"],
+        VLLMServerEngine(given["url"], tokenizer=tokenizer, adapter_dir=tmp_path, retries=given["retries"],
                           request_timeout=given["request_timeout"])
     assert message in str(in_config.value) and str(in_config.value) == str(in_engine.value)
 

@@ -18,9 +18,9 @@ def choose_backend(requested: str) -> tuple[str, str]:
     backend reserves a fixed share of the machine's memory when it starts (0.9 unless told
     otherwise) and refuses to start when that much is not free, which a machine running
     anything else rarely has. ``--backend vllm`` asks for it anyway; any registered serving
-    engine (:func:`qempo_lite.rollout.register_serving_engine`) can be named.
+    engine (:func:`qempo_lite.rollout.register_engine`) can be named.
     """
-    from ..rollout.serving import choose_serving_engine
+    from ..rollout import choose_serving_engine
 
     name, note, _ = choose_serving_engine(requested, gpu_only=True)
     return name, note
@@ -35,13 +35,13 @@ class SamplerCache:
     """
 
     def __init__(self, backend: str = "auto", **options: Any):
-        from ..rollout.serving import SERVING_ENGINES
+        from ..rollout import ENGINES, serving_engine_names
 
         self.backend, self.backend_note = choose_backend(backend)
         # vLLM's max_loras is how many adapters one batch may mix: all the columns at once. Sampler
         # settings the chosen engine does not read are left out; engine options go through.
-        reads = SERVING_ENGINES[self.backend].settings
-        settings = {key for engine in SERVING_ENGINES.values() for key in engine.settings}
+        reads = ENGINES[self.backend].settings
+        settings = {key for name in serving_engine_names() for key in ENGINES[name].settings}
         self.options = {key: value for key, value in {"max_loras": MAX_COLUMNS, **options}.items()
                         if key in reads or key not in settings}
         self._key: str | None = None

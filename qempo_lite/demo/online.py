@@ -290,10 +290,10 @@ def _shared_engine(base: Path, settings: OnlineSettings):
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engine's start-up report would bury the demo's
 
-    from ..rollout import VLLMLoRARollout
+    from ..rollout import VLLMLoRAEngine
 
     # float32, as the trainer computes the log-probs in: the sampled policy is the trained one.
-    return VLLMLoRARollout(AutoModelForCausalLM.from_pretrained(base), max_lora_rank=settings.lora_r, max_model_len=64,
+    return VLLMLoRAEngine(AutoModelForCausalLM.from_pretrained(base), max_lora_rank=settings.lora_r, max_model_len=64,
                            gpu_memory_utilization=0.25, dtype="float32", seed=settings.seed,
                            tokenizer=_tokenizer(base))
 

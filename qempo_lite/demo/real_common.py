@@ -84,10 +84,10 @@ def save_trained(trainer, out: Path, model_dir: Path, data_name: str, rows: int,
 
 def sample_policy(model, tokenizer, questions: list[str], n: int, max_new_tokens: int, seed: int) -> dict:
     """``{question: [n completions]}`` at temperature 1 (prompts computed once per question)."""
-    from ..rollout import HFRollout
+    from ..rollout import HFEngine
 
-    engine = HFRollout(model, tokenizer, max_batch_prompts=4, shared_prompts=True)
-    groups = engine.generate([real_tasks.messages(q) for q in questions], n=n, temperature=1.0,
+    engine = HFEngine(model, tokenizer, max_batch_prompts=4, shared_prompts=True)
+    groups = engine.sample([real_tasks.messages(q) for q in questions], n=n, temperature=1.0,
                              max_new_tokens=max_new_tokens, seed=seed)
     return {q: [c.text for c in group] for q, group in zip(questions, groups)}
 

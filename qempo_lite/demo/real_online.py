@@ -66,11 +66,11 @@ def base_token_entropy(model, tokenizer, questions: list[str], settings: RealOnl
     import torch
 
     from ..generation import prompt_token_ids
-    from ..rollout import HFRollout
+    from ..rollout import HFEngine
 
-    engine = HFRollout(model, tokenizer, max_batch_prompts=4, shared_prompts=True)
+    engine = HFEngine(model, tokenizer, max_batch_prompts=4, shared_prompts=True)
     prompts = [real_tasks.messages(q) for q in questions]
-    groups = engine.generate(prompts, n=4, max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+    groups = engine.sample(prompts, n=4, max_new_tokens=settings.max_new_tokens, seed=settings.seed)
     total, tokens = 0.0, 0
     with torch.no_grad():
         for ids, group in zip(prompt_token_ids(tokenizer, prompts), groups):
@@ -89,7 +89,7 @@ def train_method(name: str, model_dir: Path, out: Path, settings: RealOnlineSett
 
     from ..online import QEMPOOnlineConfig, QEMPOOnlineTrainer
     from ..rewards.answer_sets import set_reward
-    from ..rollout import HFRollout
+    from ..rollout import HFEngine
     from . import world
 
     loss_method, own = METHODS[name]
@@ -109,7 +109,7 @@ def train_method(name: str, model_dir: Path, out: Path, settings: RealOnlineSett
         max_steps=settings.steps, logging_steps=1, save_strategy="no", report_to=[], seed=settings.seed,
         use_cpu=True, disable_tqdm=True, bf16=settings.dtype == "bfloat16",
     )
-    engine = HFRollout(policy, tokenizer, shared_prompts=True)
+    engine = HFEngine(policy, tokenizer, shared_prompts=True)
     trainer = QEMPOOnlineTrainer(model=policy, reward_funcs=set_reward, args=args,
                                  train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
                                  rollout_engine=engine)

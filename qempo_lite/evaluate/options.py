@@ -100,7 +100,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base-name", default="base", help="the name of the base model's rows (default: base)")
     group.add_argument("--allow-base-mismatch", action="store_true",
                        help="accept adapters recorded for a differently named base model (weights must still fit)")
-    from qempo_lite.rollout.serving import serving_engine_names
+    from qempo_lite.rollout import serving_engine_names
 
     engine = parser.add_argument_group("sampling engine")
     engine.add_argument("--backend", choices=("auto", *serving_engine_names()), default="auto",

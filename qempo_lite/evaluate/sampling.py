@@ -2,18 +2,18 @@
 
 A :class:`Sampler` loads the base model once and serves any number of adapters of it, plus the
 base model itself (an adapter entry of ``None``), through the serving engine registered under
-``backend`` (:class:`qempo_lite.rollout.ServingEngine`, built by
+``backend`` (:class:`qempo_lite.rollout.Engine`, built by
 :func:`~qempo_lite.rollout.make_serving_engine`):
 
-* ``backend="vllm"`` (:class:`~qempo_lite.rollout.VLLMServing`): one in-process vLLM engine with
+* ``backend="vllm"`` (:class:`~qempo_lite.rollout.VLLMLoRAEngine`): one in-process vLLM engine with
   ``enable_lora=True``; each adapter is a ``LoRARequest`` and one ``generate`` call carries the
   requests of every adapter, so vLLM batches them together (multi-LoRA). Closing the Sampler
   shuts the engine down and gives the environment back.
-* ``backend="hf"`` (:class:`~qempo_lite.rollout.HFServing`): one ``transformers`` model wrapped by
+* ``backend="hf"`` (:class:`~qempo_lite.rollout.HFEngine`): one ``transformers`` model wrapped by
   PEFT, each adapter loaded under its own name, switched with ``set_adapter``; the base model
   samples inside ``disable_adapter()``. No second copy of the base weights is ever made.
 * ``backend="auto"``: vLLM when it is installed, transformers otherwise.
-* any other name given to :func:`~qempo_lite.rollout.register_serving_engine`.
+* any other name given to :func:`~qempo_lite.rollout.register_engine`.
 
 Both shipped engines sample exactly ``temperature`` + ``top_p``: no top-k, no repetition penalty from
 the model's ``generation_config``, so they draw from the same distribution; ``temperature=0``
@@ -44,13 +44,8 @@ from qempo_lite.adapters import ANYWHERE, adapter_config, check_adapter, max_ran
 from qempo_lite.errors import QempoError
 from qempo_lite.evaluate.samples import Sample, load_samples, save_samples, to_messages
 from qempo_lite.generation import check_sampling, checkpoint_eos_token_ids, free_memory, prompt_token_ids, temporary_env
-from qempo_lite.rollout.serving import (
-    SERVING_ENGINES,
-    choose_serving_engine,
-    completion_length,
-    make_serving_engine,
-    meta_parameter_shapes,
-)
+from qempo_lite.rollout.engine import ENGINES, choose_serving_engine, make_serving_engine
+from qempo_lite.rollout.serving import completion_length, meta_parameter_shapes
 
 logger = logging.getLogger("qempo_lite")
 
@@ -68,7 +63,7 @@ class Sampler:
     ``batch_size`` is the number of sequences per ``generate`` call of the transformers backend.
     ``lora=False`` serves the base model only (vLLM then builds no LoRA layers: faster, and on its
     CPU backend much faster for large batches); adapters are refused.
-    Each engine reads the settings it names (:attr:`~qempo_lite.rollout.ServingEngine.settings`);
+    Each engine reads the settings it names (:attr:`~qempo_lite.rollout.Engine.settings`);
     ``engine_kwargs`` go to the engine as they are (vLLM's ``LLM`` options).
     Use as a context manager, or call :meth:`close`.
     """
@@ -82,7 +77,7 @@ class Sampler:
         backend, _, passed_over = choose_serving_engine(backend)
         if passed_over:
             reason, remedy = passed_over
-            logger.info("%s: sampling with %s (%s)", reason, SERVING_ENGINES[backend].title, remedy)
+            logger.info("%s: sampling with %s (%s)", reason, ENGINES[backend].title, remedy)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise QempoError(f"batch_size must be a positive integer, got {batch_size!r}")
         local = Path(base_model).expanduser()

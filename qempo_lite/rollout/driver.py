@@ -4,7 +4,7 @@
 calls (as TRL's trainer calls its vLLM client: ``generate``, with the sync inside): given a
 micro-batch of prompt ids laid out as GRPO's sampler lays them (each prompt ``k`` times in a
 row), it returns one completion and its sampled log-probs per row. Two flags of the engine
-(:class:`~qempo_lite.rollout.RolloutEngine`) choose how:
+(:class:`~qempo_lite.rollout.Engine`) choose how:
 
 * each process samples its own rows (``hf``, ``vllm``), syncing its engine first; under ZeRO-3
   an engine that ``samples_live_weights`` samples inside TRL's gathered-weights context;
@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import QempoError, one_line
-from .engine import RolloutEngine, make_engine
+from .engine import Engine, make_engine
 
 
 def unique_prompts(prompt_ids: list[list[int]], k: int) -> tuple[list[list[int]], int]:
@@ -37,8 +37,8 @@ def unique_prompts(prompt_ids: list[list[int]], k: int) -> tuple[list[list[int]]
 class RolloutDriver:
     """Drives ``engine`` for ``trainer`` (a GRPOTrainer: its accelerator, state, args and metrics)."""
 
-    def __init__(self, trainer, engine: RolloutEngine | None = None):
-        """``engine``: one already made (the trainer checked it is a RolloutEngine), else one built from
+    def __init__(self, trainer, engine: Engine | None = None):
+        """``engine``: one already made (the trainer checked it is an Engine), else one built from
         ``trainer.args.rollout`` and probed."""
         self.trainer = trainer
         self.owns_engine = engine is None
@@ -135,14 +135,14 @@ class RolloutDriver:
         kwargs = dict(n=n, temperature=trainer.temperature, top_p=trainer.top_p,
                       max_new_tokens=trainer.max_completion_length, **({} if seed is None else {"seed": seed}))
         if not self.engine.samples_live_weights:
-            return self.engine.generate(prompts, **kwargs)
+            return self.engine.sample(prompts, **kwargs)
         from trl.models import unwrap_model_for_generation
 
         with unwrap_model_for_generation(  # ZeRO-3: the weights gathered for generation
             trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
         ):
-            return self.engine.generate(prompts, **kwargs)
+            return self.engine.sample(prompts, **kwargs)
 
     def _generate_for_all_processes(self, prompt_ids: list[list[int]], k: int):
         """The main process samples every process's prompts, whole groups, one seed per call; each keeps its slice."""

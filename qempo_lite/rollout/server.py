@@ -10,15 +10,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..errors import QempoError, short_repr
 from .. import generation
-from ..generation import Prompt, check_sampling, prompt_token_ids
 from .common import Completion, SyncInfo, check_served_model, check_token_ids, directory_bytes, served_lora_name
-from .engine import RolloutEngine, require_lora
+from .engine import TRAINED, Engine, request_seed, require_lora
 from .served_dirs import ServedDirs
 from .transport import check_server_settings, send_json
 
@@ -74,7 +73,7 @@ def _is_missing_route(status: int, body: Any) -> bool:
     return status == 404 and not (isinstance(body, dict) and "error" in body)
 
 
-class VLLMServerRollout(RolloutEngine):
+class VLLMServerEngine(Engine):
     """Rollouts from a vLLM OpenAI-compatible server started separately, fed adapters only.
 
     The server serves the *base* model with LoRA enabled and runtime adapter loading on::
@@ -87,11 +86,13 @@ class VLLMServerRollout(RolloutEngine):
     (``POST /v1/load_lora_adapter``), then unloads the previous one (``/v1/unload_lora_adapter``)
     and deletes its files: nothing is merged, so the training side may hold a 4-bit base.
     :meth:`generate` sends one ``/v1/completions`` request per prompt (token ids in, ``n``
-    completions out) with its own seed (``seed + i * n`` for prompt ``i``; vLLM gives the j-th
-    completion ``seed + j``), so the samples do not depend on how the prompts are batched or on
-    how many training processes asked for them. Each completion comes back with its token ids
+    completions out) with its own seed (:func:`~qempo_lite.rollout.engine.request_seed` of the
+    prompt's index; vLLM gives the j-th completion that seed + j), so the samples do not depend on
+    how the prompts are batched or on how many training processes asked for them. It serves the
+    trained adapter (:data:`~qempo_lite.rollout.engine.TRAINED`: the base model before the first
+    sync) and the base model (None), not saved adapters. Each completion comes back with its token ids
     (``return_token_ids``) and the log-prob of each sampled token (``logprobs=0``; vLLM's
-    default ``raw_logprobs``: log softmax of the raw logits, as :class:`VLLMLoRARollout`).
+    default ``raw_logprobs``: log softmax of the raw logits, as :class:`~qempo_lite.rollout.VLLMLoRAEngine`).
 
     ``expected_model`` (the policy's base model) and ``vocab_size`` (its embedding rows) make
     :meth:`probe` refuse a server of another model, and :meth:`generate` refuse token ids the
@@ -109,6 +110,7 @@ class VLLMServerRollout(RolloutEngine):
     :class:`QempoError` with the server's message.
     """
 
+    title = "vLLM server"
     serves_all_processes = True
 
     def __init__(self, url: str, *, tokenizer, adapter_dir: str | os.PathLike, eos_token_ids: list[int] | None = None,
@@ -138,7 +140,7 @@ class VLLMServerRollout(RolloutEngine):
 
     # ------------------------------------------------------------------ HTTP
     @classmethod
-    def for_training(cls, policy, tokenizer, args, *, num_processes: int) -> "VLLMServerRollout":
+    def for_training(cls, policy, tokenizer, args, *, num_processes: int) -> "VLLMServerEngine":
         policy = require_lora(policy, "vllm_server")
         return cls(args.vllm_server_url, tokenizer=tokenizer,
                    adapter_dir=args.vllm_server_adapter_dir or Path(args.output_dir) / "served-adapters",
@@ -252,46 +254,42 @@ class VLLMServerRollout(RolloutEngine):
         return self._current[0] if self._current is not None else self.base_model
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int = 256, seed: int | None = None) -> list[list[Completion]]:
+    def generate(self, adapters: Mapping[str, str | None], prompts: Sequence[list[int]], *, n: int,
+                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, seed: int | None = None,
+                 progress: bool = False) -> dict[str, list[list[Completion]]]:
         from concurrent.futures import ThreadPoolExecutor
 
-        check_sampling(n, temperature, top_p, max_new_tokens)
+        unknown = [name for name in adapters.values() if name not in (None, TRAINED)]
+        if unknown:
+            raise QempoError(f"the vLLM server engine serves the trained adapter and the base model, not {unknown[0]!r}")
         if self.base_model is None:
             self.probe()
-        ids = prompt_token_ids(self.tokenizer, prompts)
-        for index, x in enumerate(ids):
-            if self.max_model_len is not None and len(x) + max_new_tokens > self.max_model_len:
-                raise QempoError(
-                    f"prompt {index} has {len(x)} tokens: with max_new_tokens={max_new_tokens} it needs a "
-                    f"max_model_len of {len(x) + max_new_tokens} (server: {self.max_model_len}); start the server "
-                    "with a larger --max-model-len or shorten the prompt")
+        self.check_lengths(prompts, max_new_tokens, "start the server with a larger --max-model-len or shorten the prompt")
         # Neutral settings sent explicitly: the server's defaults come from the model's generation_config.json.
         common = dict(n=n, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
                       presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens, logprobs=0,
                       stop_token_ids=self.eos_token_ids, return_token_ids=True, skip_special_tokens=True)
-        payloads = [dict(common, prompt=x, seed=None if seed is None else seed + i * n) for i, x in enumerate(ids)]
-        if not payloads:
-            return []
-        with ThreadPoolExecutor(max_workers=min(len(payloads), 32)) as pool:
-            answers = list(pool.map(self._complete, payloads))
-        groups = []
-        for answer in answers:  # each checked by _completion_problem
-            choices = sorted(answer["choices"], key=lambda c: c["index"])
+        asked = [(label, name, dict(common, prompt=list(x), seed=None if seed is None else request_seed(seed, label, i)))
+                 for label, name in adapters.items() for i, x in enumerate(prompts)]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(asked), 32))) as pool:
+            answers = list(pool.map(lambda job: self._complete(job[2], trained=job[1] == TRAINED), asked))
+        drawn: dict[str, list[list[Completion]]] = {label: [] for label in adapters}
+        for (label, _, _), answer in zip(asked, answers):  # each answer checked by _completion_problem
             group = []
-            for choice in choices:
+            for choice in sorted(answer["choices"], key=lambda c: c["index"]):
                 tokens = list(choice["token_ids"])
                 check_token_ids(tokens, self.vocab_size, self.url)
                 logprobs = [float(v) for v in choice["logprobs"]["token_logprobs"]]
                 group.append(Completion(text=choice["text"], token_ids=tokens, logprobs=logprobs,
                                         finish_reason=choice.get("finish_reason")))
-            groups.append(group)
-        return groups
+            drawn[label].append(group)
+        return drawn
 
-    def _complete(self, payload: dict) -> dict:
-        """One completion request; a server that forgot the adapter (restarted) gets it loaded again."""
+    def _complete(self, payload: dict, *, trained: bool) -> dict:
+        """One completion request, of the trained adapter or of the base model; a server that forgot the adapter
+        (restarted) gets it loaded again."""
         for _ in range(2):
-            model = self.model_name
+            model = self.model_name if trained else self.base_model
             status, body = self._call("POST", "/v1/completions", dict(payload, model=model),
                                       what="a completion request (/v1/completions)",
                                       check=lambda body: _completion_problem(body, payload["n"]))
@@ -317,9 +315,4 @@ class VLLMServerRollout(RolloutEngine):
             shutil.rmtree(current[1], ignore_errors=True)
         self._dirs.release()  # also deletes what ended runs left, then adapter_dir once it is empty
 
-    def __enter__(self) -> "VLLMServerRollout":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
