@@ -34,6 +34,19 @@ from .trl_fields import refuse_unlisted_fields
 COEFFICIENT_NAMES = ("beta", "beta1", "beta2", "alpha")  # the paper's names, spelled as config fields
 
 
+def _method_args_field(spellings: str):
+    """The ``method_args`` field; ``spellings`` names the coefficients also taken on their own."""
+    return field(default=None, metadata={
+        "help": "The method's coefficients by name, e.g. {beta: 0.004}; unset ones take the method's defaults. "
+                f"{spellings} may also be given on their own."})
+
+
+def _coefficient_field(name: str, mode: str, note: str = ""):
+    """The field of a coefficient spelled on its own (the paper's name), unset by default; its help lists
+    what it means for each method of ``mode`` (then ``note``)."""
+    return field(default=None, metadata={"help": coefficient_help(name, mode) + note})
+
+
 def resolve_method(config, mode: str, parent: type) -> MethodSettings:
     """Resolve ``config.loss_method`` once: its coefficients (``method_args`` and the top-level spellings),
     checked and completed with the defaults, and the TRL settings only some methods may use.
@@ -155,14 +168,11 @@ class QEMPOConfig(DPOConfig):
         default="qempo",
         metadata={"help": "Offline objective. " + method_help("offline"), "choices": list(OFFLINE_METHODS)},
     )
-    method_args: dict | None = field(default=None, metadata={
-        "help": "The method's coefficients by name, e.g. {beta: 0.004}; unset ones take the method's defaults. "
-                "beta, beta1, beta2 and alpha may also be given on their own."})
-    beta: float | None = field(default=None, metadata={
-        "help": coefficient_help("beta", "offline") + ". Afterwards TRL's beta: the policy coefficient a."})
-    beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "offline")})
-    beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "offline")})
-    alpha: float | None = field(default=None, metadata={"help": coefficient_help("alpha", "offline")})
+    method_args: dict | None = _method_args_field("beta, beta1, beta2 and alpha")
+    beta: float | None = _coefficient_field("beta", "offline", ". Afterwards TRL's beta: the policy coefficient a.")
+    beta1: float | None = _coefficient_field("beta1", "offline")
+    beta2: float | None = _coefficient_field("beta2", "offline")
+    alpha: float | None = _coefficient_field("alpha", "offline")
 
     def __post_init__(self):
         check_training_numbers(self)
@@ -213,13 +223,10 @@ class QEMPOOnlineConfig(GRPOConfig):
     """
 
     loss_method: str = field(default="qempo", metadata={"help": "Online objective. " + method_help("online")})
-    method_args: dict | None = field(default=None, metadata={
-        "help": "The method's coefficients by name, e.g. {beta: 0.004}; unset ones take the method's defaults. "
-                "beta, beta1 and beta2 may also be given on their own."})
-    beta: float | None = field(default=None, metadata={
-        "help": coefficient_help("beta", "online") + ". Not GRPO's KL coefficient, which stays 0."})
-    beta1: float | None = field(default=None, metadata={"help": coefficient_help("beta1", "online")})
-    beta2: float | None = field(default=None, metadata={"help": coefficient_help("beta2", "online")})
+    method_args: dict | None = _method_args_field("beta, beta1 and beta2")
+    beta: float | None = _coefficient_field("beta", "online", ". Not GRPO's KL coefficient, which stays 0.")
+    beta1: float | None = _coefficient_field("beta1", "online")
+    beta2: float | None = _coefficient_field("beta2", "online")
     gate: str | None = field(
         default=None,
         metadata={"help": "Quality gate of the variance term: correct, group or none. Default: the method's, "

@@ -242,29 +242,29 @@ def check_trl_compatibility() -> None:
         found = list(inspect.signature(method).parameters)
         if found != params:
             problems.append(f"DPOTrainer.{name} signature changed from ({', '.join(params)}) to ({', '.join(found)})")
+    needles = {  # by method: the lines of its source relied on, and what it means when one is missing
+        "_compute_loss": {
+            "if self.precompute_ref_logps:": "_compute_loss no longer branches on self.precompute_ref_logps",
+            'inputs["ref_chosen_logps"]': "_compute_loss no longer reads inputs['ref_chosen_logps']",
+            "-F.logsigmoid(self.beta * delta_score)": "the sigmoid loss is no longer -logsigmoid(self.beta * delta)",
+            "chosen_rewards = self.beta * chosen_logratios": "the logged rewards are no longer beta * logratio",
+            # dpo's f-DPO divergences: f' of the log-ratio from the batch's reference log-probs (unscaled, c/a = 1).
+            'elif self.f_divergence_type == "js_divergence":': "_compute_loss lost the js_divergence branch",
+            'elif self.f_divergence_type == "forward_kl":': "_compute_loss lost the forward_kl branch",
+            "delta_score = chosen_scores - rejected_scores":
+                "the loss is no longer made of the divergence's chosen - rejected scores",
+        },
+        "__init__": {
+            "self.precompute_ref_logps = args.precompute_ref_log_probs": "__init__ no longer sets precompute_ref_logps",
+            "self.beta = args.beta": "__init__ no longer sets self.beta from args.beta",
+        },
+    }
     try:
-        loss_source = inspect.getsource(DPOTrainer._compute_loss)
-        init_source = inspect.getsource(DPOTrainer.__init__)
+        sources = {name: inspect.getsource(getattr(DPOTrainer, name)) for name in needles}
     except (OSError, TypeError, AttributeError):
-        loss_source = init_source = ""
-    needles = [
-        (loss_source, "if self.precompute_ref_logps:",
-         "_compute_loss no longer branches on self.precompute_ref_logps"),
-        (loss_source, 'inputs["ref_chosen_logps"]', "_compute_loss no longer reads inputs['ref_chosen_logps']"),
-        (loss_source, "-F.logsigmoid(self.beta * delta_score)",
-         "the sigmoid loss is no longer -logsigmoid(self.beta * delta)"),
-        (loss_source, "chosen_rewards = self.beta * chosen_logratios",
-         "the logged rewards are no longer beta * logratio"),
-        # dpo's f-DPO divergences: f' of the log-ratio made from the batch's reference log-probs (unscaled, c/a = 1).
-        (loss_source, 'elif self.f_divergence_type == "js_divergence":', "_compute_loss lost the js_divergence branch"),
-        (loss_source, 'elif self.f_divergence_type == "forward_kl":', "_compute_loss lost the forward_kl branch"),
-        (loss_source, "delta_score = chosen_scores - rejected_scores",
-         "the loss is no longer made of the divergence's chosen - rejected scores"),
-        (init_source, "self.precompute_ref_logps = args.precompute_ref_log_probs",
-         "__init__ no longer sets precompute_ref_logps"),
-        (init_source, "self.beta = args.beta", "__init__ no longer sets self.beta from args.beta"),
-    ]
-    problems += [message for source, needle, message in needles if needle not in source]
+        sources = dict.fromkeys(needles, "")
+    problems += [message for name, lines in needles.items() for needle, message in lines.items()
+                 if needle not in sources[name]]
     if problems:
         raise RuntimeError("QEMPOTrainer does not fit this TRL: " + "; ".join(problems)
                            + ". Re-check qempo_lite/offline.py against trl/trainer/dpo_trainer.py.")

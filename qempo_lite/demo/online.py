@@ -316,11 +316,12 @@ def _verdict(results: list[dict]) -> str:
 
 def report_markdown(report: dict) -> str:
     s = report["settings"]
+    gates = ", ".join(f"{m} ungated" if c["gate"] == "none" else f"{m} gate `{c['gate']}`" for m, c in METHODS.items())
     intro = (
         f"{world.settings_heading(s)}, {s['rollout']} rollouts. {len(TASKS)} questions, groups of "
         f"{s['num_generations']} one-token answers, reward 1 for a correct answer. Shared settings: β = {BETA}, "
         f"{s['steps']} steps, lr {s['learning_rate']} ({s['lr_scheduler_type']} decay), LoRA r {s['lora_r']}; "
-        "qempo gate `correct`, gvpo ungated.")
+        f"{gates}.")
     header = ("policy", "accuracy", "correct entropy", "optimum's correct entropy", "distinct correct", "pass@1",
               "pass@4", "pass@16")
     rows = [(name, f"{row['accuracy']:.3f}", f"{row['correct_entropy']:.3f}",

@@ -210,6 +210,13 @@ def _cmd_table2(args) -> int:
 # ------------------------------------------------------------------------------ parser
 
 
+def _command(commands, name: str, run, **parser_options) -> argparse.ArgumentParser:
+    """The sub-command ``name``, carried out by ``run(args)``; its arguments are added to what this returns."""
+    parser = commands.add_parser(name, **parser_options)
+    parser.set_defaults(run=run)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     example = __doc__.split("::\n\n", 1)[1].split("\n\n")[0]
     parser = argparse.ArgumentParser(
@@ -219,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Each step writes the file the next one reads. Run 'qempo-lite eval COMMAND --help' for its options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sample = commands.add_parser(
-        "sample", help="sample completions from adapters and the base model",
+    sample = _command(
+        commands, "sample", _cmd_sample, help="sample completions from adapters and the base model",
         description="Sample --n completions per prompt from every adapter (and with --include-base the base model), "
                     "loading the base model once. With MT-Bench questions (--prompts mtbench, or a file of rows with "
                     "'turns') the paper's protocol runs: n first-turn samples per question, then n second-turn "
@@ -234,10 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--max-new-tokens", type=options.positive_int, default=1024,
                         help="longest answer in tokens (1024)")
     sample.add_argument("--output", required=True, help="the samples JSONL file to write")
-    sample.set_defaults(run=_cmd_sample)
 
-    diversity = commands.add_parser(
-        "diversity", help="lexical, semantic and syntactic diversity of samples",
+    diversity = _command(
+        commands, "diversity", _cmd_diversity, help="lexical, semantic and syntactic diversity of samples",
         description="Score the diversity (x100) of each adapter's samples by Guo et al. (2024)'s released protocol "
                     "(guo2024), pooled over all its samples (the paper's Table 2) and per question turn (mean over "
                     "the sets). The result names the protocol, the spaCy parser and the sentence encoder used.")
@@ -245,10 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     diversity.add_argument("--output", required=True, help="the diversity JSON file to write")
     diversity.add_argument("--no-per-question", action="store_true", help="skip the per-question scores")
     options.add_diversity_options(diversity)
-    diversity.set_defaults(run=_cmd_diversity)
 
-    judge = commands.add_parser(
-        "judge", help="rate samples 1-10 with an LLM judge (MT-Bench single-answer grading)",
+    judge = _command(
+        commands, "judge", _cmd_judge, help="rate samples 1-10 with an LLM judge (MT-Bench single-answer grading)",
         description="Rate every sample with an LLM behind an OpenAI-compatible endpoint, using MT-Bench's "
                     "single-answer prompts (the multi-turn one for second-turn samples). The API key is read from "
                     "--api-key-env, $QEMPO_JUDGE_API_KEY or $OPENAI_API_KEY and never printed. Failed requests are "
@@ -262,10 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests per sample before it counts as failed (3)")
     judge.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
     judge.add_argument("--cache", help="ratings cache (default: judge_cache.jsonl beside --output)")
-    judge.set_defaults(run=_cmd_judge)
 
-    passk = commands.add_parser(
-        "passk", help="pass@k on math problems (GSM8K, MATH)",
+    passk = _command(
+        commands, "passk", _cmd_passk, help="pass@k on math problems (GSM8K, MATH)",
         description="Sample --n answers per math problem from every adapter, check each final answer against the "
                     "gold one, and estimate pass@k (unbiased) for k = 1, 2, 4, ... up to n.")
     options.add_model_options(passk)
@@ -280,10 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest answer in tokens (1024)")
     passk.add_argument("--output", required=True, help="the pass@k JSON file to write")
     passk.add_argument("--samples-output", help="also save the answers as samples JSONL")
-    passk.set_defaults(run=_cmd_passk)
 
-    table2 = commands.add_parser(
-        "table2", help="one command for Table 2: MT-Bench sampling, diversity, judge and report, resumable",
+    table2 = _command(
+        commands, "table2", _cmd_table2,
+        help="one command for Table 2: MT-Bench sampling, diversity, judge and report, resumable",
         description="Run the paper's Table 2 evaluation for every model in one go: the MT-Bench protocol (n "
                     "first-turn samples per question, then n second-turn ones), the three diversity scores "
                     "(guo2024), the judge's MT-Bench rating when --judge-url and --judge-model are given, and the "
@@ -316,17 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_diversity_options(table2, seed_flag="--diversity-seed")
     options.add_judge_options(table2.add_argument_group("judge (optional: without it the report has diversity only)"),
                        required=False, prefix="judge-")
-    table2.set_defaults(run=_cmd_table2)
 
-    report = commands.add_parser(
-        "report", help="merge results into report.json, report.md and figures",
+    report = _command(
+        commands, "report", _cmd_report, help="merge results into report.json, report.md and figures",
         description="Merge the JSON files of 'eval diversity', 'eval judge' and 'eval passk' by adapter into "
                     "report.json and report.md (Table 2 layout: Lexical, Semantic, Syntactic, Average, Judge) and "
                     "draw diversity_quality.png (average diversity vs judge score, or pass@1) and passk.png "
                     "(pass@k vs k, log2 axis).")
     report.add_argument("--inputs", nargs="+", required=True, help="result JSON files")
     report.add_argument("--output-dir", required=True, help="folder for report.json, report.md and the figures")
-    report.set_defaults(run=_cmd_report)
     return parser
 
 

@@ -60,12 +60,14 @@ _ASSIGNMENT = re.compile(r"^[A-Za-z]\w*\s*=\s*")
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _SIGN = re.compile(r"\s*([-+]?)\s*[$€£¥₹]?\s*([-+]?)\s*")
 _A_SCALE = re.compile(rf"(half\s+)?an?\s+(?={SCALE_WORD}\b)", re.IGNORECASE)
-_LATEX_FRAC = re.compile(r"\\[dtc]?frac\s*(?:\{\s*(\d+(?:\.\d+)?)\s*\}|(\d))\s*(?:\{\s*(\d+(?:\.\d+)?)\s*\}|(\d))")
+# A LaTeX fraction (\frac{3}{4}, \dfrac{3}{4}, \frac34), {0} the pattern of a number in braces (a bare one is
+# one digit); groups: numerator in braces, bare numerator, denominator in braces, bare denominator.
+_LATEX_FRACTION = r"\\[dtc]?frac\s*(?:\{{\s*({0})\s*\}}|(\d))\s*(?:\{{\s*({0})\s*\}}|(\d))"
+_LATEX_FRAC = re.compile(_LATEX_FRACTION.format(r"\d+(?:\.\d+)?"))
 _DECIMAL = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(?:[eE]([-+]?\d+))?")
-_MIXED = re.compile(
+_MIXED = re.compile(  # the fraction after an integer: 1\frac{1}{2}, 1 1/2, 2 and 1/2, 2 and a half
     r"(?:\s*(?=\\)|\s+(?=\d)|\s+and\s+)"
-    r"(?:\\[dtc]?frac\s*(?:\{\s*(\d+)\s*\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))|(\d+)\s*/\s*(\d+)(?![\d.])"
-    r"|a\s+(half|quarter)\b)",
+    + "(?:" + _LATEX_FRACTION.format(r"\d+") + r"|(\d+)\s*/\s*(\d+)(?![\d.])|a\s+(half|quarter)\b)",
     re.IGNORECASE,
 )
 _SLASH = re.compile(r"\s*/\s*(\d+(?:\.\d+)?)(?![\d.])")
