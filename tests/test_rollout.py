@@ -157,8 +157,8 @@ def test_missing_vllm_is_a_one_line_error_with_the_fix(monkeypatch, tiny_model_d
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_model_dir):
     engine = VLLMLoRAEngine(
-        tiny_model_dir, max_lora_rank=MAX_LORA_RANK, max_model_len=256, gpu_memory_utilization=0.2, dtype="float32"
-    )
+        tiny_model_dir, max_lora_rank=MAX_LORA_RANK, max_loras=2, max_model_len=256, gpu_memory_utilization=0.2,
+        dtype="float32")
     yield engine
     engine.close()
 
@@ -198,6 +198,33 @@ def test_vllm_serves_the_adapter_with_the_peft_models_logprobs(vllm_engine, tiny
     # The same completions scored by the old adapter are clearly different: the engine really moved.
     restore_parameters(model, old)
     assert _max_gap(model, tokenizer, updated) > 1e-2
+
+
+@pytest.mark.vllm
+def test_one_vllm_engine_serves_the_trained_adapter_beside_saved_ones(vllm_engine, tiny_model_dir, tokenizer, tmp_path):
+    """One protocol: the adapter being trained (synced) and a saved adapter (loaded by name) are served by the same
+    engine; the same weights under either name give the same draws for a (seed, label), and the base model others."""
+    from qempo_lite.rollout import TRAINED
+
+    model = _peft_model(tiny_model_dir, seed=4)
+    vllm_engine.sync(model)
+    model.save_pretrained(tmp_path / "saved")
+    vllm_engine.load_adapter("saved", tmp_path / "saved")
+    try:
+        ids = prompt_token_ids(tokenizer, PROMPTS)
+        kwargs = dict(n=3, max_new_tokens=12, seed=5)
+        trained = vllm_engine.generate({"x": TRAINED}, ids, **kwargs)["x"]
+        saved = vllm_engine.generate({"x": "saved"}, ids, **kwargs)["x"]
+        together = vllm_engine.generate({"x": "saved", "base": None}, ids, **kwargs)
+
+        def tokens(groups):
+            return [c.token_ids for group in groups for c in group]
+
+        assert tokens(trained) == tokens(saved) == tokens(together["x"])
+        assert tokens(together["base"]) != tokens(saved)
+        assert _max_gap(model, tokenizer, saved) <= 1e-3
+    finally:
+        vllm_engine.unload_adapter("saved")
 
 
 @pytest.mark.vllm

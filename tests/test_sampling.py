@@ -304,6 +304,8 @@ def test_a_serving_engine_added_with_one_class_and_one_registry_line_samples(hf_
         ENGINES.pop("hf_merged", None)
     with pytest.raises(QempoError, match="backend 'hf_merged' is not one of auto, hf, vllm"):
         Sampler(tiny_model_dir, backend="hf_merged")
+    with pytest.raises(QempoError, match="backend 'vllm_server' is not one of auto, hf, vllm"):
+        Sampler(tiny_model_dir, backend="vllm_server")  # it trains; it does not serve saved adapters
 
 
 # ---------------------------------------------------------------------------------- vLLM multi-LoRA

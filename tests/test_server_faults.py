@@ -208,3 +208,22 @@ def test_folders_of_ended_runs_are_deleted_on_start_and_finish_never_a_live_runs
     assert not third_folder.exists() and live_folder.is_dir()
     live.close()
     assert not served.exists()
+
+
+def test_the_server_engine_serves_the_trained_adapter_and_the_base_only(tiny_model_dir, tmp_path):
+    """It implements the one engine protocol for training: a saved adapter is refused in one line, before any
+    request, and the engine is not offered to evaluation and the app (--backend)."""
+    from transformers import AutoTokenizer
+
+    from qempo_lite.errors import QempoError
+    from qempo_lite.rollout import serving_engine_names
+
+    engine = VLLMServerEngine("http://127.0.0.1:9", tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
+                              adapter_dir=tmp_path / "served")
+    with pytest.raises(QempoError, match="serves the trained adapter and the base model, not 'saved'"):
+        engine.generate({"a": "saved"}, [[1, 2]], n=1)
+    with pytest.raises(QempoError, match="serves the adapter being trained only"):
+        engine.load_adapter("saved", tmp_path)
+    assert "vllm_server" not in serving_engine_names()
+    engine.close()
+
