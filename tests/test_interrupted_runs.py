@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+from cli_runner import run_cli
 from qempo_lite.runs import checkpoint_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,10 +14,8 @@ TINY_YAML = ROOT / "tests" / "data" / "offline_tiny.yaml"
 
 
 def _train(tiny_model_dir, output_dir, *flags) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    command = [sys.executable, "-m", "qempo_lite.cli", "train", "offline", "--config", str(TINY_YAML),
-               "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output_dir), *flags]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_cli(["train", "offline", "--config", str(TINY_YAML), "--model_name_or_path", str(tiny_model_dir),
+                    "--output_dir", str(output_dir), *flags], ROOT)
 
 
 def test_a_kill_during_the_first_checkpoint_save_is_resumed_from_step_0(tiny_model_dir, tmp_path):

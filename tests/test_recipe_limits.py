@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
+
+from cli_runner import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(recipe: Path, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    command = [sys.executable, "-m", "qempo_lite.cli", "train", "offline", "--config", str(recipe),
-               "--model_name_or_path", "no-model-is-loaded", "--output_dir", str(recipe.parent / "out"), *flags]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_cli(["train", "offline", "--config", str(recipe), "--model_name_or_path", "no-model-is-loaded",
+                    "--output_dir", str(recipe.parent / "out"), *flags], ROOT, timeout=timeout)
 
 
 def _one_short_line(done: subprocess.CompletedProcess, *fragments: str) -> str:

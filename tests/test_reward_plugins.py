@@ -1,11 +1,10 @@
 """Rewards named in a recipe: built-ins, module:function and path.py:function with TRL's signature."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from cli_runner import run_cli
 from qempo_lite.errors import QempoError
 from qempo_lite.rewards.plugins import load_reward_funcs
 
@@ -90,14 +89,12 @@ def test_cli_trains_with_a_reward_from_a_file_and_refuses_a_bad_one_before_loadi
                   save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True, bf16=False)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    run = subprocess.run([sys.executable, "-m", "qempo_lite.cli", "train", "online", "--config", str(path)],
-                         capture_output=True, text=True, timeout=600)
+    run = run_cli(["train", "online", "--config", str(path)], tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "qempo_lite.json").read_text())
     assert record["online"]["reward"] == recipe["reward_funcs"]
-    bad = subprocess.run([sys.executable, "-m", "qempo_lite.cli", "train", "online", "--config", str(path),
-                          "--reward_funcs", f"[{module_file}:no_kwargs]", "--output_dir", str(tmp_path / "run2")],
-                         capture_output=True, text=True, timeout=600)
+    bad = run_cli(["train", "online", "--config", str(path), "--reward_funcs", f"[{module_file}:no_kwargs]",
+                   "--output_dir", str(tmp_path / "run2")], tmp_path)
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert lines[-1].startswith("error: reward") and "**kwargs" in lines[-1]
