@@ -41,6 +41,8 @@ def test_offline_quick_reaches_table_1(tmp_path, capsys):
         adapter = out / "adapters" / method
         assert (adapter / "adapter_model.safetensors").is_file()
         assert json.loads((adapter / "qempo_lite.json").read_text())["method"] == method
+        # TRL's default gradient checkpointing would only recompute the tiny model's forward in every backward pass.
+        assert json.loads((adapter / "training_args.json").read_text())["gradient_checkpointing"] is False
 
 
 @pytest.mark.slow
