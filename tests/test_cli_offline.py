@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_runner import run_cli
 from qempo_lite.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +126,10 @@ def test_the_installed_command_exits_non_zero_with_one_line(tmp_path):
         f"error: unknown config key 'learnin_rate' in {recipe}; did you mean 'learning_rate'? "
         "see 'qempo-lite train offline --help'"
     ]
+    # The other command-line tests fork each command from a process that imported torch and TRL once
+    # (tests/cli_runner.py): it ends the same way, byte for byte.
+    forked = run_cli(["train", "offline", "--config", str(recipe)], ROOT, env=env)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (result.returncode, result.stdout, result.stderr)
 
 
 def test_help_lists_the_keys(capsys):
