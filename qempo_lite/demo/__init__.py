@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                              "./qempo-demo-real or ./qempo-demo-real-online with --real)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="a shorter run (about 1 minute on 2 CPU cores; the full run takes about 2)")
+                        help="a shorter run (under a minute on 2 CPU cores; the full run takes a little over one)")
     parser.add_argument("--rollout", choices=ROLLOUTS, default=None,
                         help="online only: sample with transformers (hf, default) or the vLLM engine (vllm)")
     parser.add_argument("--real", action="store_true",
