@@ -71,6 +71,7 @@ def _app(tiny_model_dir, adapter):
         yield url
 
 
+@pytest.mark.slow
 def test_markup_in_an_adapters_files_is_shown_as_text(tiny_model_dir, adapters, beacon):
     from playwright.sync_api import expect
 
@@ -89,6 +90,7 @@ def test_markup_in_an_adapters_files_is_shown_as_text(tiny_model_dir, adapters, 
     assert Beacon.hits == []
 
 
+@pytest.mark.slow
 def test_a_run_named_like_math_text_is_sampled_and_charted(tiny_model_dir, adapters):
     from playwright.sync_api import expect
 

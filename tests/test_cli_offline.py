@@ -35,6 +35,7 @@ def in_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
+@pytest.mark.slow
 def test_recipe_trains_end_to_end_and_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, in_repo_root, capsys):
     straight = tmp_path / "straight"
     assert _train(tiny_model_dir, straight) == 0

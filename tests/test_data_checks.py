@@ -36,6 +36,7 @@ def test_held_out_pairs_are_never_trained_on_even_when_rows_repeat(tmp_path):
     assert described == {"held_out_fraction": 0.2, "seed": 3, "rows": 4, "duplicates": 80}
 
 
+@pytest.mark.slow
 def test_the_training_command_reports_duplicates_and_trains_on_no_evaluation_pair(tmp_path, tiny_model_dir):
     data = _duplicated_pairs(tmp_path / "pairs.jsonl")
     argv = _offline(tmp_path, tiny_model_dir, "dups", dataset=str(data), eval_fraction=0.2, max_steps=1)

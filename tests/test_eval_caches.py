@@ -8,7 +8,8 @@ sample sizes, each metric's version). Each run is the installed command in a fre
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+import pytest
 
 from conftest import make_adapter
 from test_cli_errors import _run
@@ -19,6 +20,7 @@ QUESTIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_table2_recomputes_what_changed_and_reuses_the_rest(tmp_path, tiny_model_dir):
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))

@@ -39,6 +39,7 @@ def _engine(tiny_model_dir):
     return ["--base-model", str(tiny_model_dir), "--backend", "hf", "--dtype", "float32"]
 
 
+@pytest.mark.slow
 def test_eval_end_to_end(run_dir, tiny_model_dir, real_data, mt_bench_dir, capsys):
     questions = mt_bench_dir / "question.jsonl"
     adapters = ["--adapter", str(run_dir / "adapters" / "qempo"), "--adapter", f"dpo={run_dir / 'adapters' / 'dpo'}",

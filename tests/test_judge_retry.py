@@ -65,10 +65,12 @@ def _gap_before_retry(url, headers) -> float:
     return _Busy.posts[1] - _Busy.posts[0]
 
 
+@pytest.mark.slow
 def test_a_429_with_retry_after_seconds_is_waited_out(busy_server):
     assert 2.0 <= _gap_before_retry(busy_server, {"Retry-After": "2"}) < 2.0 + 1.5
 
 
+@pytest.mark.slow
 def test_a_429_with_an_http_date_is_waited_out(busy_server):
     gap = _gap_before_retry(busy_server, {"Retry-After": lambda: email.utils.formatdate(time.time() + 3, usegmt=True)})
     assert 1.9 <= gap < 3.0 + 1.5  # the date has whole seconds

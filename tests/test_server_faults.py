@@ -107,6 +107,7 @@ def _engine(url, adapter_dir, tokenizer, **kwargs) -> VLLMServerEngine:
 # ---------------------------------------------------------------------------------- a trickling server
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["trickle-body", "trickle-headers"])
 def test_a_trickling_server_times_out_within_the_request_timeout(fake, tokenizer, tmp_path, mode):
     engine = _engine(fake.url, tmp_path, tokenizer, request_timeout=1.5, retries=1, retry_wait=0.1)
@@ -146,6 +147,7 @@ def test_one_malformed_answer_then_a_good_one_samples(fake, tokenizer, tmp_path)
     assert [c.token_ids for c in groups[0]] == [[5, 6, 7], [6, 6, 7]] and groups[0][0].logprobs == [-1.0, -2.0, -0.5]
 
 
+@pytest.mark.slow
 def test_training_checkpoints_and_stops_in_one_line_when_answers_turn_malformed(fake, tiny_model_dir, tokenizer,
                                                                                 tmp_path):
     from transformers import TrainerCallback
@@ -176,6 +178,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_folders_of_ended_runs_are_deleted_on_start_and_finish_never_a_live_runs(fake, tiny_model_dir, tokenizer,
                                                                                   tmp_path):
     from peft import LoraConfig, get_peft_model
