@@ -68,7 +68,7 @@ def main() -> None:
 
         start = time.perf_counter()
         engine = VLLMLoRAEngine(args.model, max_lora_rank=16, max_model_len=256, gpu_memory_utilization=0.2,
-                                 dtype=args.dtype, seed=0, tokenizer=tokenizer, max_num_batched_tokens=8192)
+                                dtype=args.dtype, seed=0, tokenizer=tokenizer, max_num_batched_tokens=8192)
         results["vllm_start_seconds"] = time.perf_counter() - start
         engine.sync(policy)
         results["seconds"]["vllm"] = _median_seconds(lambda: engine.sample(prompts, **kwargs), args.repeats)

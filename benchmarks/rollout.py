@@ -265,8 +265,8 @@ def run(args) -> dict:
 
         start = time.perf_counter()
         engine = VLLMLoRAEngine(base, max_lora_rank=max(args.rank, 8), max_model_len=512,
-                                 gpu_memory_utilization=args.gpu_memory_utilization,
-                                 dtype="bfloat16" if args.cuda else "float32", seed=0)
+                                gpu_memory_utilization=args.gpu_memory_utilization,
+                                dtype="bfloat16" if args.cuda else "float32", seed=0)
         result["vllm_startup_seconds"] = time.perf_counter() - start
         try:
             progress.advance(task)

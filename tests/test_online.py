@@ -432,7 +432,7 @@ def vllm_engine(tiny_model_dir):
     from qempo_lite.rollout import VLLMLoRAEngine
 
     engine = VLLMLoRAEngine(tiny_model_dir, max_lora_rank=8, max_model_len=256, gpu_memory_utilization=0.2,
-                             dtype="float32")
+                            dtype="float32")
     yield engine
     engine.close()
 

@@ -114,7 +114,7 @@ def test_vllm_serves_the_adapter_after_an_adapter_only_sync(smollm2_dir, smollm2
     prompts = [messages(q) for q in QUESTIONS]
     ids = prompt_token_ids(tokenizer, prompts)
     with VLLMLoRAEngine(smollm2_dir, max_lora_rank=8, max_model_len=128, gpu_memory_utilization=0.2,
-                         dtype="float32", seed=0, tokenizer=tokenizer, max_num_batched_tokens=4096) as engine:
+                        dtype="float32", seed=0, tokenizer=tokenizer, max_num_batched_tokens=4096) as engine:
         stale = engine.sample(prompts, n=4, max_new_tokens=6, seed=1)  # the base: nothing synced yet
         info = engine.sync(policy)
         assert 0 < info.nbytes < 5 * 2**20  # the adapter alone, not the 269 MB base

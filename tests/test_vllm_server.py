@@ -292,7 +292,7 @@ def test_an_adapter_the_server_cannot_serve_is_refused_in_one_line(server, tiny_
 def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir, tokenizer, tmp_path):
     model = _peft_model(tiny_model_dir, seed=2)
     with VLLMServerEngine(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=6,
-                           retry_wait=0.25) as engine:
+                          retry_wait=0.25) as engine:
         name = Path(engine.sync(model).path).name
         before = engine.sample(PROMPTS, n=2, max_new_tokens=8, seed=3)
         relay.stop()  # the server goes down ...
@@ -356,7 +356,7 @@ def test_probe_refuses_a_server_without_runtime_adapter_loading(tokenizer, tmp_p
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         engine = VLLMServerEngine(f"http://127.0.0.1:{httpd.server_address[1]}", tokenizer=tokenizer,
-                                   adapter_dir=tmp_path)
+                                  adapter_dir=tmp_path)
         with pytest.raises(QempoError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora"):
             engine.probe()
     finally:
@@ -377,7 +377,7 @@ def test_the_recipe_and_the_engine_refuse_the_same_server_urls_alike(tokenizer, 
                           vllm_server_retries=given["retries"], vllm_server_request_timeout=given["request_timeout"])
     with pytest.raises(QempoError) as in_engine:
         VLLMServerEngine(given["url"], tokenizer=tokenizer, adapter_dir=tmp_path, retries=given["retries"],
-                          request_timeout=given["request_timeout"])
+                         request_timeout=given["request_timeout"])
     assert message in str(in_config.value) and str(in_config.value) == str(in_engine.value)
 
 

@@ -294,8 +294,8 @@ def _shared_engine(base: Path, settings: OnlineSettings):
 
     # float32, as the trainer computes the log-probs in: the sampled policy is the trained one.
     return VLLMLoRAEngine(AutoModelForCausalLM.from_pretrained(base), max_lora_rank=settings.lora_r, max_model_len=64,
-                           gpu_memory_utilization=0.25, dtype="float32", seed=settings.seed,
-                           tokenizer=_tokenizer(base))
+                          gpu_memory_utilization=0.25, dtype="float32", seed=settings.seed,
+                          tokenizer=_tokenizer(base))
 
 
 def _tokenizer(base: Path):

@@ -88,7 +88,7 @@ def sample_policy(model, tokenizer, questions: list[str], n: int, max_new_tokens
 
     engine = HFEngine(model, tokenizer, max_batch_prompts=4, shared_prompts=True)
     groups = engine.sample([real_tasks.messages(q) for q in questions], n=n, temperature=1.0,
-                             max_new_tokens=max_new_tokens, seed=seed)
+                           max_new_tokens=max_new_tokens, seed=seed)
     return {q: [c.text for c in group] for q, group in zip(questions, groups)}
 
 
