@@ -6,6 +6,7 @@ an independent reference: each adapter loaded alone in its own PEFT model. The v
 share one in-process engine (its start is the slow part).
 """
 
+import itertools
 import json
 import logging
 import os
@@ -374,6 +375,23 @@ def test_vllm_on_cpu_samples_a_batch_larger_than_one_step_with_seeds(vllm_sample
     drawn = vllm_sampler.sample({"base": None}, prompts, n=1, temperature=1.0, max_new_tokens=2, seed=5,
                                 progress=False)
     assert len(drawn) == 200 and all(0 <= s.num_tokens <= 2 for s in drawn)
+
+
+@pytest.mark.vllm
+def test_vllm_sampler_lets_an_answer_end_at_the_context(vllm_sampler):
+    """Evaluation is not a rollout: a prompt that leaves less room than max_new_tokens is sampled, its answers
+    ending at the engine's context, not refused (rollouts refuse it: the trainer needs whole completions)."""
+    words = "tell me a long story about the sea and the sky".split()
+    prompt = ""
+    for word in itertools.cycle(words):
+        if len(vllm_sampler.encode(prompt + word + " ")) > vllm_sampler.max_model_len - 8:
+            break
+        prompt += word + " "
+    room = vllm_sampler.max_model_len - len(vllm_sampler.encode(prompt))
+    assert 0 < room < 64
+    drawn = vllm_sampler.sample({"base": None}, [prompt], n=2, temperature=1.0, max_new_tokens=64, seed=1,
+                                progress=False)
+    assert len(drawn) == 2 and all(s.num_tokens <= room for s in drawn)
 
 
 @pytest.mark.vllm

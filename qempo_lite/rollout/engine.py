@@ -83,6 +83,7 @@ class Engine(abc.ABC):
     settings: tuple[str, ...] = ()
     samples_live_weights: bool = False
     serves_all_processes: bool = False
+    length_fix: str = "shorten the prompt"
 
     tokenizer: Any = None
     eos_token_ids: list[int] = []
@@ -148,16 +149,20 @@ class Engine(abc.ABC):
 
         check_sampling(n, temperature, top_p, max_new_tokens)
         ids = prompt_token_ids(self.tokenizer, prompts)
+        self.check_lengths(ids, max_new_tokens)
         return self.generate({TRAINED: TRAINED}, ids, n=n, temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens, seed=seed)[TRAINED]
 
-    def check_lengths(self, prompts: Sequence[list[int]], max_new_tokens: int, fix: str) -> None:
-        """Refuse, in one line, a prompt that leaves no room for ``max_new_tokens`` within :attr:`max_model_len`."""
+    def check_lengths(self, prompts: Sequence[list[int]], max_new_tokens: int) -> None:
+        """Refuse, in one line, a rollout prompt that leaves no room for ``max_new_tokens`` within
+        :attr:`max_model_len` (``length_fix`` says what to do). Evaluation's Sampler checks its own prompts: an
+        answer there may end at the model's context."""
         for index, ids in enumerate(prompts):
             if self.max_model_len is not None and len(ids) + max_new_tokens > self.max_model_len:
                 raise QempoError(
                     f"prompt {index} has {len(ids)} tokens: with max_new_tokens={max_new_tokens} it needs a "
-                    f"max_model_len of {len(ids) + max_new_tokens} ({self.title}: {self.max_model_len}); {fix}")
+                    f"max_model_len of {len(ids) + max_new_tokens} ({self.title}: {self.max_model_len}); "
+                    f"{self.length_fix}")
 
     # ------------------------------------------------------------------ lifetime
     def probe(self) -> None:

@@ -71,6 +71,7 @@ class VLLMLoRAEngine(Engine):
 
     title = "vLLM"
     mixes_adapters = True
+    length_fix = "raise vllm_max_model_length or shorten the prompt"
     settings = ("dtype", "max_lora_rank", "max_loras", "gpu_memory_utilization", "max_model_len", "seed", "lora")
 
     def __init__(self, base_model, *, tokenizer=None, eos_token_ids: list[int] | None = None, max_lora_rank: int = 64,
@@ -202,7 +203,6 @@ class VLLMLoRAEngine(Engine):
     def generate(self, adapters: Mapping[str, str | None], prompts: Sequence[list[int]], *, n: int,
                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, seed: int | None = None,
                  progress: bool = False) -> dict[str, list[list[Completion]]]:
-        self.check_lengths(prompts, max_new_tokens, "raise vllm_max_model_length (--max-model-len) or shorten the prompt")
         requests, params, loras, owners = [], [], [], []
         for label, name in adapters.items():
             lora = None if name is None else self._loras.get(TRAINED) if name == TRAINED else self._loras[name]

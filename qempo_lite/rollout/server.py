@@ -112,6 +112,7 @@ class VLLMServerEngine(Engine):
 
     title = "vLLM server"
     serves_all_processes = True
+    length_fix = "start the server with a larger --max-model-len or shorten the prompt"
 
     def __init__(self, url: str, *, tokenizer, adapter_dir: str | os.PathLike, eos_token_ids: list[int] | None = None,
                  retries: int = 5, request_timeout: float = 600.0, retry_wait: float = 1.0,
@@ -264,7 +265,7 @@ class VLLMServerEngine(Engine):
             raise QempoError(f"the vLLM server engine serves the trained adapter and the base model, not {unknown[0]!r}")
         if self.base_model is None:
             self.probe()
-        self.check_lengths(prompts, max_new_tokens, "start the server with a larger --max-model-len or shorten the prompt")
+        self.check_lengths(prompts, max_new_tokens)  # max_model_len is known once the server has been probed
         # Neutral settings sent explicitly: the server's defaults come from the model's generation_config.json.
         common = dict(n=n, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
                       presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens, logprobs=0,
