@@ -10,9 +10,8 @@ working directory, environment, stdin from /dev/null and stdout/stderr into file
 process would (an uncaught exception printed, exit status 1; the ``atexit`` handlers run; output
 flushed), except that the interpreter's module teardown (2-3 s with torch and TRL loaded) is
 skipped. The test gets its exit status (a signal as ``-N``, as ``subprocess`` reports it), stdout
-and stderr as a ``subprocess.CompletedProcess``. qempo-lite's
-own modules are imported in the child, so each command imports them afresh; the environment is
-applied before they are. Libraries that read an environment variable when imported read the
+and stderr as a ``subprocess.CompletedProcess``. qempo-lite's own modules are imported in the
+child, so each command imports them afresh; the environment is applied before they are. Libraries that read an environment variable when imported read the
 helper's, which is the test process's plus ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1``
 (every command runs with those). A whole process of its own, teardown included, is still what
 ``tests/test_wheel.py``, ``tests/test_cli_offline.py`` (the installed command's one error line) and
@@ -24,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,12 +65,15 @@ def _start() -> str:
 
 
 def stop() -> None:
-    """Stop the helper (at exit; a running command's child is left to finish or be killed by its test)."""
+    """Stop the helper and remove its folder (at exit; a running command's child is left to finish or be killed by
+    its test)."""
     global _helper
     if _helper is not None and _helper.poll() is None:
         _helper.terminate()
         _helper.wait(timeout=30)
     _helper = None
+    if _socket_path is not None:
+        shutil.rmtree(os.path.dirname(_socket_path), ignore_errors=True)
 
 
 def run_cli(argv: list[str], cwd: Path | str, *, env: dict[str, str] | None = None,
