@@ -22,6 +22,28 @@ torch.set_num_threads(1)
 REAL_DATA = Path(__file__).resolve().parent / "data"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, every test that starts vLLM or loads the real model goes to one worker (one group):
+    two vLLM engines at once do not fit in memory, and the real model is then converted once."""
+    for item in items:
+        if item.get_closest_marker("vllm") or "smollm2_dir" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's ``loadgroup`` scheduling, with each test file a unit of its own as well as each group: a
+    module's fixtures (a training run, a server, a torchrun launch) are then made by one worker, not by both."""
+    from xdist.scheduler import LoadGroupScheduling
+
+    class GroupsAndFiles(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = super()._split_scope(nodeid)
+            return group if group != nodeid else nodeid.split("::", 1)[0]
+
+    return GroupsAndFiles(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64, head_dim 32) with a BPE tokenizer trained in the fixture."""
