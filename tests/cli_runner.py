@@ -1,4 +1,5 @@
-"""Run ``python -m qempo_lite.cli ARGS`` in a fresh process without paying torch's import each time.
+"""Run ``python -m qempo_lite.cli ARGS`` (or any ``python ARGS``) in a fresh process without paying torch's import
+each time.
 
 Most command-line tests run a command that fails in its first second (a bad flag, a hostile recipe)
 or trains a tiny model for a few steps; starting Python and importing torch, transformers, PEFT and
@@ -6,8 +7,9 @@ TRL took about 6 s of CPU per run, most of the suite's command-line time. :func:
 command to one helper process (started on first use, stopped when the tests end) that has imported
 those libraries once and nothing else. For each command the helper forks: the child gets its own
 working directory, environment, stdin from /dev/null and stdout/stderr into files, runs
-``qempo_lite.cli`` as ``__main__`` exactly as ``python -m qempo_lite.cli`` does, and ends as that
-process would (an uncaught exception printed, exit status 1; the ``atexit`` handlers run; output
+``qempo_lite.cli`` as ``__main__`` exactly as ``python -m qempo_lite.cli`` does (:func:`run_python`: a
+script, ``-c CODE`` or another module, with ``PYTHONPATH`` put first on ``sys.path`` as Python puts it), and
+ends as that process would (an uncaught exception printed, exit status 1; the ``atexit`` handlers run; output
 flushed), except that the interpreter's module teardown (2-3 s with torch and TRL loaded) is
 skipped. The test gets its exit status (a signal as ``-N``, as ``subprocess`` reports it), stdout
 and stderr as a ``subprocess.CompletedProcess``. qempo-lite's own modules are imported in the
@@ -79,11 +81,20 @@ def stop() -> None:
 def run_cli(argv: list[str], cwd: Path | str, *, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m qempo_lite.cli *argv`` in ``cwd`` with ``env`` (default :func:`command_env`), in a fresh process."""
-    argv = [str(a) for a in argv]
+    return run_python(["-m", "qempo_lite.cli", *argv], cwd, env=env, timeout=timeout)
+
+
+def run_python(args: list[str], cwd: Path | str, *, env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python *args`` (``-m MODULE ...``, ``-c CODE ...`` or ``SCRIPT ...``) in ``cwd`` with ``env`` (default
+    :func:`command_env`), in a fresh process."""
+    args = [str(a) for a in args]
+    if not args or (args[0] in ("-m", "-c") and len(args) < 2) or (args[0].startswith("-") and args[0] not in ("-m", "-c")):
+        raise ValueError(f"run_python runs '-m MODULE ...', '-c CODE ...' or 'SCRIPT ...', not {args[:1]}")
     path = _start()
     with tempfile.TemporaryDirectory(prefix="qempo-cli-run-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        request = {"argv": argv, "cwd": str(cwd), "env": env if env is not None else command_env(),
+        request = {"args": args, "cwd": str(cwd), "env": env if env is not None else command_env(),
                    "stdout": str(out), "stderr": str(err)}
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.connect(path)
@@ -95,30 +106,46 @@ def run_cli(argv: list[str], cwd: Path | str, *, env: dict[str, str] | None = No
                 status = reader.readline()
             except (socket.timeout, TimeoutError):
                 os.kill(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired([sys.executable, "-m", "qempo_lite.cli", *argv], timeout) from None
-        return subprocess.CompletedProcess([sys.executable, "-m", "qempo_lite.cli", *argv], int(status),
-                                           out.read_text(errors="replace"), err.read_text(errors="replace"))
+                raise subprocess.TimeoutExpired([sys.executable, *args], timeout) from None
+        return subprocess.CompletedProcess([sys.executable, *args], int(status), out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
 
 
 # ------------------------------------------------------------------------------------------------- the helper
 
 
+def _python_path(first: str, env: dict[str, str]) -> list[str]:
+    """``sys.path`` as Python builds it for ``env``: ``first``, then ``PYTHONPATH``, then the interpreter's own
+    entries (the helper's, less its own first entry and the ``PYTHONPATH`` it was started with)."""
+    own = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    wanted = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return [first, *wanted, *(p for p in sys.path[1:] if p not in own and os.path.abspath(p) not in wanted)]
+
+
 def _run_command(request: dict) -> None:
-    """In the forked child: become ``python -m qempo_lite.cli ARGS`` and end as that process would."""
+    """In the forked child: become ``python ARGS`` and end as that process would."""
     import runpy
 
     os.chdir(request["cwd"])
+    sys.path[:] = _python_path(_first_path(request["args"]), request["env"])
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.path[0] = os.getcwd()  # as python -m puts the working directory first
     for fd, name, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
                             (2, request["stderr"], os.O_WRONLY | os.O_CREAT)):
         opened = os.open(name, flags, 0o600)
         os.dup2(opened, fd)
         os.close(opened)
-    sys.argv = [str(ROOT / "qempo_lite" / "cli.py"), *request["argv"]]
+    kind, *rest = request["args"]
     try:
-        runpy.run_module("qempo_lite.cli", run_name="__main__", alter_sys=True)  # raises SystemExit(main())
+        if kind == "-m":  # raises SystemExit(main()) for qempo_lite.cli
+            sys.argv = [kind, *rest[1:]]  # runpy puts the module's file first, as python -m does
+            runpy.run_module(rest[0], run_name="__main__", alter_sys=True)
+        elif kind == "-c":
+            sys.argv = ["-c", *rest[1:]]
+            exec(compile(rest[0], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        else:
+            sys.argv = [kind, *rest]
+            runpy.run_path(kind, run_name="__main__")
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
@@ -133,6 +160,11 @@ def _run_command(request: dict) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # the module teardown that follows in a real process takes 2-3 s with torch and TRL loaded
+
+
+def _first_path(args: list[str]) -> str:
+    """What Python puts first on ``sys.path``: the working directory for ``-m`` and ``-c``, a script's folder."""
+    return os.getcwd() if args[0] in ("-m", "-c") else os.path.dirname(os.path.abspath(args[0]))
 
 
 def _handle(conn: socket.socket) -> None:

