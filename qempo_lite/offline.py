@@ -108,6 +108,12 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
     Pairs whose prompt alone fills ``max_length`` are dropped by TRL, and pairs whose chosen and
     rejected sequences are the same once cut to ``max_length`` (they differ only past it) by
     this trainer; their number is ``dropped_for_length`` (``{"train": n, "eval": m}``).
+
+    A dataset an earlier trainer prepared (its ``train_dataset``: ``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids``, and ``ref_chosen_logps``/``ref_rejected_logps`` when it precomputed the
+    reference) is used as it is, so that several methods trained on the same data, tokenizer,
+    ``max_length`` and reference tokenize it and score it with the reference once; with reference
+    log-probs in it, ``precompute_ref_log_probs`` must be off (they are read from the batch).
     """
 
     _tag_names = ["trl", "qempo-lite", "qempo"]
@@ -161,6 +167,17 @@ class QEMPOTrainer(PickleFreeSave, DPOTrainer):
             raise QempoError(f"every training pair's prompt fills max_length={args.max_length} tokens, or its chosen "
                              "and rejected answers are the same once cut to it, so all were dropped; raise max_length")
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenization and length filter, or ``dataset`` itself when an earlier trainer prepared it."""
+        columns = set(getattr(dataset, "column_names", None) or ())
+        if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if args.precompute_ref_log_probs and "ref_chosen_logps" in columns:
+            raise QempoError(f"the {dataset_name} dataset already holds the reference's log-probs (ref_chosen_logps, "
+                             "ref_rejected_logps); set precompute_ref_log_probs=False to train with them, or remove "
+                             "those columns to compute them again")
+        return dataset
+
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of a batch (chosen, rejected); zeros for ``qempo``, with no forward pass."""
         if not self.method_settings.needs_reference:
@@ -213,8 +230,8 @@ def check_trl_compatibility() -> None:
     """Raise RuntimeError, saying what changed, if TRL's DPOTrainer no longer fits QEMPOTrainer.
 
     QEMPOTrainer relies on: ``compute_loss(model, inputs, return_outputs, num_items_in_batch)``,
-    ``compute_ref_log_probs(model, inputs)`` and ``save_model(output_dir, _internal_call)``
-    (overridden); the private ``_compute_loss`` reading ``inputs["ref_chosen_logps"]`` when
+    ``compute_ref_log_probs(model, inputs)``, ``save_model(output_dir, _internal_call)`` and
+    ``_prepare_dataset(dataset, processing_class, args, dataset_name)`` (overridden); the private ``_compute_loss`` reading ``inputs["ref_chosen_logps"]`` when
     ``self.precompute_ref_logps`` is set, applying ``-F.logsigmoid(self.beta * delta_score)`` and, for
     ``loss_method: dpo`` with ``f_divergence_type`` js_divergence or forward_kl, TRL's f-DPO scores;
     ``__init__`` setting ``self.beta`` and ``self.precompute_ref_logps`` from the config.
@@ -230,6 +247,7 @@ def check_trl_compatibility() -> None:
         "compute_ref_log_probs": ["self", "model", "inputs"],
         "_compute_loss": ["self", "model", "inputs", "return_outputs"],
         "save_model": ["self", "output_dir", "_internal_call"],
+        "_prepare_dataset": ["self", "dataset", "processing_class", "args", "dataset_name"],
         "__init__": ["self", "model", "ref_model", "args", "data_collator", "train_dataset", "eval_dataset",
                      "processing_class", "compute_metrics", "callbacks", "optimizers", "quantization_config",
                      "peft_config"],

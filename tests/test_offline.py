@@ -251,6 +251,7 @@ def test_precomputed_reference_gives_the_on_the_fly_loss(tiny_model_dir, tmp_pat
 @pytest.mark.parametrize("method", ["qempo_kl", "qempo"])
 def test_a_dataset_tokenized_with_its_reference_trains_as_the_precompute_pass_does(tiny_model_dir, tmp_path, method):
     from datasets import Dataset
+    from trl import DPOTrainer
 
     precomputed = make_trainer(tiny_model_dir, make_config(tmp_path / "a", "qempo_kl", max_steps=2,
                                                            precompute_ref_log_probs=True), with_eval=False)
@@ -258,8 +259,14 @@ def test_a_dataset_tokenized_with_its_reference_trains_as_the_precompute_pass_do
     assert "ref_chosen_logps" in tokenized.column_names
     config = make_config(tmp_path / "b", method, max_steps=2)
     loaded, tokenizer, peft_config = load_policy(str(tiny_model_dir), lora_r=8, lora_alpha=16, lora_dropout=0.0)
-    given = QEMPOTrainer(model=loaded, args=config, train_dataset=tokenized, processing_class=tokenizer,
-                         peft_config=peft_config)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the tokenized dataset was tokenized again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DPOTrainer, "_prepare_dataset", no_tokenizing)
+        given = QEMPOTrainer(model=loaded, args=config, train_dataset=tokenized, processing_class=tokenizer,
+                             peft_config=peft_config)
 
     def no_reference_pass(model, inputs):
         raise AssertionError("the dataset's reference log-probs were computed again")
@@ -269,6 +276,15 @@ def test_a_dataset_tokenized_with_its_reference_trains_as_the_precompute_pass_do
     expected = make_trainer(tiny_model_dir, make_config(tmp_path / "c", method, max_steps=2,
                                                         precompute_ref_log_probs=True), with_eval=False)
     assert ours == pytest.approx(_first_step_losses(expected, steps=2), abs=1e-6)
+
+
+def test_a_dataset_with_reference_log_probs_is_not_scored_again_by_a_precompute_pass(tiny_model_dir, tmp_path):
+    precomputed = make_trainer(tiny_model_dir, make_config(tmp_path / "a", "dpo", max_steps=1,
+                                                           precompute_ref_log_probs=True), with_eval=False)
+    loaded, tokenizer, peft_config = load_policy(str(tiny_model_dir), lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    with pytest.raises(QempoError, match=r"already holds the reference's log-probs .*precompute_ref_log_probs=False"):
+        QEMPOTrainer(model=loaded, args=make_config(tmp_path / "b", "dpo", precompute_ref_log_probs=True),
+                     train_dataset=precomputed.train_dataset, processing_class=tokenizer, peft_config=peft_config)
 
 
 def test_dpo_matches_stock_trl_dpo_trainer(tiny_model_dir, tmp_path):

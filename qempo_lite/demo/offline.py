@@ -130,18 +130,30 @@ def preference_blocks(names: list[str]) -> list[list[dict]]:
     return blocks
 
 
-def train_adapter(method: str, base: Path, rows: list[dict], out: Path, settings: DemoSettings) -> Path:
-    """One LoRA adapter trained with ``method`` through the QEMPOTrainer users run; only the loss differs."""
+def train_adapter(method: str, base: Path, rows: list[dict], out: Path, settings: DemoSettings, *,
+                  prepared: str | None = None) -> Path:
+    """One LoRA adapter trained with ``method`` through the QEMPOTrainer users run; only the loss differs. With
+    ``prepared`` (a folder :func:`_prepare` saved), the rows come tokenized and scored by the reference from there."""
+    return _train(_trainer(method, base, rows, out, settings, prepared), out, base, len(rows))
+
+
+def _trainer(method: str, base: Path, rows: list[dict], out: Path, settings: DemoSettings, prepared=None):
+    """The QEMPOTrainer of ``method`` on ``rows`` (or on ``prepared``, a dataset or its folder: see train_adapter)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..offline import QEMPOConfig, QEMPOTrainer
 
+    if prepared is None:
+        data = datasets.Dataset.from_list(rows)
+    else:
+        data = prepared if isinstance(prepared, datasets.Dataset) else datasets.load_from_disk(prepared)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     args = QEMPOConfig(
         output_dir=str(out), loss_method=method, **METHODS[method],
-        precompute_ref_log_probs=True, precompute_ref_batch_size=1024,
+        # Prepared rows carry the reference's log-probs already.
+        precompute_ref_log_probs=prepared is None, precompute_ref_batch_size=1024,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=0,
         max_steps=settings.steps, per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=1,
         # The rows arrive in whole blocks (see the module docstring), so the sampler must keep their order;
@@ -153,11 +165,15 @@ def train_adapter(method: str, base: Path, rows: list[dict], out: Path, settings
         gradient_checkpointing=False,
     )
     peft_config = world.demo_lora(settings.lora_r)
-    trainer = QEMPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                           processing_class=tokenizer, peft_config=peft_config)
+    trainer = QEMPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                           peft_config=peft_config)
     world.silence_printer(trainer)
+    return trainer
+
+
+def _train(trainer, out: Path, base: Path, rows: int) -> Path:
     trainer.train()
-    return world.save_demo_adapter(trainer, out, base, "qempo-lite demo preferences", len(rows))
+    return world.save_demo_adapter(trainer, out, base, "qempo-lite demo preferences", rows)
 
 
 def _entropy_of_counts(counts: Counter) -> float:
@@ -365,16 +381,30 @@ def _train_all(base: Path, rows: list[dict], output: Path, settings: DemoSetting
     """Every method's adapter, trained in parallel, one thread each: the ``helpers`` processes of ``pool`` train the
     first methods while this process trains the last ``len(METHODS) // processes`` (all of them without helpers).
 
-    The trainings are independent and each is deterministic on one thread, so the adapters are those of training
-    one after the other (the report is the same to the digit), in about half the time on two cores.
+    The rows are tokenized and scored by the reference once, by the first trainer of this process (one whose
+    method reads the reference), and every other training reads them from it. The trainings are otherwise
+    independent and each is deterministic on one thread, so the adapters are those of training one after the
+    other (the report is the same to the digit), in about half the time on two cores.
     """
+    import tempfile
+
+    from ..methods import resolve
+
     processes = 1 + helpers
     log(f"training the {', '.join(METHODS)} adapters ({settings.steps} steps each, {processes} at a time)")
     here = list(METHODS)[len(METHODS) - len(METHODS) // processes:]
-    futures = {m: pool.submit(train_adapter, m, base, rows, output / "adapters" / m, settings)
-               for m in METHODS if m not in here}
-    trained = {m: train_adapter(m, base, rows, output / "adapters" / m, settings) for m in here}
-    trained.update({m: future.result() for m, future in futures.items()})
+    first = next((m for m in here if resolve(m, METHODS[m], "offline").needs_reference), here[0])
+    trainer = _trainer(first, base, rows, output / "adapters" / first, settings)
+    prepared = trainer.train_dataset
+    with tempfile.TemporaryDirectory(prefix="qempo-demo-rows-") as folder:
+        if helpers:
+            prepared.save_to_disk(folder)
+        futures = {m: pool.submit(train_adapter, m, base, rows, output / "adapters" / m, settings, prepared=folder)
+                   for m in METHODS if m not in here}
+        trained = {first: _train(trainer, output / "adapters" / first, base, len(rows))}
+        trained.update({m: _train(_trainer(m, base, rows, output / "adapters" / m, settings, prepared),
+                                  output / "adapters" / m, base, len(rows)) for m in here if m != first})
+        trained.update({m: future.result() for m, future in futures.items()})
     return {m: trained[m] for m in METHODS}
 
 
