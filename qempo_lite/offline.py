@@ -231,9 +231,10 @@ def check_trl_compatibility() -> None:
 
     QEMPOTrainer relies on: ``compute_loss(model, inputs, return_outputs, num_items_in_batch)``,
     ``compute_ref_log_probs(model, inputs)``, ``save_model(output_dir, _internal_call)`` and
-    ``_prepare_dataset(dataset, processing_class, args, dataset_name)`` (overridden); the private ``_compute_loss`` reading ``inputs["ref_chosen_logps"]`` when
-    ``self.precompute_ref_logps`` is set, applying ``-F.logsigmoid(self.beta * delta_score)`` and, for
-    ``loss_method: dpo`` with ``f_divergence_type`` js_divergence or forward_kl, TRL's f-DPO scores;
+    ``_prepare_dataset(dataset, processing_class, args, dataset_name)`` (overridden); the private
+    ``_compute_loss`` reading ``inputs["ref_chosen_logps"]`` when ``self.precompute_ref_logps`` is set,
+    applying ``-F.logsigmoid(self.beta * delta_score)`` and, for ``loss_method: dpo`` with
+    ``f_divergence_type`` js_divergence or forward_kl, TRL's f-DPO scores;
     ``__init__`` setting ``self.beta`` and ``self.precompute_ref_logps`` from the config.
     """
     import trl

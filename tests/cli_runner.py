@@ -89,7 +89,7 @@ def run_python(args: list[str], cwd: Path | str, *, env: dict[str, str] | None =
     """``python *args`` (``-m MODULE ...``, ``-c CODE ...`` or ``SCRIPT ...``) in ``cwd`` with ``env`` (default
     :func:`command_env`), in a fresh process."""
     args = [str(a) for a in args]
-    if not args or (args[0] in ("-m", "-c") and len(args) < 2) or (args[0].startswith("-") and args[0] not in ("-m", "-c")):
+    if not args or (args[0].startswith("-") and (args[0] not in ("-m", "-c") or len(args) < 2)):
         raise ValueError(f"run_python runs '-m MODULE ...', '-c CODE ...' or 'SCRIPT ...', not {args[:1]}")
     path = _start()
     with tempfile.TemporaryDirectory(prefix="qempo-cli-run-") as tmp:

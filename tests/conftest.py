@@ -25,7 +25,8 @@ REAL_DATA = Path(__file__).resolve().parent / "data"
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist, every test that starts vLLM or loads the real model goes to one worker (one group):
-    two vLLM engines at once do not fit in memory, and the real model is then converted once."""
+    no two vLLM engines run at once (each reserves a fifth to a quarter of the memory for its cache), and the
+    real model is converted once."""
     for item in items:
         if item.get_closest_marker("vllm") or "smollm2_dir" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("heavy"))

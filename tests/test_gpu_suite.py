@@ -61,8 +61,8 @@ def test_merge_replaces_rows_of_the_same_configuration(tmp_path):
 @pytest.mark.slow
 def test_dry_run_measures_every_configuration_and_the_online_step(tmp_path):
     # python benchmarks/gpu_suite.py ..., forked from a process that imported torch and TRL once (tests/cli_runner.py)
-    result = run_python([SUITE, "--dry-run", "--methods", "qempo", "dpo", "--no-online-recipe", "--output-dir", tmp_path],
-                        tmp_path, env=command_env(CUDA_VISIBLE_DEVICES=""))
+    result = run_python([SUITE, "--dry-run", "--methods", "qempo", "dpo", "--no-online-recipe",
+                         "--output-dir", tmp_path], tmp_path, env=command_env(CUDA_VISIBLE_DEVICES=""))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     offline = json.loads((tmp_path / "gpu_offline.json").read_text())
     assert offline["dry_run"] is True and offline["versions"]["trl"]

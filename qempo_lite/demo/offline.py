@@ -133,7 +133,8 @@ def preference_blocks(names: list[str]) -> list[list[dict]]:
 def train_adapter(method: str, base: Path, rows: list[dict], out: Path, settings: DemoSettings, *,
                   prepared: str | None = None) -> Path:
     """One LoRA adapter trained with ``method`` through the QEMPOTrainer users run; only the loss differs. With
-    ``prepared`` (a folder :func:`_prepare` saved), the rows come tokenized and scored by the reference from there."""
+    ``prepared`` (the folder where :func:`_train_all` saved another trainer's ``train_dataset``), the rows come
+    tokenized and scored by the reference from there."""
     return _train(_trainer(method, base, rows, out, settings, prepared), out, base, len(rows))
 
 
