@@ -131,10 +131,10 @@ def preference_blocks(names: list[str]) -> list[list[dict]]:
 
 
 def train_adapter(method: str, base: Path, rows: list[dict], out: Path, settings: DemoSettings, *,
-                  prepared: str | None = None) -> Path:
+                  prepared=None) -> Path:
     """One LoRA adapter trained with ``method`` through the QEMPOTrainer users run; only the loss differs. With
-    ``prepared`` (the folder where :func:`_train_all` saved another trainer's ``train_dataset``), the rows come
-    tokenized and scored by the reference from there."""
+    ``prepared`` (another trainer's ``train_dataset``, or the folder where :func:`_train_all` saved it), the rows
+    come tokenized and scored by the reference from there."""
     return _train(_trainer(method, base, rows, out, settings, prepared), out, base, len(rows))
 
 
@@ -403,8 +403,8 @@ def _train_all(base: Path, rows: list[dict], output: Path, settings: DemoSetting
         futures = {m: pool.submit(train_adapter, m, base, rows, output / "adapters" / m, settings, prepared=folder)
                    for m in METHODS if m not in here}
         trained = {first: _train(trainer, output / "adapters" / first, base, len(rows))}
-        trained.update({m: _train(_trainer(m, base, rows, output / "adapters" / m, settings, prepared),
-                                  output / "adapters" / m, base, len(rows)) for m in here if m != first})
+        trained.update({m: train_adapter(m, base, rows, output / "adapters" / m, settings, prepared=prepared)
+                        for m in here if m != first})
         trained.update({m: future.result() for m, future in futures.items()})
     return {m: trained[m] for m in METHODS}
 
