@@ -123,3 +123,28 @@ def test_vllm_serves_the_adapter_after_an_adapter_only_sync(smollm2_dir, smollm2
             assert max_logprob_gap(policy, ids, stale) <= 1e-3
         assert max_logprob_gap(policy, ids, synced) <= 1e-3
         assert max_logprob_gap(policy, ids, stale) > 1e-2  # the adapter changes the policy
+
+
+def test_the_conversion_parses_the_gguf_file_once_and_puts_gguf_back(tmp_path):
+    import gguf
+    import numpy as np
+
+    from qempo_lite.real_model import _gguf_parsed_once
+
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((4, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with pytest.raises(RuntimeError), _gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # parsed once, whichever way the path is given
+        assert first.tensors[0].name == "token_embd.weight"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        raise RuntimeError("a failed conversion")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)  # put back, even after a failure
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
