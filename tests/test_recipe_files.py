@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from qempo_lite.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

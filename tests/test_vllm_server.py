@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (max_logprob_gap, restore_parameters, server_rollout_trainer, stop_process_group,
-                      stopped_with_checkpoint)
+from conftest import (max_logprob_gap, restore_parameters, server_rollout_trainer, start_process_group,
+                      stop_process_group, stopped_with_checkpoint)
 from qempo_lite.errors import QempoError
 from qempo_lite.rollout import RolloutServerError, VLLMServerEngine, prompt_token_ids
 
@@ -58,7 +58,7 @@ def server(tiny_model_dir, tmp_path_factory):
                str(MAX_LORA_RANK), "--port", str(port), "--", "--dtype", "float32", "--max-model-len", "256",
                "--gpu-memory-utilization", "0.2"]
     with log.open("w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = start_process_group(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
