@@ -25,8 +25,11 @@ def build_parser() -> ArgumentParser:
                         help="an adapter to offer (repeatable; the demo's adapters are added when found)")
     models.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR, help=f"demo output directory (default: ./{DEFAULT_DEMO_DIR})")
     models.add_argument("--backend", choices=("auto", *serving_engine_names()), default="auto",
-                        help="sampling backend: vllm (one engine, multi-LoRA), hf (transformers), or auto: vllm on "
-                             "a GPU when installed, transformers on a CPU (the page says which serves)")
+                        help="sampling backend: vllm (one engine, multi-LoRA), hf (transformers), vllm_server (a "
+                             "running server of the base model, --vllm-server-url), or auto: vllm on a GPU when "
+                             "installed, transformers on a CPU (the page says which serves)")
+    models.add_argument("--vllm-server-url", metavar="URL",
+                        help="vllm_server: the server's URL, e.g. http://127.0.0.1:8000 (qempo-lite serve BASE)")
     models.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="vLLM's memory fraction (on the CPU backend: of CPU memory)")
     models.add_argument("--max-model-len", type=int, default=None,
@@ -70,7 +73,9 @@ def settings_from_args(args: argparse.Namespace):
             raise QempoError(f"{option} {named} does not exist; pass an existing directory or a Hub id (OWNER/NAME)")
         if named and Path(named).expanduser().exists() and not Path(named).expanduser().is_dir():
             raise QempoError(f"{option} {named} is a file; pass a directory or a Hub id (OWNER/NAME)")
-    sampler_options = {}
+    from .rollout.server import server_url_options
+
+    sampler_options = server_url_options(args.backend, args.vllm_server_url)
     if args.gpu_memory_utilization is not None:
         sampler_options["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.max_model_len is not None:

@@ -213,20 +213,24 @@ def test_folders_of_ended_runs_are_deleted_on_start_and_finish_never_a_live_runs
     assert not served.exists()
 
 
-def test_the_server_engine_serves_the_trained_adapter_and_the_base_only(tiny_model_dir, tmp_path):
-    """It implements the one engine protocol for training: a saved adapter is refused in one line, before any
-    request, and the engine is not offered to evaluation and the app (--backend)."""
+def test_the_server_engine_refuses_an_adapter_it_has_not_loaded_and_a_sync_when_built_for_serving(tiny_model_dir,
+                                                                                               tmp_path):
+    """It implements the one engine protocol: an adapter name it has not loaded is refused in one line, before any
+    request; it is offered to evaluation and the app (--backend vllm_server), and an engine built for serving saved
+    adapters (no adapter_dir) refuses to serve an adapter being trained."""
     from transformers import AutoTokenizer
 
     from qempo_lite.errors import QempoError
     from qempo_lite.rollout import serving_engine_names
 
-    engine = VLLMServerEngine("http://127.0.0.1:9", tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
-                              adapter_dir=tmp_path / "served")
-    with pytest.raises(QempoError, match="serves the trained adapter and the base model, not 'saved'"):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = VLLMServerEngine("http://127.0.0.1:9", tokenizer=tokenizer, adapter_dir=tmp_path / "served")
+    with pytest.raises(QempoError, match="adapter 'saved' is not loaded on the vLLM server"):
         engine.generate({"a": "saved"}, [[1, 2]], n=1)
-    with pytest.raises(QempoError, match="serves the adapter being trained only"):
-        engine.load_adapter("saved", tmp_path)
-    assert "vllm_server" not in serving_engine_names()
+    assert "vllm_server" in serving_engine_names()
     engine.close()
+    serving = VLLMServerEngine("http://127.0.0.1:9", tokenizer=tokenizer, adapter_dir=None)
+    with pytest.raises(QempoError, match="serves saved adapters .* not an adapter being trained"):
+        serving.sync(object())
+    serving.close()
 

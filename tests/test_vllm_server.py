@@ -293,6 +293,71 @@ def test_an_adapter_the_server_cannot_serve_is_refused_in_one_line(server, tiny_
 
 
 @pytest.mark.vllm
+def test_eval_samples_saved_adapters_from_the_server_with_their_own_logprobs(server, tiny_model_dir, tmp_path):
+    """--backend vllm_server: the Sampler of eval and the app loads saved adapter folders on a running server, samples
+    them beside the base model, and unloads them when it closes (their folders stay)."""
+    from qempo_lite.evaluate.sampling import Sampler
+
+    models = {name: _peft_model(tiny_model_dir, seed=seed) for name, seed in (("a", 1), ("b", 2))}
+    folders = {}
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    before = set(_models(server))
+    with Sampler(str(tiny_model_dir), backend="vllm_server", url=server, adapters=folders) as sampler:
+        assert len(set(_models(server)) - before) == 2  # both loaded, under names of the engine's own
+        prompts = prompt_token_ids(sampler.tokenizer, PROMPTS)
+        drawn = sampler.engine.generate({"base": None, "a": "a", "b": "b"}, prompts, n=3, max_new_tokens=12, seed=0)
+        for name, model in models.items():
+            assert _max_gap(model, sampler.tokenizer, drawn[name]) <= 1e-3  # each adapter's own log-probs
+        with models["a"].disable_adapter():
+            assert _max_gap(models["a"], sampler.tokenizer, drawn["base"]) <= 1e-3
+        assert _tokens(drawn["a"]) != _tokens(drawn["b"])
+        texts = sampler.sample(["a", "b"], ["Name a colour."], n=2, max_new_tokens=8, seed=0)
+        assert {s.adapter for s in texts} == {"a", "b"} and len(texts) == 4
+    assert set(_models(server)) == before  # unloaded on close
+    assert all((folder / "adapter_model.safetensors").is_file() for folder in folders.values())  # not deleted
+
+
+@pytest.mark.vllm
+def test_eval_sample_and_the_app_use_the_server_given_by_url(server, tiny_model_dir, mt_bench_dir, tmp_path):
+    from qempo_lite.app.samplers import SamplerCache
+    from qempo_lite.cli import main
+    from qempo_lite.evaluate.samples import load_samples
+
+    _peft_model(tiny_model_dir, seed=3).save_pretrained(tmp_path / "mine")
+    out = tmp_path / "samples.jsonl"
+    assert main(["eval", "sample", "--base-model", str(tiny_model_dir), "--backend", "vllm_server", "--vllm-server-url",
+                 server, "--adapter", f"mine={tmp_path / 'mine'}", "--include-base", "--prompts",
+                 str(mt_bench_dir / "question.jsonl"), "--limit", "1", "--n", "2", "--max-new-tokens", "8",
+                 "--output", str(out)]) == 0
+    rows = load_samples(out)
+    assert {s.adapter for s in rows} == {"mine", "base"} and len(rows) == 2 * 2 * 2  # 2 turns of 2 samples each
+    assert len(_models(server)) == 1  # the adapter unloaded when the command ended
+
+    cache = SamplerCache("vllm_server", url=server)
+    try:
+        sampler = cache.get(str(tiny_model_dir))
+        assert isinstance(sampler.engine, VLLMServerEngine) and sampler.engine.url == server
+        assert cache.backend_note.startswith("vLLM server")
+    finally:
+        cache.close()
+
+
+@pytest.mark.vllm
+def test_eval_refuses_a_server_of_another_base_model_before_sampling(server, tiny_model_dir, tmp_path):
+    from qempo_lite.evaluate.sampling import Sampler
+    from qempo_lite.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other")
+    with pytest.raises(QempoError) as err:
+        Sampler(str(other), backend="vllm_server", url=server)
+    message = str(err.value)
+    assert "\n" not in message and f"serves {str(tiny_model_dir)!r}, not the base model given ({other})" in message
+    assert f"start it with qempo-lite serve {other} or point --vllm-server-url at" in message
+
+
+@pytest.mark.vllm
 def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir, tokenizer, tmp_path):
     model = _peft_model(tiny_model_dir, seed=2)
     with VLLMServerEngine(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=6,

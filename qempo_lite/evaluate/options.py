@@ -105,7 +105,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("sampling engine")
     engine.add_argument("--backend", choices=("auto", *serving_engine_names()), default="auto",
                         help="vllm: one engine serving every adapter (multi-LoRA); hf: transformers + PEFT; "
+                             "vllm_server: a running server of the base model (--vllm-server-url); "
                              "auto: vllm when installed (default); or a registered serving engine")
+    engine.add_argument("--vllm-server-url", metavar="URL",
+                        help="vllm_server: the server's URL, e.g. http://127.0.0.1:8000 (started with qempo-lite serve "
+                             "BASE; it reads the adapter folders at the same paths)")
     engine.add_argument("--dtype", default="auto", help="model dtype: auto (default), bfloat16, float16, float32")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="vLLM: share of GPU memory to reserve (on vLLM's CPU backend, of CPU memory) (0.9)")
@@ -122,14 +126,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def sampler_from_args(args, adapters, *, lora: bool = True):
     """The Sampler of the command; loading's progress bars and warnings are shown only if it loads."""
     from qempo_lite.console import quiet_setup
+    from qempo_lite.rollout.server import server_url_options
 
     from .sampling import Sampler
 
+    server = server_url_options(args.backend, args.vllm_server_url)
     with quiet_setup():
         return Sampler(base_model_from_args(args, adapters), backend=args.backend, adapters=adapters,
                        dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch, batch_size=args.batch_size,
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                       max_lora_rank=args.max_lora_rank, lora=lora)
+                       max_lora_rank=args.max_lora_rank, lora=lora, **server)
 
 
 def write_json(path: str | Path, data: dict) -> Path:

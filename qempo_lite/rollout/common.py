@@ -59,9 +59,10 @@ def served_lora_name(peft_model, max_lora_rank: int | None) -> str:
     return active
 
 
-def check_served_model(listed: dict, expected: str | None, url: str) -> None:
+def check_served_model(listed: dict, expected: str | None, url: str, *, serving: bool = False) -> None:
     """Refuse a server whose model (vLLM's ``/v1/models`` entry: ``id``, the served name, and ``root``, the
-    model it loaded) is not ``expected``, the policy's base model: its samples would be another model's.
+    model it loaded) is not ``expected``, the policy's base model (``serving``: the base model eval or the app
+    was given): its samples would be another model's.
 
     Names compare as :func:`qempo_lite.adapters.same_base_model` does (a local copy of a Hub model
     matches), so ``qempo-lite serve BASE`` for a run of ``model_name_or_path: BASE`` always passes.
@@ -72,9 +73,10 @@ def check_served_model(listed: dict, expected: str | None, url: str) -> None:
         return
     names = [name for name in (listed.get("id"), listed.get("root")) if isinstance(name, str) and name]
     if not any(same_base_model(name, expected) for name in names):
-        raise QempoError(f"the vLLM server at {url} serves {listed.get('id')!r}, not the base model being trained "
+        role, setting = ("given", "--vllm-server-url") if serving else ("being trained", "vllm_server_url")
+        raise QempoError(f"the vLLM server at {url} serves {listed.get('id')!r}, not the base model {role} "
                          f"({expected}), so its samples would be another model's; start it with qempo-lite serve "
-                         f"{expected} or point vllm_server_url at a server of that model")
+                         f"{expected} or point {setting} at a server of that model")
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int | None, url: str) -> None:

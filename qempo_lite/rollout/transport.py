@@ -18,16 +18,17 @@ import urllib.request
 from typing import Any
 
 
-def check_server_settings(url: Any, retries: Any, request_timeout: Any) -> None:
+def check_server_settings(url: Any, retries: Any, request_timeout: Any, *, url_name: str = "vllm_server_url") -> None:
     """Refuse, in one line, a server URL that is not http(s) with a host, retries that are not a whole number
-    >= 0, or a request timeout that is not > 0 (the recipe fields ``vllm_server_*`` the messages name)."""
+    >= 0, or a request timeout that is not > 0 (the recipe fields ``vllm_server_*`` the messages name; ``url_name``:
+    what the URL is called where it was given)."""
     from urllib.parse import urlparse
 
     from ..errors import QempoError
 
     parsed = urlparse(str(url))
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise QempoError(f"vllm_server_url must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}")
+        raise QempoError(f"{url_name} must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}")
     if not isinstance(retries, int) or retries < 0:
         raise QempoError(f"vllm_server_retries must be a whole number >= 0, got {retries!r}")
     if not request_timeout > 0:
