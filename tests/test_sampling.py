@@ -305,8 +305,10 @@ def test_a_serving_engine_added_with_one_class_and_one_registry_line_samples(hf_
         ENGINES.pop("hf_merged", None)
     with pytest.raises(QempoError, match="backend 'hf_merged' is not one of auto, hf, vllm"):
         Sampler(tiny_model_dir, backend="hf_merged")
-    with pytest.raises(QempoError, match="backend 'vllm_server' is not one of auto, hf, vllm"):
-        Sampler(tiny_model_dir, backend="vllm_server")  # it trains; it does not serve saved adapters
+    with pytest.raises(QempoError, match="backend 'hf_merged' is not one of auto, hf, vllm, vllm_server$"):
+        Sampler(tiny_model_dir, backend="hf_merged")
+    with pytest.raises(QempoError, match="--backend vllm_server needs the server's URL: pass --vllm-server-url"):
+        Sampler(tiny_model_dir, backend="vllm_server")  # a running server serves saved adapters too, given its URL
 
 
 # ---------------------------------------------------------------------------------- vLLM multi-LoRA
