@@ -386,6 +386,27 @@ def test_a_restarted_server_gets_the_adapter_again(server, relay, tiny_model_dir
 
 
 @pytest.mark.vllm
+def test_a_server_that_forgot_a_saved_adapter_gets_it_again_from_its_folder(server, tiny_model_dir, tmp_path):
+    from qempo_lite.evaluate.sampling import Sampler
+
+    model = _peft_model(tiny_model_dir, seed=4)
+    model.save_pretrained(tmp_path / "saved")
+    with Sampler(str(tiny_model_dir), backend="vllm_server", url=server, adapters={"saved": tmp_path / "saved"}) as s:
+        prompts = prompt_token_ids(s.tokenizer, PROMPTS)
+        before = s.engine.generate({"x": "saved"}, prompts, n=2, max_new_tokens=8, seed=3)["x"]
+        served = s.engine._saved["saved"][0]
+        # What a restarted server does: it no longer has the adapter.
+        request = urllib.request.Request(f"{server}/v1/unload_lora_adapter", method="POST",
+                                         data=json.dumps({"lora_name": served}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).close()
+        assert served not in _models(server)
+        after = s.engine.generate({"x": "saved"}, prompts, n=2, max_new_tokens=8, seed=3)["x"]
+        assert served in _models(server)  # loaded again from the adapter's folder
+        assert _tokens(after) == _tokens(before) and _max_gap(model, s.tokenizer, after) <= 1e-3
+
+
+@pytest.mark.vllm
 def test_a_server_that_stays_down_is_one_line_after_bounded_retries(relay, tiny_model_dir, tokenizer, tmp_path):
     engine = VLLMServerEngine(relay.url, tokenizer=tokenizer, adapter_dir=tmp_path, retries=2, retry_wait=0.2)
     engine.probe()
