@@ -129,10 +129,11 @@ class VLLMServerEngine(Engine):
     def __init__(self, url: str, *, tokenizer, adapter_dir: str | os.PathLike | None,
                  eos_token_ids: list[int] | None = None,
                  retries: int = 5, request_timeout: float = 600.0, retry_wait: float = 1.0,
-                 expected_model: str | None = None, vocab_size: int | None = None):
+                 expected_model: str | None = None, vocab_size: int | None = None,
+                 url_name: str = "vllm_server_url"):
         from urllib.parse import urlparse
 
-        check_server_settings(url, retries, request_timeout)
+        check_server_settings(url, retries, request_timeout, url_name=url_name)
         self.url = str(url).rstrip("/")
         self.tokenizer = tokenizer
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
@@ -174,12 +175,9 @@ class VLLMServerEngine(Engine):
         if not url:
             raise QempoError("--backend vllm_server needs the server's URL: pass --vllm-server-url "
                              "http://127.0.0.1:8000 (a server started with qempo-lite serve BASE)")
-        check_server_settings(url, options.get("retries", 5), options.get("request_timeout", 600.0),
-                              url_name="--vllm-server-url")
-        base_shapes, vocab_size = meta_parameter_shapes(base_model)
         engine = cls(url, tokenizer=tokenizer, adapter_dir=None, eos_token_ids=eos_token_ids,
-                     expected_model=base_model, vocab_size=vocab_size, **options)
-        engine.base_shapes = base_shapes
+                     expected_model=base_model, url_name="--vllm-server-url", **options)
+        engine.base_shapes, engine.vocab_size = meta_parameter_shapes(base_model)
         engine.probe()
         return engine
 
